@@ -1,0 +1,267 @@
+//! The dispatching side: [`Client`] publishes tasks into queues.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::HeaderMap;
+use futures_util::FutureExt;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::error::{DispatchError, DispatchErrorKind, SetupError};
+use crate::middleware::{
+    dispatch_layer, Dispatch, DispatchFinal, DispatchLayer, DispatchNext, Propagator,
+};
+use crate::stream::StreamSettings;
+use crate::task::Task;
+use crate::wire;
+
+/// Publishes tasks into queues. Cheap to clone; clones share the connection.
+///
+/// ```no_run
+/// # async fn example(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use natasks::{Client, Task};
+///
+/// let client = Client::new(js).await?;
+/// client.dispatch(Task::new("emails.send", "hello"), "emails").await?;
+/// client.dispatch_in(Task::new("emails.reminder", "later"), "emails", Duration::from_secs(60)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    stream: StreamSettings,
+    schedules: bool,
+    layers: Arc<[DispatchLayer]>,
+    propagator: Option<Arc<dyn Propagator>>,
+}
+
+impl Client {
+    /// A client with default settings (stream `NATASKS`, subjects `natasks.<queue>`).
+    /// Creates the stream if it does not exist.
+    pub async fn new(js: jetstream::Context) -> Result<Self, SetupError> {
+        Self::builder(js).build().await
+    }
+
+    /// A builder for a client with non-default settings.
+    pub fn builder(js: jetstream::Context) -> ClientBuilder {
+        ClientBuilder {
+            js,
+            stream: StreamSettings::default(),
+            layers: Vec::new(),
+            propagator: None,
+        }
+    }
+
+    /// Publishes `task` to `queue` (an empty queue name means `default`) and waits for the
+    /// server to confirm it is stored.
+    pub async fn dispatch(&self, task: Task, queue: &str) -> Result<(), DispatchError> {
+        self.run(Dispatch { task, queue: queue.to_owned(), due: None }).await
+    }
+
+    /// Publishes `task` to be delivered to `queue` after `delay` (immediately when the delay
+    /// is zero). Uses JetStream message schedules: needs nats-server 2.12 or newer.
+    pub async fn dispatch_in(
+        &self,
+        task: Task,
+        queue: &str,
+        delay: Duration,
+    ) -> Result<(), DispatchError> {
+        if delay.is_zero() {
+            return self.dispatch(task, queue).await;
+        }
+        self.dispatch_at(task, queue, OffsetDateTime::now_utc() + delay).await
+    }
+
+    /// Publishes `task` to be delivered to `queue` at `at` (immediately when `at` is not in
+    /// the future). Accepts an [`OffsetDateTime`] or a [`std::time::SystemTime`].
+    pub async fn dispatch_at(
+        &self,
+        task: Task,
+        queue: &str,
+        at: impl Into<OffsetDateTime>,
+    ) -> Result<(), DispatchError> {
+        let at = at.into();
+        let due = (at > OffsetDateTime::now_utc()).then_some(at);
+        self.run(Dispatch { task, queue: queue.to_owned(), due }).await
+    }
+
+    /// Whether the NATS connection is currently up.
+    pub fn is_ready(&self) -> bool {
+        self.inner.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+        let span = tracing::debug_span!(
+            "natasks.dispatch",
+            queue = %dispatch.queue,
+            task = %dispatch.task.name(),
+            message_id = dispatch.task.message_id(),
+            delayed = dispatch.due.is_some(),
+            stream_sequence = tracing::field::Empty,
+        );
+        let inner = self.inner.clone();
+        let publish: DispatchFinal = Arc::new(move |d| inner.clone().publish(d).boxed());
+        DispatchNext::new(self.inner.layers.clone(), publish).run(dispatch).instrument(span).await
+    }
+}
+
+impl Inner {
+    async fn publish(self: Arc<Self>, mut dispatch: Dispatch) -> Result<(), DispatchError> {
+        let queue = wire::validate_queue(&dispatch.queue)?.to_owned();
+        wire::validate_task_name(dispatch.task.name())?;
+        if let Some(propagator) = &self.propagator {
+            propagator.inject(&mut dispatch.task);
+        }
+        let task = &dispatch.task;
+        if let Some(invalid) = task.invalid_header() {
+            return Err(invalid.clone().into());
+        }
+        let mut headers = task.headers().clone();
+        headers.insert(wire::HEADER_TASK, task.name());
+        headers.insert(wire::HEADER_QUEUE, queue.as_str());
+        if let Some(id) = task.message_id() {
+            wire::validate_header(wire::NATS_MSG_ID, id)?;
+            headers.insert(wire::NATS_MSG_ID, id);
+        }
+        let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
+        let subject = match dispatch.due {
+            None => target,
+            Some(at) => {
+                if !self.schedules {
+                    return Err(DispatchError::new(
+                        DispatchErrorKind::SchedulesUnsupported,
+                        format!(
+                            "delayed dispatch needs message schedules (nats-server 2.12 or newer); the connected server is {}",
+                            self.js.client().server_info().version
+                        ),
+                    ));
+                }
+                let at = at
+                    .to_offset(time::UtcOffset::UTC)
+                    .format(&Rfc3339)
+                    .expect("a UTC time always formats as RFC 3339");
+                headers.insert(wire::NATS_SCHEDULE, format!("@at {at}").as_str());
+                headers.insert(wire::NATS_SCHEDULE_TARGET, target.as_str());
+                if let Some(id) = task.message_id() {
+                    headers.insert(wire::HEADER_MESSAGE_ID, id);
+                }
+                wire::schedule_subject(&self.stream.subject_prefix)
+            }
+        };
+        let ack = self
+            .js
+            .send_publish(
+                subject,
+                PublishMessage::build().payload(task.payload().clone()).headers(headers),
+            )
+            .await
+            .map_err(|err| publish_error(&queue, task, err))?
+            .await
+            .map_err(|err| publish_error(&queue, task, err))?;
+        tracing::Span::current().record("stream_sequence", ack.sequence);
+        tracing::debug!(duplicate = ack.duplicate, "task stored");
+        Ok(())
+    }
+}
+
+fn publish_error(
+    queue: &str,
+    task: &Task,
+    err: async_nats::jetstream::context::PublishError,
+) -> DispatchError {
+    let (kind, what) = match err.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            (DispatchErrorKind::PayloadTooLarge, "is larger than the server's max_payload")
+        }
+        PublishErrorKind::TimedOut => (
+            DispatchErrorKind::Timeout,
+            "was not confirmed in time (it may be stored; retry with the same message id)",
+        ),
+        PublishErrorKind::StreamNotFound => {
+            (DispatchErrorKind::Rejected, "found no stream (was the stream deleted?)")
+        }
+        _ => (DispatchErrorKind::Rejected, "was refused"),
+    };
+    DispatchError::with_source(
+        kind,
+        format!("task {:?} for queue {queue:?} {what}", task.name()),
+        err,
+    )
+}
+
+/// Configures a [`Client`]. Created by [`Client::builder`].
+#[must_use]
+pub struct ClientBuilder {
+    js: jetstream::Context,
+    stream: StreamSettings,
+    layers: Vec<DispatchLayer>,
+    propagator: Option<Arc<dyn Propagator>>,
+}
+
+impl ClientBuilder {
+    /// The stream holding every queue. Default: `NATASKS`.
+    pub fn stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream.name = name.into();
+        self
+    }
+
+    /// The subject prefix: queue `q` is subject `<prefix>.q`. Default: `natasks`.
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream.subject_prefix = prefix.into();
+        self
+    }
+
+    /// Replicas of a stream natasks creates (1 to 5; use 3 on a cluster). Default: 1.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.stream.replicas = replicas;
+        self
+    }
+
+    /// How long the stream remembers message ids for deduplication, for a stream natasks
+    /// creates. Default: the server's (2 minutes).
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.stream.duplicate_window = Some(window);
+        self
+    }
+
+    /// Adds a dispatch middleware; middleware runs in the order added.
+    pub fn middleware<F, Fut>(mut self, middleware: F) -> Self
+    where
+        F: Fn(Dispatch, DispatchNext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), DispatchError>> + Send + 'static,
+    {
+        self.layers.push(dispatch_layer(middleware));
+        self
+    }
+
+    /// Sets the propagator that writes context into headers on dispatch.
+    pub fn propagator(mut self, propagator: impl Propagator) -> Self {
+        self.propagator = Some(Arc::new(propagator));
+        self
+    }
+
+    /// Validates the settings and creates (or adopts) the stream.
+    pub async fn build(self) -> Result<Client, SetupError> {
+        self.stream.validate()?;
+        let state = self.stream.ensure(&self.js).await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                js: self.js,
+                stream: self.stream,
+                schedules: state.schedules,
+                layers: self.layers.into(),
+                propagator: self.propagator,
+            }),
+        })
+    }
+}

@@ -1,0 +1,67 @@
+//! natasks: a task queue on NATS JetStream.
+//!
+//! Services hand background work to a queue with a [`Client`]; [`Worker`]s elsewhere run
+//! it with retries, delays and a dead-letter queue. Everything lives in one JetStream
+//! stream, so the queue inherits JetStream's durability and clustering.
+//!
+//! # The model
+//!
+//! * A **task** ([`Task`]) is a name, a payload and headers. The name picks the handler.
+//! * A **queue** is a subject `natasks.<queue>` in the work-queue stream `NATASKS`. Each
+//!   queue has one durable consumer, `natasks-<queue>`, shared by every worker of the queue.
+//! * A **worker** pulls from one queue and runs the handler registered for each task name,
+//!   with up to `concurrency` tasks at once.
+//! * **Delayed tasks** are JetStream message schedules (nats-server 2.12+): the server
+//!   publishes the task into its queue when it is due.
+//! * The **dead-letter queue** of `q` is the queue `q-dlq`, holding tasks that failed every
+//!   attempt, with headers saying why.
+//!
+//! # Delivery guarantees
+//!
+//! * `dispatch` returns `Ok` only once the server has stored the task (on every replica
+//!   of a replicated stream).
+//! * Every stored task is processed **at least once**: a task is removed only after its
+//!   handler succeeded, it was dead-lettered (the dead letter is stored first), or the
+//!   handler asked for no retry. Handlers should therefore be idempotent.
+//! * Retry state lives on the broker. A worker that crashes mid-task loses nothing: the
+//!   task is redelivered after the ack wait. A task that keeps crashing workers is
+//!   dead-lettered once its retries are used up.
+//! * A message id ([`Task::with_message_id`]) makes a repeated dispatch within the
+//!   duplicate window (2 minutes by default) a no-op, so a dispatch that timed out can be
+//!   retried safely.
+//!
+//! # Quick start
+//!
+//! ```no_run
+#![doc = include_str!("../examples/quickstart.rs")]
+//! ```
+//!
+//! # Wire format
+//!
+//! Subjects and headers match the Go library of the same name, so Go and Rust services
+//! can share queues; see [`wire`] and `docs/wire-format.md`.
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod handler;
+mod middleware;
+mod retry;
+mod stream;
+mod task;
+pub mod wire;
+mod worker;
+
+pub use client::{Client, ClientBuilder};
+pub use error::{
+    no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
+    RunError, RunErrorKind, SetupError, SetupErrorKind,
+};
+pub use handler::{Handler, Json};
+pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
+pub use task::{DecodeError, Delivery, Extensions, Task};
+pub use worker::{
+    DeadLetterReason, ShutdownHandle, Unroutable, Worker, WorkerBuilder, DEFAULT_ACK_WAIT,
+    DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT,
+    DEFAULT_MAX_ACK_PENDING,
+};

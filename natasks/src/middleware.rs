@@ -1,0 +1,128 @@
+//! Dispatch and process middleware, and the propagator hook.
+//!
+//! A middleware is an async function that receives the task and a `next` handle; it may
+//! read and write headers, rewrite the queue (dispatch), attach values for the handler
+//! (process, through [`Task::extensions_mut`]), and short-circuit by not calling `next`.
+//!
+//! ```
+//! use natasks::{DispatchNext, Dispatch, Next, Task};
+//!
+//! async fn add_request_id(mut dispatch: Dispatch, next: DispatchNext) -> Result<(), natasks::DispatchError> {
+//!     dispatch.task.set_header("X-Request-Id", "req-42");
+//!     next.run(dispatch).await
+//! }
+//!
+//! #[derive(Clone)]
+//! struct RequestId(String);
+//!
+//! async fn read_request_id(mut task: Task, next: Next) -> Result<(), natasks::HandlerError> {
+//!     let id = task.header("X-Request-Id").unwrap_or_default().to_owned();
+//!     task.extensions_mut().insert(RequestId(id));
+//!     next.run(task).await
+//! }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use crate::error::{DispatchError, HandlerError};
+use crate::handler::BoxHandler;
+use crate::task::Task;
+
+/// Maps ambient context to headers on dispatch, and headers back to handler context on
+/// processing (for example W3C trace context). Set it on both the client and the worker.
+pub trait Propagator: Send + Sync + 'static {
+    /// Called on dispatch, after dispatch middleware, before the task is published.
+    fn inject(&self, task: &mut Task);
+    /// Called on processing, before process middleware; typically reads headers and puts
+    /// values into [`Task::extensions_mut`].
+    fn extract(&self, task: &mut Task);
+}
+
+/// A task on its way to a queue, as seen by dispatch middleware.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Dispatch {
+    /// The task; middleware may change its headers.
+    pub task: Task,
+    /// The target queue; middleware may rewrite it.
+    pub queue: String,
+    /// When the task is due, for delayed dispatches.
+    pub due: Option<time::OffsetDateTime>,
+}
+
+type DispatchFn =
+    dyn Fn(Dispatch, DispatchNext) -> BoxFuture<'static, Result<(), DispatchError>> + Send + Sync;
+pub(crate) type DispatchLayer = Arc<DispatchFn>;
+pub(crate) type DispatchFinal =
+    Arc<dyn Fn(Dispatch) -> BoxFuture<'static, Result<(), DispatchError>> + Send + Sync>;
+
+pub(crate) fn dispatch_layer<F, Fut>(f: F) -> DispatchLayer
+where
+    F: Fn(Dispatch, DispatchNext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), DispatchError>> + Send + 'static,
+{
+    Arc::new(move |dispatch, next| f(dispatch, next).boxed())
+}
+
+/// The rest of the dispatch chain.
+pub struct DispatchNext {
+    layers: Arc<[DispatchLayer]>,
+    index: usize,
+    publish: DispatchFinal,
+}
+
+impl DispatchNext {
+    pub(crate) fn new(layers: Arc<[DispatchLayer]>, publish: DispatchFinal) -> Self {
+        Self { layers, index: 0, publish }
+    }
+
+    /// Passes the dispatch on to the next middleware, or publishes it.
+    pub async fn run(self, dispatch: Dispatch) -> Result<(), DispatchError> {
+        match self.layers.get(self.index).cloned() {
+            Some(layer) => {
+                let next = Self { index: self.index + 1, ..self };
+                layer(dispatch, next).await
+            }
+            None => (self.publish)(dispatch).await,
+        }
+    }
+}
+
+type ProcessFn = dyn Fn(Task, Next) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync;
+pub(crate) type ProcessLayer = Arc<ProcessFn>;
+
+pub(crate) fn process_layer<F, Fut>(f: F) -> ProcessLayer
+where
+    F: Fn(Task, Next) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    Arc::new(move |task, next| f(task, next).boxed())
+}
+
+/// The rest of the processing chain: later middleware, then the handler.
+pub struct Next {
+    layers: Arc<[ProcessLayer]>,
+    index: usize,
+    handler: BoxHandler,
+}
+
+impl Next {
+    pub(crate) fn new(layers: Arc<[ProcessLayer]>, handler: BoxHandler) -> Self {
+        Self { layers, index: 0, handler }
+    }
+
+    /// Passes the task on to the next middleware, or to the handler.
+    pub async fn run(self, task: Task) -> Result<(), HandlerError> {
+        match self.layers.get(self.index).cloned() {
+            Some(layer) => {
+                let next = Self { index: self.index + 1, ..self };
+                layer(task, next).await
+            }
+            None => (self.handler)(task).await,
+        }
+    }
+}

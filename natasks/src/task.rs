@@ -1,0 +1,316 @@
+//! The unit of work: a name, a payload, headers and an optional message id.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::InvalidName;
+use crate::wire;
+
+/// A task: a name that selects the handler, raw payload bytes, headers, and an optional
+/// message id used by JetStream to drop duplicate dispatches.
+///
+/// ```
+/// use natasks::Task;
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Email { to: String }
+///
+/// let task = Task::json("emails.send", &Email { to: "a@example.com".into() })?
+///     .with_header("X-Request-Id", "req-42")
+///     .with_message_id("welcome-a@example.com");
+/// let email: Email = task.decode()?;
+/// assert_eq!(email.to, "a@example.com");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Task {
+    name: String,
+    payload: Bytes,
+    headers: HeaderMap,
+    message_id: Option<String>,
+    delivery: Option<Delivery>,
+    extensions: Extensions,
+    /// The first header that could not be set; reported by dispatch.
+    invalid_header: Option<InvalidName>,
+}
+
+impl Task {
+    /// A task with a raw payload. The name is checked when the task is dispatched.
+    pub fn new(name: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            name: name.into(),
+            payload: payload.into(),
+            headers: HeaderMap::new(),
+            message_id: None,
+            delivery: None,
+            extensions: Extensions::default(),
+            invalid_header: None,
+        }
+    }
+
+    /// A task whose payload is `value` encoded as JSON.
+    pub fn json<T: Serialize + ?Sized>(
+        name: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(name, serde_json::to_vec(value)?))
+    }
+
+    /// The task name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The raw payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Decodes the JSON payload. In a handler, `task.decode::<T>()?` dead-letters the task
+    /// when the payload does not decode (a retry would not help).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        serde_json::from_slice(&self.payload).map_err(|source| DecodeError {
+            task: self.name.clone(),
+            target: std::any::type_name::<T>(),
+            source,
+        })
+    }
+
+    /// The first value of header `key`, if any.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.get(key).map(|value| value.as_str())
+    }
+
+    /// All headers, including the `Natasks-*` ones on a received task.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Sets header `key` to `value`, replacing earlier values. Names and values are checked
+    /// at dispatch: a value with CR or LF is refused there.
+    pub fn set_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
+        if self.checked(key, value.as_ref()) {
+            self.headers.insert(key, value.as_ref());
+        }
+        self
+    }
+
+    /// Appends a value to header `key`.
+    pub fn add_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
+        if self.checked(key, value.as_ref()) {
+            self.headers.append(key, value.as_ref());
+        }
+        self
+    }
+
+    /// Whether the header can go on the wire; remembers the first that cannot, so that
+    /// dispatch refuses the task with a clear error instead of sending it without the header.
+    fn checked(&mut self, key: &str, value: &str) -> bool {
+        match wire::validate_header(key, value) {
+            Ok(()) => true,
+            Err(err) => {
+                self.invalid_header.get_or_insert(err);
+                false
+            }
+        }
+    }
+
+    pub(crate) fn invalid_header(&self) -> Option<&InvalidName> {
+        self.invalid_header.as_ref()
+    }
+
+    /// Builder form of [`set_header`](Self::set_header).
+    #[must_use]
+    pub fn with_header(mut self, key: &str, value: impl AsRef<str>) -> Self {
+        self.set_header(key, value);
+        self
+    }
+
+    /// Sets the JetStream message id (`Nats-Msg-Id`): a second dispatch with the same id
+    /// within the stream's duplicate window is acknowledged but not stored again.
+    #[must_use]
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// The message id, if one was set (on a received task: the id it was dispatched with).
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// Delivery details; `Some` on a task received by a worker, `None` before dispatch.
+    pub fn delivery(&self) -> Option<&Delivery> {
+        self.delivery.as_ref()
+    }
+
+    /// Values attached by middleware or a propagator for the handler (see [`Extensions`]).
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// Mutable access to the extensions.
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
+    }
+
+    pub(crate) fn received(
+        name: String,
+        payload: Bytes,
+        headers: HeaderMap,
+        message_id: Option<String>,
+        delivery: Delivery,
+    ) -> Self {
+        Self {
+            name,
+            payload,
+            headers,
+            message_id,
+            delivery: Some(delivery),
+            extensions: Extensions::default(),
+            invalid_header: None,
+        }
+    }
+}
+
+impl fmt::Debug for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("name", &self.name)
+            .field("payload_len", &self.payload.len())
+            .field("message_id", &self.message_id)
+            .field("delivery", &self.delivery)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where and how often a received task was delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The queue the worker consumes.
+    pub queue: String,
+    /// Delivery attempt, starting at 1.
+    pub attempt: u64,
+    /// The task's sequence number in the stream.
+    pub stream_sequence: u64,
+}
+
+impl Delivery {
+    pub(crate) fn new(queue: String, attempt: u64, stream_sequence: u64) -> Self {
+        Self { queue, attempt, stream_sequence }
+    }
+}
+
+/// The payload of a task did not decode as the handler's type.
+#[derive(Debug, thiserror::Error)]
+#[error("payload of task {task:?} does not decode as {target}")]
+pub struct DecodeError {
+    task: String,
+    target: &'static str,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// A type map carrying values from middleware and propagators to the handler, one value
+/// per type.
+#[derive(Default)]
+pub struct Extensions {
+    map: HashMap<TypeId, Box<dyn AnyClone + Send + Sync>>,
+}
+
+impl Extensions {
+    /// Inserts a value, returning the previous value of the same type.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) -> Option<T> {
+        self.map.insert(TypeId::of::<T>(), Box::new(value)).and_then(
+            |old: Box<dyn AnyClone + Send + Sync>| old.into_any().downcast::<T>().ok().map(|b| *b),
+        )
+    }
+
+    /// The value of type `T`, if present.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.map.get(&TypeId::of::<T>()).and_then(|v| (**v).as_any().downcast_ref())
+    }
+
+    /// Removes and returns the value of type `T`.
+    pub fn remove<T: Send + Sync + 'static>(&mut self) -> Option<T> {
+        self.map.remove(&TypeId::of::<T>()).and_then(|old: Box<dyn AnyClone + Send + Sync>| {
+            old.into_any().downcast::<T>().ok().map(|b| *b)
+        })
+    }
+}
+
+impl Clone for Extensions {
+    fn clone(&self) -> Self {
+        Self { map: self.map.iter().map(|(k, v)| (*k, (**v).clone_box())).collect() }
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions").field("len", &self.map.len()).finish()
+    }
+}
+
+trait AnyClone: Any {
+    fn clone_box(&self) -> Box<dyn AnyClone + Send + Sync>;
+    fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+impl<T: Clone + Send + Sync + 'static> AnyClone for T {
+    fn clone_box(&self) -> Box<dyn AnyClone + Send + Sync> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+    struct Email {
+        to: String,
+    }
+
+    #[test]
+    fn json_round_trip_and_headers() {
+        let mut task = Task::json("emails.send", &Email { to: "x".into() }).unwrap();
+        task.set_header("A", "1").add_header("A", "2");
+        assert_eq!(task.header("A"), Some("1"));
+        assert_eq!(task.decode::<Email>().unwrap(), Email { to: "x".into() });
+        assert!(task.delivery().is_none());
+    }
+
+    #[test]
+    fn decode_error_names_task_and_type() {
+        let task = Task::new("emails.send", "not json");
+        let err = task.decode::<Email>().unwrap_err();
+        assert!(err.to_string().contains("emails.send"), "{err}");
+        assert!(err.to_string().contains("Email"), "{err}");
+    }
+
+    #[test]
+    fn extensions_by_type() {
+        let mut ext = Extensions::default();
+        assert_eq!(ext.insert(5u32), None);
+        assert_eq!(ext.insert(6u32), Some(5));
+        ext.insert(String::from("user"));
+        let copy = ext.clone();
+        assert_eq!(copy.get::<u32>(), Some(&6));
+        assert_eq!(ext.remove::<String>().as_deref(), Some("user"));
+        assert_eq!(ext.get::<String>(), None);
+    }
+}

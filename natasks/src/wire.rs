@@ -1,0 +1,185 @@
+//! The wire format shared with the Go library: subjects, header names and name rules.
+//!
+//! See `docs/wire-format.md` in the repository for the full description.
+
+use crate::error::InvalidName;
+
+/// Default stream name.
+pub const DEFAULT_STREAM: &str = "NATASKS";
+/// Default subject prefix: queue `q` lives on subject `natasks.q`.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "natasks";
+/// Default consumer name prefix: the worker for queue `q` uses the durable `natasks-q`.
+pub const DEFAULT_CONSUMER_PREFIX: &str = "natasks";
+/// The queue used when an empty queue name is given.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Default suffix of dead-letter queues: queue `q` dead-letters into `q-dlq`.
+pub const DEFAULT_DLQ_SUFFIX: &str = "-dlq";
+
+/// Header holding the task name.
+pub const HEADER_TASK: &str = "Natasks-Task";
+/// Header holding the queue the task was dispatched to.
+pub const HEADER_QUEUE: &str = "Natasks-Queue";
+/// Dead letters: the queue the task failed on.
+pub const HEADER_ORIGINAL_QUEUE: &str = "Natasks-Original-Queue";
+/// Dead letters: how many times the task was delivered.
+pub const HEADER_ATTEMPTS: &str = "Natasks-Attempts";
+/// Dead letters: the last error.
+pub const HEADER_LAST_ERROR: &str = "Natasks-Last-Error";
+/// Dead letters: why the task was dead-lettered (see [`DeadLetterReason`](crate::DeadLetterReason)).
+pub const HEADER_DEAD_LETTER_REASON: &str = "Natasks-Dead-Letter-Reason";
+/// Delayed tasks: the message id given at dispatch, kept because the server strips
+/// `Nats-Msg-Id` from the message a schedule produces.
+pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
+
+pub(crate) const NATS_MSG_ID: &str = "Nats-Msg-Id";
+pub(crate) const NATS_SCHEDULE: &str = "Nats-Schedule";
+pub(crate) const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+
+/// The subject token reserved for schedules; no queue may use it.
+pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";
+
+/// Subject of a queue.
+pub(crate) fn queue_subject(prefix: &str, queue: &str) -> String {
+    format!("{prefix}.{queue}")
+}
+
+/// The stream subject that captures every queue (`<prefix>.*`), as the Go library creates it.
+pub(crate) fn queues_wildcard(prefix: &str) -> String {
+    format!("{prefix}.*")
+}
+
+/// The stream subject that captures schedules, one subject per pending schedule.
+pub(crate) fn schedules_wildcard(prefix: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.>")
+}
+
+/// A fresh schedule subject. Each pending schedule needs its own subject: a second schedule
+/// on the same subject replaces the first.
+pub(crate) fn schedule_subject(prefix: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.{}", nuid::next())
+}
+
+/// Returns the queue name to use (`default` for an empty name) or why it is unusable.
+pub fn validate_queue(queue: &str) -> Result<&str, InvalidName> {
+    if queue.is_empty() {
+        return Ok(DEFAULT_QUEUE);
+    }
+    let invalid = |problem| InvalidName { what: "queue name", value: queue.to_owned(), problem };
+    if queue == SCHEDULE_TOKEN {
+        return Err(invalid("is reserved for natasks schedules"));
+    }
+    if queue.contains(['*', '>']) {
+        return Err(invalid("must not contain the wildcards `*` or `>`"));
+    }
+    if queue.contains('.') {
+        return Err(invalid("must not contain `.` (a queue is one subject token)"));
+    }
+    if queue.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("must not contain whitespace or control characters"));
+    }
+    Ok(queue)
+}
+
+/// Checks a task name: not empty, no wildcards, no whitespace or control characters.
+pub(crate) fn validate_task_name(name: &str) -> Result<(), InvalidName> {
+    let invalid = |problem| InvalidName { what: "task name", value: name.to_owned(), problem };
+    if name.is_empty() {
+        return Err(invalid("is empty"));
+    }
+    if name.contains(['*', '>']) {
+        return Err(invalid("must not contain the wildcards `*` or `>`"));
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("must not contain whitespace or control characters"));
+    }
+    Ok(())
+}
+
+/// Checks a header name and value can be written on the wire.
+pub(crate) fn validate_header(name: &str, value: &str) -> Result<(), InvalidName> {
+    if name.is_empty() || name.chars().any(|c| c == ':' || c.is_whitespace() || c.is_control()) {
+        return Err(InvalidName {
+            what: "header name",
+            value: name.to_owned(),
+            problem: "must be non-empty, without `:`, whitespace or control characters",
+        });
+    }
+    if value.contains(['\r', '\n']) {
+        return Err(InvalidName {
+            what: "header value",
+            value: value.to_owned(),
+            problem: "must not contain CR or LF",
+        });
+    }
+    Ok(())
+}
+
+/// Makes an arbitrary error text safe for a header value: one line, at most `max` bytes.
+pub(crate) fn header_safe(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
+/// Consumer name for a queue, as the Go library derives it.
+pub(crate) fn consumer_name(prefix: &str, queue: &str) -> String {
+    let token: String = queue
+        .trim()
+        .chars()
+        .map(|c| if matches!(c, '.' | ' ' | '>' | '*') { '-' } else { c })
+        .collect();
+    format!("{prefix}-{token}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names() {
+        assert_eq!(validate_queue("").unwrap(), "default");
+        assert_eq!(validate_queue("emails").unwrap(), "emails");
+        assert_eq!(validate_queue("emails-dlq").unwrap(), "emails-dlq");
+        for bad in ["a.b", "a*", ">", "a b", "a\tb", SCHEDULE_TOKEN, "x\ny"] {
+            let err = validate_queue(bad).unwrap_err();
+            assert!(err.to_string().starts_with("queue name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn task_names() {
+        assert!(validate_task_name("emails.send").is_ok());
+        assert!(validate_task_name("").unwrap_err().to_string().contains("is empty"));
+        assert!(validate_task_name("emails.*").is_err());
+        assert!(validate_task_name("a b").is_err());
+    }
+
+    #[test]
+    fn headers() {
+        assert!(validate_header("X-Request-Id", "42").is_ok());
+        assert!(validate_header("X-Bad", "a\r\nb").is_err());
+        assert!(validate_header("Bad Name", "v").is_err());
+        assert!(validate_header("", "v").is_err());
+    }
+
+    #[test]
+    fn header_safe_text() {
+        assert_eq!(header_safe("a\r\nb", 100), "a  b");
+        assert_eq!(header_safe("héllo", 2), "h");
+    }
+
+    #[test]
+    fn subjects() {
+        assert_eq!(queue_subject("natasks", "emails"), "natasks.emails");
+        assert_eq!(queues_wildcard("natasks"), "natasks.*");
+        assert_eq!(schedules_wildcard("natasks"), "natasks.__natasks_schedule.>");
+        assert!(schedule_subject("natasks").starts_with("natasks.__natasks_schedule."));
+        assert_eq!(consumer_name("natasks", "emails"), "natasks-emails");
+    }
+}

@@ -1,0 +1,383 @@
+//! [`WorkerBuilder`]: every worker option, its default, and validation at `build()`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use crate::error::{HandlerError, SetupError};
+use crate::handler::{self, BoxHandler, Handler};
+use crate::middleware::{process_layer, Next, ProcessLayer, Propagator};
+use crate::retry::RetryPolicy;
+use crate::stream::StreamSettings;
+use crate::task::Task;
+use crate::wire;
+
+use super::{Unroutable, Worker, WorkerInner};
+
+/// Default number of tasks processed at once.
+pub const DEFAULT_CONCURRENCY: usize = 1;
+/// Default number of messages requested per pull.
+pub const DEFAULT_FETCH_BATCH: usize = 1;
+/// Default lifetime of a pull request.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default pause between attempts to recover after an error.
+pub const DEFAULT_IDLE_WAIT: Duration = Duration::from_millis(250);
+/// Default time the server waits for an acknowledgement before redelivering.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default server-side limit of unacknowledged messages (raised to fit the concurrency).
+pub const DEFAULT_MAX_ACK_PENDING: i64 = 128;
+
+/// Configures a [`Worker`]. Created by [`Worker::builder`]; every setter documents its
+/// default, and [`build`](Self::build) validates them all.
+#[must_use]
+pub struct WorkerBuilder {
+    js: jetstream::Context,
+    queue: String,
+    pub(super) stream: StreamSettings,
+    consumer_prefix: String,
+    durable: Option<String>,
+    concurrency: usize,
+    fetch_batch: usize,
+    fetch_timeout: Duration,
+    idle_wait: Duration,
+    task_timeout: Duration,
+    ack_wait: Duration,
+    progress_interval: Option<Duration>,
+    max_ack_pending: Option<i64>,
+    max_retries: i64,
+    retry_backoff: Vec<Duration>,
+    dlq_suffix: String,
+    drain_timeout: Option<Duration>,
+    unroutable: Unroutable,
+    layers: Vec<ProcessLayer>,
+    propagator: Option<Arc<dyn Propagator>>,
+    handlers: Vec<(String, BoxHandler)>,
+}
+
+impl WorkerBuilder {
+    pub(super) fn new(js: jetstream::Context, queue: &str) -> Self {
+        Self {
+            js,
+            queue: queue.to_owned(),
+            stream: StreamSettings::default(),
+            consumer_prefix: wire::DEFAULT_CONSUMER_PREFIX.to_owned(),
+            durable: None,
+            concurrency: DEFAULT_CONCURRENCY,
+            fetch_batch: DEFAULT_FETCH_BATCH,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            idle_wait: DEFAULT_IDLE_WAIT,
+            task_timeout: Duration::ZERO,
+            ack_wait: DEFAULT_ACK_WAIT,
+            progress_interval: None,
+            max_ack_pending: None,
+            max_retries: -1,
+            retry_backoff: Vec::new(),
+            dlq_suffix: wire::DEFAULT_DLQ_SUFFIX.to_owned(),
+            drain_timeout: None,
+            unroutable: Unroutable::DeadLetter,
+            layers: Vec::new(),
+            propagator: None,
+            handlers: Vec::new(),
+        }
+    }
+
+    /// Registers `handler` for tasks named `name`. A handler is an `async fn` taking
+    /// [`Task`], [`Json<T>`](crate::Json) or `(Json<T>, Task)`.
+    pub fn handle<H: Handler<A>, A>(mut self, name: impl Into<String>, handler: H) -> Self {
+        self.handlers.push((name.into(), handler::boxed(handler)));
+        self
+    }
+
+    /// The stream holding every queue. Default: `NATASKS`.
+    pub fn stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream.name = name.into();
+        self
+    }
+
+    /// The subject prefix: queue `q` is subject `<prefix>.q`. Default: `natasks`.
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream.subject_prefix = prefix.into();
+        self
+    }
+
+    /// Replicas of a stream natasks creates (1 to 5). Default: 1.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.stream.replicas = replicas;
+        self
+    }
+
+    /// Prefix of the durable consumer name (`<prefix>-<queue>`). Default: `natasks`.
+    pub fn consumer_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.consumer_prefix = prefix.into();
+        self
+    }
+
+    /// The durable consumer name, overriding `<consumer_prefix>-<queue>`.
+    pub fn durable(mut self, name: impl Into<String>) -> Self {
+        self.durable = Some(name.into());
+        self
+    }
+
+    /// How many tasks run at once; a slot is refilled as soon as its task finishes.
+    /// Default: 1. Range: 1 to 65,536.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// How many messages one pull request asks for (at least `concurrency` are asked for).
+    /// Default: 1. Range: 1 to 65,536.
+    pub fn fetch_batch(mut self, n: usize) -> Self {
+        self.fetch_batch = n;
+        self
+    }
+
+    /// How long a pull request waits for messages before it is renewed. Default: 5 s.
+    /// Minimum: 1 s.
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
+    }
+
+    /// Pause between attempts to recover after an error (reconnecting, re-creating the
+    /// consumer, publishing a dead letter). Default: 250 ms.
+    pub fn idle_wait(mut self, wait: Duration) -> Self {
+        self.idle_wait = wait;
+        self
+    }
+
+    /// Longest time one attempt may run; past it the handler is dropped and the attempt
+    /// fails (and is retried). Zero disables the limit. Default: disabled.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.task_timeout = timeout;
+        self
+    }
+
+    /// How long the server waits for an outcome before redelivering (consumer `ack_wait`).
+    /// Default: 30 s.
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait;
+        self
+    }
+
+    /// How often a running handler's lease is renewed with an in-progress ack. Must be
+    /// less than `ack_wait`. Default: a third of `ack_wait`.
+    pub fn progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = Some(interval);
+        self
+    }
+
+    /// Server-side limit of delivered but unacknowledged messages (consumer
+    /// `max_ack_pending`). Must be at least `concurrency`. Default: 128, or `concurrency +
+    /// fetch_batch` when that is larger.
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = Some(n);
+        self
+    }
+
+    /// Retries after the first failed attempt before the task is dead-lettered; `-1` means
+    /// unlimited. Default: -1.
+    pub fn max_retries(mut self, n: i64) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Delays before successive retries; the last one repeats. Default: none (retry at once).
+    pub fn retry_backoff(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.retry_backoff = delays.into_iter().collect();
+        self
+    }
+
+    /// Suffix of the dead-letter queue: queue `q` dead-letters into `q<suffix>`.
+    /// Default: `-dlq`.
+    pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// At shutdown, how long running handlers may take to finish before they are dropped
+    /// and their tasks handed back to the broker. Default: `ack_wait`.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// What to do with a message that has no task name or names a task no handler knows.
+    /// Default: [`Unroutable::DeadLetter`].
+    pub fn on_unroutable(mut self, policy: Unroutable) -> Self {
+        self.unroutable = policy;
+        self
+    }
+
+    /// Adds a process middleware; middleware runs in the order added, around the handler.
+    pub fn middleware<F, Fut>(mut self, middleware: F) -> Self
+    where
+        F: Fn(Task, Next) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.layers.push(process_layer(middleware));
+        self
+    }
+
+    /// Sets the propagator that reads context from headers before processing.
+    pub fn propagator(mut self, propagator: impl Propagator) -> Self {
+        self.propagator = Some(Arc::new(propagator));
+        self
+    }
+
+    /// Validates every option, then creates (or adopts) the stream and the durable consumer.
+    pub async fn build(self) -> Result<Worker, SetupError> {
+        self.stream.validate()?;
+        let queue = wire::validate_queue(&self.queue)?.to_owned();
+        let settings = self.validate(&queue)?;
+        let routes = self.routes()?;
+        let inner = WorkerInner {
+            subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
+            dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
+            queue,
+            js: self.js,
+            stream: self.stream,
+            settings,
+            routes,
+            layers: self.layers.into(),
+            propagator: self.propagator,
+        };
+        let consumer = inner.ensure().await?;
+        Ok(Worker::new(inner, consumer))
+    }
+
+    fn routes(&self) -> Result<HashMap<String, BoxHandler>, SetupError> {
+        let mut routes = HashMap::with_capacity(self.handlers.len());
+        for (name, handler) in &self.handlers {
+            wire::validate_task_name(name)
+                .map_err(|err| SetupError::invalid_option("handle", err))?;
+            if routes.insert(name.clone(), handler.clone()).is_some() {
+                return Err(SetupError::invalid_option(
+                    "handle",
+                    format!("task {name:?} has two handlers"),
+                ));
+            }
+        }
+        Ok(routes)
+    }
+
+    fn validate(&self, queue: &str) -> Result<Settings, SetupError> {
+        const MAX_SLOTS: usize = 65_536;
+        if !(1..=MAX_SLOTS).contains(&self.concurrency) {
+            return Err(SetupError::invalid_option(
+                "concurrency",
+                format!("{} is outside 1..=65536", self.concurrency),
+            ));
+        }
+        if !(1..=MAX_SLOTS).contains(&self.fetch_batch) {
+            return Err(SetupError::invalid_option(
+                "fetch_batch",
+                format!("{} is outside 1..=65536", self.fetch_batch),
+            ));
+        }
+        if self.fetch_timeout < Duration::from_secs(1) {
+            return Err(SetupError::invalid_option(
+                "fetch_timeout",
+                format!("{:?} is below the minimum of 1s", self.fetch_timeout),
+            ));
+        }
+        if self.ack_wait.is_zero() {
+            return Err(SetupError::invalid_option("ack_wait", "must be positive"));
+        }
+        let progress_interval = self.progress_interval.unwrap_or(self.ack_wait / 3);
+        if progress_interval.is_zero() || progress_interval >= self.ack_wait {
+            return Err(SetupError::invalid_option(
+                "progress_interval",
+                format!(
+                    "{progress_interval:?} must be positive and less than ack_wait ({:?})",
+                    self.ack_wait
+                ),
+            ));
+        }
+        let slots = self.concurrency.max(self.fetch_batch);
+        let max_ack_pending = match self.max_ack_pending {
+            Some(n) if n < self.concurrency as i64 => {
+                return Err(SetupError::invalid_option(
+                    "max_ack_pending",
+                    format!(
+                        "{n} is below concurrency ({}); slots would stay empty",
+                        self.concurrency
+                    ),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_ACK_PENDING.max((self.concurrency + self.fetch_batch) as i64),
+        };
+        let max_retries = match self.max_retries {
+            -1 => None,
+            n if n >= 0 => Some(n as u64),
+            n => {
+                return Err(SetupError::invalid_option(
+                    "max_retries",
+                    format!("{n} is below -1 (-1 means unlimited)"),
+                ))
+            }
+        };
+        let dlq_queue = format!("{queue}{}", self.dlq_suffix);
+        if self.dlq_suffix.is_empty() {
+            return Err(SetupError::invalid_option("dlq_suffix", "must not be empty"));
+        }
+        wire::validate_queue(&dlq_queue)
+            .map_err(|err| SetupError::invalid_option("dlq_suffix", err))?;
+        let consumer = match &self.durable {
+            Some(name) => name.clone(),
+            None => wire::consumer_name(&self.consumer_prefix, queue),
+        };
+        let consumer_ok = !consumer.is_empty()
+            && !consumer.contains(['.', '*', '>', '/', '\\'])
+            && !consumer.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !consumer_ok {
+            let setting = if self.durable.is_some() { "durable" } else { "consumer_prefix" };
+            return Err(SetupError::invalid_option(setting, format!("consumer name {consumer:?} must be non-empty, without `.`, `*`, `>`, slashes or whitespace")));
+        }
+        if let Unroutable::Retry(delay) = self.unroutable {
+            if delay.is_zero() {
+                return Err(SetupError::invalid_option(
+                    "on_unroutable",
+                    "the retry delay must be positive",
+                ));
+            }
+        }
+        Ok(Settings {
+            consumer,
+            concurrency: self.concurrency,
+            pull_batch: slots,
+            fetch_timeout: self.fetch_timeout,
+            idle_wait: self.idle_wait.max(Duration::from_millis(10)),
+            task_timeout: (!self.task_timeout.is_zero()).then_some(self.task_timeout),
+            ack_wait: self.ack_wait,
+            progress_interval,
+            max_ack_pending,
+            retry: RetryPolicy { max_retries, backoff: self.retry_backoff.clone() },
+            dlq_queue,
+            drain_timeout: self.drain_timeout.unwrap_or(self.ack_wait),
+            unroutable: self.unroutable,
+        })
+    }
+}
+
+/// Validated worker settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) consumer: String,
+    pub(crate) concurrency: usize,
+    pub(crate) pull_batch: usize,
+    pub(crate) fetch_timeout: Duration,
+    pub(crate) idle_wait: Duration,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) ack_wait: Duration,
+    pub(crate) progress_interval: Duration,
+    pub(crate) max_ack_pending: i64,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dlq_queue: String,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) unroutable: Unroutable,
+}

@@ -1,0 +1,234 @@
+//! The processing side: [`Worker`] pulls tasks from one queue and runs their handlers.
+//!
+//! Outcomes map to the broker: success acks; a failure negatively acks with the backoff
+//! delay; a task past its retries is published to the dead-letter queue and then acked; a
+//! running handler renews its lease with in-progress acks. Retry state lives on the
+//! broker, so a worker that crashes loses nothing: its tasks are redelivered after the ack
+//! wait.
+
+mod builder;
+mod process;
+mod run;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use tokio_util::sync::CancellationToken;
+
+pub use builder::{
+    WorkerBuilder, DEFAULT_ACK_WAIT, DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH,
+    DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT, DEFAULT_MAX_ACK_PENDING,
+};
+
+use crate::error::{RunError, RunErrorKind, SetupError};
+use crate::handler::BoxHandler;
+use crate::middleware::{ProcessLayer, Propagator};
+use crate::stream::StreamSettings;
+use builder::Settings;
+
+/// What a worker does with a message it cannot route to a handler: one without a
+/// `Natasks-Task` header, or naming a task no handler is registered for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unroutable {
+    /// Publish it to the dead-letter queue with a reason header (the default).
+    DeadLetter,
+    /// Drop it, as the Go library does.
+    Discard,
+    /// Hand it back to be redelivered after the delay, for rolling deploys where another
+    /// worker may know the task; counts as a failed attempt towards `max_retries`.
+    Retry(Duration),
+}
+
+/// Why a task was dead-lettered; the value of the `Natasks-Dead-Letter-Reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// Every allowed attempt failed.
+    RetriesExhausted,
+    /// The handler asked for it ([`HandlerError::dead_letter`](crate::HandlerError::dead_letter)).
+    Rejected,
+    /// The payload did not decode as the handler's type.
+    UndecodablePayload,
+    /// The message has no `Natasks-Task` header.
+    MissingTaskName,
+    /// No handler is registered for the task name.
+    UnknownTask,
+    /// The task was delivered more often than allowed without any outcome (workers crashed
+    /// on it or lost its lease).
+    NoOutcome,
+}
+
+impl DeadLetterReason {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RetriesExhausted => "retries-exhausted",
+            Self::Rejected => "rejected",
+            Self::UndecodablePayload => "undecodable-payload",
+            Self::MissingTaskName => "missing-task-name",
+            Self::UnknownTask => "unknown-task",
+            Self::NoOutcome => "no-outcome",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Consumes one queue and runs the registered handlers.
+///
+/// ```no_run
+/// # async fn example(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
+/// use natasks::{Task, Worker, HandlerError};
+///
+/// async fn send_email(task: Task) -> Result<(), HandlerError> {
+///     println!("sending {:?}", task.payload());
+///     Ok(())
+/// }
+///
+/// let worker = Worker::builder(js, "emails")
+///     .concurrency(8)
+///     .max_retries(3)
+///     .handle("emails.send", send_email)
+///     .build()
+///     .await?;
+/// worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    inner: Arc<WorkerInner>,
+    consumer: consumer::PullConsumer,
+    shutdown: CancellationToken,
+    running: AtomicBool,
+}
+
+/// Triggers a graceful shutdown of a [`Worker`] from elsewhere.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(CancellationToken);
+
+impl ShutdownHandle {
+    /// Asks the worker to stop pulling, finish running handlers (up to the drain timeout)
+    /// and hand unfinished tasks back. `run_until` returns once that is done.
+    pub fn shutdown(&self) {
+        self.0.cancel();
+    }
+}
+
+pub(crate) struct WorkerInner {
+    pub(crate) js: jetstream::Context,
+    pub(crate) stream: StreamSettings,
+    pub(crate) queue: String,
+    pub(crate) subject: String,
+    pub(crate) dlq_subject: String,
+    pub(crate) settings: Settings,
+    pub(crate) routes: HashMap<String, BoxHandler>,
+    pub(crate) layers: Arc<[ProcessLayer]>,
+    pub(crate) propagator: Option<Arc<dyn Propagator>>,
+}
+
+impl Worker {
+    /// A builder for a worker consuming `queue` (an empty name means `default`).
+    pub fn builder(js: jetstream::Context, queue: &str) -> WorkerBuilder {
+        WorkerBuilder::new(js, queue)
+    }
+
+    fn new(inner: WorkerInner, consumer: consumer::PullConsumer) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            consumer,
+            shutdown: CancellationToken::new(),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    /// The queue this worker consumes.
+    pub fn queue(&self) -> &str {
+        &self.inner.queue
+    }
+
+    /// The durable consumer name.
+    pub fn consumer_name(&self) -> &str {
+        &self.inner.settings.consumer
+    }
+
+    /// Whether the NATS connection is currently up.
+    pub fn is_ready(&self) -> bool {
+        self.inner.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A handle that triggers a graceful shutdown, for use from another task.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Runs until the shutdown handle is triggered.
+    pub async fn run(&self) -> Result<(), RunError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Processes tasks until `signal` completes or the shutdown handle is triggered, then
+    /// shuts down gracefully: stops pulling, lets running handlers finish (up to the drain
+    /// timeout) and hands every unfinished or buffered task back for prompt redelivery.
+    ///
+    /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
+    /// consumer if needed and resumes. Returns an error only when the connection is closed
+    /// for good. A worker that has stopped stays stopped.
+    pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<(), RunError> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Err(RunError::new(
+                RunErrorKind::AlreadyRunning,
+                format!("worker for queue {:?} is already running", self.inner.queue),
+            ));
+        }
+        let run = run::run(self.inner.clone(), self.consumer.clone(), self.shutdown.clone());
+        tokio::pin!(run);
+        let result = tokio::select! {
+            result = &mut run => result,
+            () = signal => {
+                self.shutdown.cancel();
+                run.await
+            }
+        };
+        self.running.store(false, Ordering::SeqCst);
+        result
+    }
+}
+
+impl WorkerInner {
+    fn consumer_config(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(self.settings.consumer.clone()),
+            description: Some("natasks worker".to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.settings.ack_wait,
+            filter_subject: self.subject.clone(),
+            max_ack_pending: self.settings.max_ack_pending,
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        }
+    }
+
+    /// Creates (or adopts) the stream and the durable consumer.
+    pub(crate) async fn ensure(&self) -> Result<consumer::PullConsumer, SetupError> {
+        self.stream.ensure(&self.js).await?;
+        let stream = self.js.get_stream(&self.stream.name).await.map_err(|err| {
+            SetupError::jetstream(format!("read stream {:?}", self.stream.name), err)
+        })?;
+        stream.create_consumer(self.consumer_config()).await.map_err(|err| {
+            let message = format!(
+                "create consumer {:?} on {:?} (another consumer with an overlapping filter \
+                 on a work-queue stream is refused)",
+                self.settings.consumer, self.subject
+            );
+            SetupError::jetstream(message, err)
+        })
+    }
+}
