@@ -65,3 +65,8 @@ pub use worker::{
     DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT,
     DEFAULT_MAX_ACK_PENDING,
 };
+
+/// The README's code blocks, compiled as doc-tests so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
