@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
-use async_nats::HeaderMap;
 use futures_util::FutureExt;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

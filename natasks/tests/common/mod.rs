@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests. Every wait has a deadline.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ where
 
 /// Number of messages stored on `subject` in the natasks stream.
 pub async fn stored(js: &jetstream::Context, subject: &str) -> u64 {
-    let mut stream = js.get_stream("NATASKS").await.expect("stream exists");
+    let stream = js.get_stream("NATASKS").await.expect("stream exists");
     let info = stream.info_with_subjects(subject).await.expect("stream info");
     let counts: std::collections::HashMap<String, usize> =
         futures_util::StreamExt::collect::<Vec<_>>(info)
