@@ -15,6 +15,9 @@ use tokio_util::task::TaskTracker;
 use super::{process, WorkerInner};
 use crate::error::{RunError, RunErrorKind};
 
+/// Longest wait for the final flush at shutdown.
+const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 enum Exit {
     Shutdown,
     Reopen,
@@ -115,6 +118,14 @@ pub(super) async fn run(
         );
         abandon.cancel();
         tracker.wait().await;
+    }
+    // Acks and hand-backs are fire-and-forget publishes: make sure they left the process
+    // before `run` returns (the caller may exit right after).
+    if tokio::time::timeout(settings.idle_wait.max(FLUSH_LIMIT), inner.js.client().flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!(queue = %inner.queue, "could not flush final acknowledgements");
     }
     tracing::info!(queue = %inner.queue, "worker stopped");
     result
