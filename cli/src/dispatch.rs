@@ -1,0 +1,110 @@
+//! `natasks dispatch`: publish a task with the library's client.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::{conn, output, Context as _, Error, Global, Result};
+
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// The queue to dispatch to.
+    queue: String,
+    /// The task name (selects the handler).
+    task: String,
+    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Read the JSON payload from a file (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    payload_file: Option<PathBuf>,
+    /// A header to add, as KEY=VALUE (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
+    headers: Vec<String>,
+    /// Message id: JetStream drops a repeated dispatch with the same id within the stream's
+    /// duplicate window.
+    #[arg(long)]
+    message_id: Option<String>,
+    /// Deliver after this delay, e.g. 90s, 5m, 2h, 1h30m (needs nats-server 2.12+).
+    #[arg(long = "in", value_name = "DURATION", conflicts_with = "at")]
+    delay: Option<String>,
+    /// Deliver at this RFC 3339 time, e.g. 2030-01-02T03:04:05Z (needs nats-server 2.12+).
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+}
+
+pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
+    // Check everything given on the command line before connecting.
+    let payload = payload(&args)?;
+    let mut task = natasks::Task::new(args.task.clone(), payload);
+    for header in &args.headers {
+        let Some((key, value)) = header.split_once('=') else {
+            return Err(Error::msg(format!("invalid --header {header:?}: use KEY=VALUE")));
+        };
+        task = task.with_header(key.trim(), value);
+    }
+    if let Some(id) = &args.message_id {
+        task = task.with_message_id(id.clone());
+    }
+    let due = match (&args.delay, &args.at) {
+        (Some(delay), _) => Some(OffsetDateTime::now_utc() + output::parse_duration(delay)?),
+        (None, Some(at)) => Some(OffsetDateTime::parse(at, &Rfc3339).map_err(|err| {
+            Error::msg(format!(
+                "invalid --at {at:?}: {err} (use RFC 3339, e.g. 2030-01-02T03:04:05Z)"
+            ))
+        })?),
+        (None, None) => None,
+    };
+
+    let js = conn::connect(g).await?;
+    let client = natasks::Client::builder(js)
+        .stream_name(g.stream.clone())
+        .subject_prefix(g.subject_prefix.clone())
+        .build()
+        .await
+        .context(|| format!("cannot use stream {:?}", g.stream))?;
+    let queue = natasks::wire::validate_queue(&args.queue).unwrap_or(&args.queue).to_owned();
+    let what = || format!("cannot dispatch {:?} to queue {queue:?}", args.task);
+    match due {
+        Some(at) => client.dispatch_at(task, &args.queue, at).await.context(what)?,
+        None => client.dispatch(task, &args.queue).await.context(what)?,
+    }
+    let due = due.filter(|at| *at > OffsetDateTime::now_utc());
+    if g.json {
+        output::json(&json!({
+            "queue": queue,
+            "task": args.task,
+            "message_id": args.message_id,
+            "due": due.map(output::time),
+        }));
+    } else if let Some(at) = due {
+        println!("scheduled {} on queue {queue} for {}", args.task, output::time(at));
+    } else {
+        println!("dispatched {} to queue {queue}", args.task);
+    }
+    Ok(())
+}
+
+fn payload(args: &DispatchArgs) -> Result<Vec<u8>> {
+    let (bytes, flag) = match (&args.payload, &args.payload_file) {
+        (Some(text), _) => (text.clone().into_bytes(), "--payload".to_owned()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .context(|| "cannot read the payload from stdin".to_owned())?;
+            (buf, "--payload-file -".to_owned())
+        }
+        (None, Some(path)) => (
+            std::fs::read(path).context(|| format!("cannot read {}", path.display()))?,
+            format!("--payload-file {}", path.display()),
+        ),
+        (None, None) => return Ok(Vec::new()),
+    };
+    if let Err(err) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        return Err(Error::msg(format!("invalid {flag}: not valid JSON: {err}")));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,166 @@
+//! `natasks`: the operator command line for natasks queues.
+//!
+//! See queue depths, dispatch tasks, inspect and requeue dead letters, list and cancel
+//! delayed tasks. Every command talks to NATS directly; nothing runs in the background.
+
+mod conn;
+mod dispatch;
+mod dlq;
+mod output;
+mod queues;
+mod schedules;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The error of a command: one line for the operator, exit code 1.
+#[derive(Debug)]
+pub struct Error(String);
+
+impl Error {
+    /// An error with this message.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The result of a command.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds what was being done to an error, keeping the whole cause chain on one line.
+pub trait Context<T> {
+    /// `what: cause`.
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error> Context<T> for Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|err| Error(format!("{}: {}", what(), one_line(&err))))
+    }
+}
+
+/// An error and its sources on one line, skipping sources already part of the message.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// Operate natasks queues on NATS JetStream: queue depths, dispatch, dead letters and
+/// delayed tasks.
+#[derive(Debug, Parser)]
+#[command(name = "natasks", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by every command.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// NATS server URL(s), comma separated.
+    #[arg(
+        short = 's',
+        long = "server",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub server: String,
+    /// User credentials file (JWT and seed).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// NKey seed file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub nkey: Option<PathBuf>,
+    /// User name (with --password).
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// Password (with --user).
+    #[arg(long, global = true)]
+    pub password: Option<String>,
+    /// Authentication token.
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    /// TLS client certificate (with --tlskey).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlscert: Option<PathBuf>,
+    /// TLS client private key (with --tlscert).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlskey: Option<PathBuf>,
+    /// TLS CA certificate to verify the server with.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tlsca: Option<PathBuf>,
+    /// The JetStream stream holding the queues.
+    #[arg(long, global = true, default_value = natasks::wire::DEFAULT_STREAM)]
+    pub stream: String,
+    /// Subject prefix: queue `q` is subject `<prefix>.q`.
+    #[arg(long, global = true, default_value = natasks::wire::DEFAULT_SUBJECT_PREFIX)]
+    pub subject_prefix: String,
+    /// Suffix of dead-letter queues: queue `q` dead-letters into `q<suffix>`.
+    #[arg(long, global = true, default_value = natasks::wire::DEFAULT_DLQ_SUFFIX)]
+    pub dlq_suffix: String,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every queue with its pending, in-flight, redelivered and dead-letter counts.
+    Queues,
+    /// Dispatch a task (now, after a delay, or at a time).
+    Dispatch(dispatch::DispatchArgs),
+    /// Inspect, requeue and purge dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// List and cancel delayed tasks.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCommand),
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Queues => queues::run(g).await,
+        Command::Dispatch(args) => dispatch::run(g, args).await,
+        Command::Dlq(cmd) => dlq::run(g, cmd).await,
+        Command::Schedules(cmd) => schedules::run(g, cmd).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
