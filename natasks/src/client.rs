@@ -37,10 +37,17 @@ pub struct Client {
 }
 
 struct Inner {
+    layers: Arc<[DispatchLayer]>,
+    publisher: Arc<Publisher>,
+    /// The end of the middleware chain, built once: publishes through `publisher`.
+    publish: DispatchFinal,
+}
+
+/// Turns a dispatch into a stored message.
+struct Publisher {
     js: jetstream::Context,
     stream: StreamSettings,
     schedules: bool,
-    layers: Arc<[DispatchLayer]>,
     propagator: Option<Arc<dyn Propagator>>,
 }
 
@@ -96,7 +103,8 @@ impl Client {
 
     /// Whether the NATS connection is currently up.
     pub fn is_ready(&self) -> bool {
-        self.inner.js.client().connection_state() == async_nats::connection::State::Connected
+        self.inner.publisher.js.client().connection_state()
+            == async_nats::connection::State::Connected
     }
 
     async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
@@ -108,14 +116,16 @@ impl Client {
             delayed = dispatch.due.is_some(),
             stream_sequence = tracing::field::Empty,
         );
-        let inner = self.inner.clone();
-        let publish: DispatchFinal = Arc::new(move |d| inner.clone().publish(d).boxed());
-        DispatchNext::new(self.inner.layers.clone(), publish).run(dispatch).instrument(span).await
+        if self.inner.layers.is_empty() {
+            return self.inner.publisher.publish(dispatch).instrument(span).await;
+        }
+        let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
+        next.run(dispatch).instrument(span).await
     }
 }
 
-impl Inner {
-    async fn publish(self: Arc<Self>, mut dispatch: Dispatch) -> Result<(), DispatchError> {
+impl Publisher {
+    async fn publish(&self, mut dispatch: Dispatch) -> Result<(), DispatchError> {
         let queue = wire::validate_queue(&dispatch.queue)?.to_owned();
         wire::validate_task_name(dispatch.task.name())?;
         if let Some(propagator) = &self.propagator {
@@ -253,14 +263,17 @@ impl ClientBuilder {
     pub async fn build(self) -> Result<Client, SetupError> {
         self.stream.validate()?;
         let state = self.stream.ensure(&self.js).await?;
-        Ok(Client {
-            inner: Arc::new(Inner {
-                js: self.js,
-                stream: self.stream,
-                schedules: state.schedules,
-                layers: self.layers.into(),
-                propagator: self.propagator,
-            }),
-        })
+        let publisher = Arc::new(Publisher {
+            js: self.js,
+            stream: self.stream,
+            schedules: state.schedules,
+            propagator: self.propagator,
+        });
+        let end = publisher.clone();
+        let publish: DispatchFinal = Arc::new(move |dispatch| {
+            let publisher = end.clone();
+            async move { publisher.publish(dispatch).await }.boxed()
+        });
+        Ok(Client { inner: Arc::new(Inner { layers: self.layers.into(), publisher, publish }) })
     }
 }

@@ -28,11 +28,12 @@ impl Default for StreamSettings {
     }
 }
 
-/// What the server told us about the stream.
-#[derive(Debug, Clone)]
+/// What the server told us about the stream, and a handle to it.
 pub(crate) struct StreamState {
     /// The server stores message schedules (nats-server 2.12+).
     pub(crate) schedules: bool,
+    /// The stream, for creating consumers.
+    pub(crate) stream: stream::Stream,
 }
 
 impl StreamSettings {
@@ -104,13 +105,14 @@ impl StreamSettings {
         // Two processes may race to create the stream; the loser adopts the winner's.
         for _ in 0..2 {
             match js.get_stream(&self.name).await {
-                Ok(existing) => return self.adopt(js, existing.cached_info().config.clone()).await,
+                Ok(existing) => return self.adopt(js, existing).await,
                 Err(err) if is_not_found(&err) => match js.create_stream(self.config()).await {
                     Ok(mut created) => {
                         let info = created.info().await.map_err(|err| {
                             SetupError::jetstream(format!("read stream {:?}", self.name), err)
                         })?;
-                        return Ok(StreamState { schedules: info.config.allow_message_schedules });
+                        let schedules = info.config.allow_message_schedules;
+                        return Ok(StreamState { schedules, stream: created });
                     }
                     Err(err) => {
                         tracing::debug!(stream = %self.name, error = %err, "create stream failed, retrying as adopt");
@@ -131,8 +133,9 @@ impl StreamSettings {
     async fn adopt(
         &self,
         js: &jetstream::Context,
-        mut config: stream::Config,
+        stream: stream::Stream,
     ) -> Result<StreamState, SetupError> {
+        let mut config = stream.cached_info().config.clone();
         let [queues, schedules] = self.subjects();
         if !config.subjects.contains(&queues) {
             return Err(SetupError::new(
@@ -150,7 +153,7 @@ impl StreamSettings {
             ));
         }
         if config.subjects.contains(&schedules) && config.allow_message_schedules {
-            return Ok(StreamState { schedules: true });
+            return Ok(StreamState { schedules: true, stream });
         }
         if !config.subjects.contains(&schedules) {
             config.subjects.push(schedules);
@@ -159,7 +162,7 @@ impl StreamSettings {
         let info = js.update_stream(config).await.map_err(|err| {
             SetupError::jetstream(format!("add schedule subjects to stream {:?}", self.name), err)
         })?;
-        Ok(StreamState { schedules: info.config.allow_message_schedules })
+        Ok(StreamState { schedules: info.config.allow_message_schedules, stream })
     }
 }
 

@@ -218,10 +218,7 @@ impl WorkerInner {
 
     /// Creates (or adopts) the stream and the durable consumer.
     pub(crate) async fn ensure(&self) -> Result<consumer::PullConsumer, SetupError> {
-        self.stream.ensure(&self.js).await?;
-        let stream = self.js.get_stream(&self.stream.name).await.map_err(|err| {
-            SetupError::jetstream(format!("read stream {:?}", self.stream.name), err)
-        })?;
+        let stream = self.stream.ensure(&self.js).await?.stream;
         stream.create_consumer(self.consumer_config()).await.map_err(|err| {
             let message = format!(
                 "create consumer {:?} on {:?} (another consumer with an overlapping filter \
