@@ -1,0 +1,406 @@
+//! `natasks-bench`: measures natasks against a raw async-nats implementation of the same
+//! work, on the same server, in the same process, back to back.
+//!
+//! ```text
+//! natasks-bench [--rounds N] [--tasks N] [--workload NAME]... [--smoke]
+//! ```
+//!
+//! Starts its own nats-server unless `NATS_URL` is set. Every run gets a stream of its own
+//! (created by natasks: work-queue retention, file storage) that is deleted afterwards.
+//! Progress goes to stderr; the result table and one `workload=... key=value` line per
+//! workload go to stdout.
+
+mod alloc_count;
+mod workloads;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use natasks_test_support::NatsServer;
+
+use workloads::{Env, Impl, Sample};
+
+#[global_allocator]
+static GLOBAL: alloc_count::Counting = alloc_count::Counting;
+
+/// Every workload, in the order they run.
+const WORKLOADS: &[&str] = &[
+    "dispatch_serial",
+    "dispatch_concurrent_64",
+    "dispatch_concurrent_256",
+    "e2e_c1",
+    "e2e_c8",
+    "e2e_c64",
+    "e2e_io_c64",
+    "delayed_burst",
+    "alloc_c64",
+    "memory",
+];
+
+/// Throughput of e2e_io_c64 if every slot were always busy: 64 slots / 5 ms.
+const IDEAL_IO_C64: f64 = 64.0 / 0.005;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Options {
+    rounds: usize,
+    tasks: usize,
+    delayed_tasks: usize,
+    delayed_lead: Duration,
+    memory_checkpoints: (usize, usize),
+    workloads: Vec<String>,
+}
+
+const USAGE: &str = "usage: natasks-bench [--rounds N] [--tasks N] [--workload NAME]... [--smoke]
+
+  --rounds N       rounds per workload (default 3)
+  --tasks N        tasks per dispatch/e2e/alloc run (default 20000)
+  --workload NAME  run only this workload (repeatable)
+  --smoke          quick pass of everything: 500 tasks, 1 round, small memory run
+
+Starts its own nats-server unless NATS_URL is set.";
+
+fn parse_args() -> Result<Option<Options>, BoxError> {
+    let mut options = Options {
+        rounds: 3,
+        tasks: 20_000,
+        delayed_tasks: 10_000,
+        delayed_lead: Duration::from_secs(10),
+        memory_checkpoints: (50_000, 500_000),
+        workloads: Vec::new(),
+    };
+    let mut rounds = None;
+    let mut tasks = None;
+    let mut args = std::env::args().skip(1);
+    let number = |flag: &str, value: Option<String>| -> Result<usize, BoxError> {
+        let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
+        let n: usize = value.parse().map_err(|_| format!("{flag}: {value:?} is not a number"))?;
+        if n == 0 {
+            return Err(format!("{flag} must be at least 1").into());
+        }
+        Ok(n)
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--rounds" => rounds = Some(number("--rounds", args.next())?),
+            "--tasks" => tasks = Some(number("--tasks", args.next())?),
+            "--workload" => {
+                let name = args.next().ok_or("--workload needs a value")?;
+                if !WORKLOADS.contains(&name.as_str()) {
+                    return Err(format!(
+                        "unknown workload {name:?}; known: {}",
+                        WORKLOADS.join(", ")
+                    )
+                    .into());
+                }
+                if !options.workloads.contains(&name) {
+                    options.workloads.push(name);
+                }
+            }
+            "--smoke" => {
+                options.rounds = 1;
+                options.tasks = 500;
+                options.delayed_tasks = 500;
+                options.delayed_lead = Duration::from_secs(3);
+                options.memory_checkpoints = (500, 2_000);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}").into()),
+        }
+    }
+    if let Some(rounds) = rounds {
+        options.rounds = rounds;
+    }
+    if let Some(tasks) = tasks {
+        options.tasks = tasks;
+    }
+    if options.workloads.is_empty() {
+        options.workloads = WORKLOADS.iter().map(|w| (*w).to_owned()).collect();
+    } else {
+        // Keep the canonical order.
+        options.workloads = WORKLOADS
+            .iter()
+            .filter(|w| options.workloads.iter().any(|s| s == *w))
+            .map(|w| (*w).to_owned())
+            .collect();
+    }
+    Ok(Some(options))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = match parse_args() {
+        Ok(Some(options)) => options,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("natasks-bench: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("natasks-bench: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One workload's results over all rounds.
+struct Row {
+    workload: String,
+    natasks: Vec<Sample>,
+    raw: Vec<Sample>,
+}
+
+async fn run(options: Options) -> Result<(), BoxError> {
+    let (_server, url) = match std::env::var("NATS_URL") {
+        Ok(url) if !url.is_empty() => (None, url),
+        _ => {
+            let server = NatsServer::start().await;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let env = Env::connect(&url).await?;
+    eprintln!(
+        "natasks-bench: server {} at {url}; {} round(s), {} tasks per run, {} CPU(s), load average {}",
+        env.server_version(),
+        options.rounds,
+        options.tasks,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
+    );
+
+    // Warm up connections, the server's store and the allocator; not measured.
+    for imp in [Impl::Natasks, Impl::Raw] {
+        workloads::dispatch_concurrent(&env, imp, 1_000, 64).await?;
+    }
+
+    let mut rows = Vec::new();
+    let mut memory_line = None;
+    for workload in &options.workloads {
+        if workload == "memory" {
+            let (a, b) = options.memory_checkpoints;
+            let report = workloads::memory(&env, a, b).await?;
+            memory_line = Some(report);
+            continue;
+        }
+        let mut row = Row { workload: workload.clone(), natasks: Vec::new(), raw: Vec::new() };
+        for round in 1..=options.rounds {
+            for imp in [Impl::Natasks, Impl::Raw] {
+                let sample = run_one(&env, &options, workload, imp)
+                    .await
+                    .map_err(|err| format!("{workload} ({}) round {round}: {err}", imp.name()))?;
+                let mut line = format!(
+                    "round {round}/{} {workload} {}: {}/s",
+                    options.rounds,
+                    imp.name(),
+                    thousands(sample.per_s)
+                );
+                if let Some(l) = &sample.lateness {
+                    line.push_str(&format!(
+                        " (lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms)",
+                        l.p50, l.p99, l.max
+                    ));
+                }
+                if let Some(us) = sample.cpu_us_per_task {
+                    line.push_str(&format!(" ({us:.1} µs CPU/task in this process)"));
+                }
+                if let Some(ms) = sample.mean_sleep_ms {
+                    line.push_str(&format!(" (a 5 ms sleep took {ms:.2} ms on average)"));
+                }
+                if let Some(a) = &sample.allocs {
+                    line.push_str(&format!(
+                        " ({:.1} allocs/task processing, {:.1} allocs/task dispatch)",
+                        a.process_allocs, a.dispatch_allocs
+                    ));
+                }
+                eprintln!("{line}");
+                match imp {
+                    Impl::Natasks => row.natasks.push(sample),
+                    Impl::Raw => row.raw.push(sample),
+                }
+            }
+        }
+        rows.push(row);
+    }
+
+    print_report(&rows, memory_line.as_ref());
+    eprintln!("natasks-bench: done; load average {}", load_average());
+    Ok(())
+}
+
+async fn run_one(
+    env: &Env,
+    options: &Options,
+    workload: &str,
+    imp: Impl,
+) -> Result<Sample, BoxError> {
+    let n = options.tasks;
+    match workload {
+        "dispatch_serial" => workloads::dispatch_serial(env, imp, n).await,
+        "dispatch_concurrent_64" => workloads::dispatch_concurrent(env, imp, n, 64).await,
+        "dispatch_concurrent_256" => workloads::dispatch_concurrent(env, imp, n, 256).await,
+        "e2e_c1" => workloads::e2e(env, imp, n, 1, None).await,
+        "e2e_c8" => workloads::e2e(env, imp, n, 8, None).await,
+        "e2e_c64" => workloads::e2e(env, imp, n, 64, None).await,
+        "e2e_io_c64" => workloads::e2e(env, imp, n, 64, Some(Duration::from_millis(5))).await,
+        "delayed_burst" => {
+            workloads::delayed_burst(env, imp, options.delayed_tasks, options.delayed_lead).await
+        }
+        "alloc_c64" => workloads::alloc_c64(env, imp, n).await,
+        other => Err(format!("unknown workload {other:?}").into()),
+    }
+}
+
+fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
+    println!();
+    println!(
+        "{:<24} {:>10} {:>10} {:>10}   {:>10} {:>10} {:>10}   {:>6}",
+        "workload (tasks/s)", "natasks", "min", "max", "raw", "min", "max", "ratio"
+    );
+    println!("{}", "-".repeat(100));
+    let mut lines = Vec::new();
+    for row in rows {
+        let (nm, nmin, nmax) = spread(row.natasks.iter().map(|s| s.per_s));
+        let (rm, rmin, rmax) = spread(row.raw.iter().map(|s| s.per_s));
+        let ratio = if rm > 0.0 { nm / rm } else { 0.0 };
+        println!(
+            "{:<24} {:>10} {:>10} {:>10}   {:>10} {:>10} {:>10}   {:>6.3}",
+            row.workload,
+            thousands(nm),
+            thousands(nmin),
+            thousands(nmax),
+            thousands(rm),
+            thousands(rmin),
+            thousands(rmax),
+            ratio
+        );
+        let mut line = format!(
+            "workload={} natasks_per_s={nm:.0} raw_per_s={rm:.0} ratio={ratio:.3}",
+            row.workload
+        );
+        if row.workload == "e2e_io_c64" {
+            line.push_str(&format!(
+                " ideal_per_s={IDEAL_IO_C64:.0} ideal_ratio={:.3} raw_ideal_ratio={:.3}",
+                nm / IDEAL_IO_C64,
+                rm / IDEAL_IO_C64
+            ));
+        }
+        for (label, samples) in [("natasks", &row.natasks), ("raw", &row.raw)] {
+            let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_us_per_task).collect();
+            if !cpu.is_empty() {
+                line.push_str(&format!(" {label}_cpu_us_per_task={:.2}", median(cpu.into_iter())));
+            }
+            let sleeps: Vec<f64> = samples.iter().filter_map(|s| s.mean_sleep_ms).collect();
+            if !sleeps.is_empty() {
+                let ms = median(sleeps.into_iter());
+                line.push_str(&format!(
+                    " {label}_mean_sleep_ms={ms:.2} {label}_effective_ideal_per_s={:.0}",
+                    64.0 / (ms / 1e3)
+                ));
+            }
+            let lateness: Vec<_> = samples.iter().filter_map(|s| s.lateness.as_ref()).collect();
+            if !lateness.is_empty() {
+                let p50 = median(lateness.iter().map(|l| l.p50));
+                let p99 = median(lateness.iter().map(|l| l.p99));
+                let max = lateness.iter().map(|l| l.max).fold(f64::MIN, f64::max);
+                line.push_str(&format!(
+                    " {label}_p50_ms={p50:.0} {label}_p99_ms={p99:.0} {label}_max_ms={max:.0}"
+                ));
+            }
+            let allocs: Vec<_> = samples.iter().filter_map(|s| s.allocs.as_ref()).collect();
+            if !allocs.is_empty() {
+                line.push_str(&format!(
+                    " {label}_allocs_per_task={:.1} {label}_bytes_per_task={:.0} {label}_dispatch_allocs_per_task={:.1}",
+                    median(allocs.iter().map(|a| a.process_allocs)),
+                    median(allocs.iter().map(|a| a.process_bytes)),
+                    median(allocs.iter().map(|a| a.dispatch_allocs)),
+                ));
+            }
+        }
+        lines.push(line);
+    }
+    if rows.iter().any(|r| r.workload == "delayed_burst") {
+        println!("  delayed_burst: tasks/s = tasks / (last processed - due); lateness in the line below (median p50/p99 over rounds, overall max)");
+    }
+    if rows.iter().any(|r| r.workload == "alloc_c64") {
+        println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");
+    }
+    if let Some(m) = memory {
+        println!(
+            "memory: after {}: VmRSS {} kB, VmHWM {} kB; after {}: VmRSS {} kB, VmHWM {} kB; growth RSS {} kB, HWM {} kB; {}/s",
+            m.first,
+            m.rss_first_kb,
+            m.hwm_first_kb,
+            m.second,
+            m.rss_second_kb,
+            m.hwm_second_kb,
+            m.rss_second_kb as i64 - m.rss_first_kb as i64,
+            m.hwm_second_kb as i64 - m.hwm_first_kb as i64,
+            thousands(m.per_s)
+        );
+        lines.push(format!(
+            "workload=memory natasks_per_s={:.0} tasks_first={} tasks_second={} rss_first_kb={} hwm_first_kb={} rss_second_kb={} hwm_second_kb={} rss_growth_kb={} hwm_growth_kb={}",
+            m.per_s,
+            m.first,
+            m.second,
+            m.rss_first_kb,
+            m.hwm_first_kb,
+            m.rss_second_kb,
+            m.hwm_second_kb,
+            m.rss_second_kb as i64 - m.rss_first_kb as i64,
+            m.hwm_second_kb as i64 - m.hwm_first_kb as i64,
+        ));
+    }
+    println!();
+    for line in lines {
+        println!("{line}");
+    }
+}
+
+/// Median, min and max.
+fn spread(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let values: Vec<f64> = values.collect();
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(values.into_iter()), if min.is_finite() { min } else { 0.0 }, max.max(0.0))
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// `41234.6` -> `41,235`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
