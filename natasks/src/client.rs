@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -15,6 +15,7 @@ use crate::error::{DispatchError, DispatchErrorKind, SetupError};
 use crate::middleware::{
     dispatch_layer, Dispatch, DispatchFinal, DispatchLayer, DispatchNext, Propagator,
 };
+use crate::observe::{Dispatched, Observer, Observers};
 use crate::stream::StreamSettings;
 use crate::task::Task;
 use crate::wire;
@@ -49,6 +50,7 @@ struct Publisher {
     stream: StreamSettings,
     schedules: bool,
     propagator: Option<Arc<dyn Propagator>>,
+    observers: Observers,
 }
 
 impl Client {
@@ -65,6 +67,7 @@ impl Client {
             stream: StreamSettings::default(),
             layers: Vec::new(),
             propagator: None,
+            observers: Observers::default(),
         }
     }
 
@@ -115,6 +118,10 @@ impl Client {
             message_id = dispatch.task.message_id(),
             delayed = dispatch.due.is_some(),
             stream_sequence = tracing::field::Empty,
+            "messaging.system" = "nats",
+            "messaging.operation" = "publish",
+            "messaging.destination.name" = %dispatch.queue,
+            "natasks.task" = %dispatch.task.name(),
         );
         if self.inner.layers.is_empty() {
             return self.inner.publisher.publish(dispatch).instrument(span).await;
@@ -125,7 +132,25 @@ impl Client {
 }
 
 impl Publisher {
-    async fn publish(&self, mut dispatch: Dispatch) -> Result<(), DispatchError> {
+    async fn publish(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+        if self.observers.is_empty() {
+            return self.store(dispatch).await;
+        }
+        let started = Instant::now();
+        let (queue, task, delayed) =
+            (dispatch.queue.clone(), dispatch.task.name().to_owned(), dispatch.due.is_some());
+        let result = self.store(dispatch).await;
+        self.observers.dispatched(&Dispatched {
+            queue: wire::validate_queue(&queue).unwrap_or(&queue),
+            task: &task,
+            delayed,
+            elapsed: started.elapsed(),
+            error: result.as_ref().err(),
+        });
+        result
+    }
+
+    async fn store(&self, mut dispatch: Dispatch) -> Result<(), DispatchError> {
         let queue = wire::validate_queue(&dispatch.queue)?.to_owned();
         wire::validate_task_name(dispatch.task.name())?;
         if let Some(propagator) = &self.propagator {
@@ -215,6 +240,7 @@ pub struct ClientBuilder {
     stream: StreamSettings,
     layers: Vec<DispatchLayer>,
     propagator: Option<Arc<dyn Propagator>>,
+    observers: Observers,
 }
 
 impl ClientBuilder {
@@ -259,6 +285,12 @@ impl ClientBuilder {
         self
     }
 
+    /// Adds an observer that sees every dispatch (for metrics).
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     /// Validates the settings and creates (or adopts) the stream.
     pub async fn build(self) -> Result<Client, SetupError> {
         self.stream.validate()?;
@@ -268,6 +300,7 @@ impl ClientBuilder {
             stream: self.stream,
             schedules: state.schedules,
             propagator: self.propagator,
+            observers: self.observers,
         });
         let end = publisher.clone();
         let publish: DispatchFinal = Arc::new(move |dispatch| {

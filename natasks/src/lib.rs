@@ -46,6 +46,7 @@ mod client;
 mod error;
 mod handler;
 mod middleware;
+pub mod observe;
 mod retry;
 mod stream;
 mod task;
@@ -59,6 +60,7 @@ pub use error::{
 };
 pub use handler::{Handler, Json};
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
+pub use observe::Observer;
 pub use task::{DecodeError, Delivery, Extensions, Task};
 pub use worker::{
     DeadLetterReason, ShutdownHandle, Unroutable, Worker, WorkerBuilder, DEFAULT_ACK_WAIT,

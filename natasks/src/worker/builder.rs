@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use crate::error::{HandlerError, SetupError};
 use crate::handler::{self, BoxHandler, Handler};
 use crate::middleware::{process_layer, Next, ProcessLayer, Propagator};
+use crate::observe::{Observer, Observers};
 use crate::retry::RetryPolicy;
 use crate::stream::StreamSettings;
 use crate::task::Task;
@@ -54,6 +55,7 @@ pub struct WorkerBuilder {
     unroutable: Unroutable,
     layers: Vec<ProcessLayer>,
     propagator: Option<Arc<dyn Propagator>>,
+    observers: Observers,
     handlers: Vec<(String, BoxHandler)>,
 }
 
@@ -80,6 +82,7 @@ impl WorkerBuilder {
             unroutable: Unroutable::DeadLetter,
             layers: Vec::new(),
             propagator: None,
+            observers: Observers::default(),
             handlers: Vec::new(),
         }
     }
@@ -228,6 +231,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// Adds an observer that sees every processing attempt (for metrics).
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     /// Validates every option, then creates (or adopts) the stream and the durable consumer.
     pub async fn build(self) -> Result<Worker, SetupError> {
         self.stream.validate()?;
@@ -244,6 +253,7 @@ impl WorkerBuilder {
             routes,
             layers: self.layers.into(),
             propagator: self.propagator,
+            observers: self.observers,
         };
         let consumer = inner.ensure().await?;
         Ok(Worker::new(inner, consumer))

@@ -27,6 +27,7 @@ pub use builder::{
 use crate::error::{RunError, RunErrorKind, SetupError};
 use crate::handler::BoxHandler;
 use crate::middleware::{ProcessLayer, Propagator};
+use crate::observe::Observers;
 use crate::stream::StreamSettings;
 use builder::Settings;
 
@@ -132,6 +133,7 @@ pub(crate) struct WorkerInner {
     pub(crate) routes: HashMap<String, BoxHandler>,
     pub(crate) layers: Arc<[ProcessLayer]>,
     pub(crate) propagator: Option<Arc<dyn Propagator>>,
+    pub(crate) observers: Observers,
 }
 
 impl Worker {

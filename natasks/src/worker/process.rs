@@ -2,7 +2,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
@@ -14,14 +14,17 @@ use tracing::Instrument;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
 use crate::middleware::Next;
+use crate::observe::{Finished, Outcome, Started};
 use crate::task::{DecodeError, Delivery, Task};
 use crate::wire;
 
 /// What happens to a delivery.
 #[derive(Debug)]
-enum Outcome {
-    /// Done (or failed without retry): remove it.
+enum Settle {
+    /// The handler succeeded: remove it.
     Ack,
+    /// The handler failed without retry: remove it.
+    GiveUp,
     /// Redeliver, after the delay if any.
     Retry(Option<Duration>),
     /// Publish to the dead-letter queue, then remove it.
@@ -49,27 +52,49 @@ pub(super) async fn process(
         .as_ref()
         .and_then(|h| h.get(wire::HEADER_TASK))
         .map(|v| v.as_str().to_owned());
+    let received = Instant::now();
+    let name = task_name.clone().unwrap_or_default();
     let span = tracing::info_span!(
         "natasks.process",
         queue = %inner.queue,
-        task = task_name.as_deref().unwrap_or(""),
+        task = %name,
+        message_id = tracing::field::Empty,
         attempt,
         stream_sequence = sequence,
         outcome = tracing::field::Empty,
+        "messaging.system" = "nats",
+        "messaging.operation" = "process",
+        "messaging.destination.name" = %inner.queue,
+        "natasks.task" = %name,
     );
-    async move {
-        let outcome = match decide(&inner, &message, task_name, attempt, sequence, &abandon).await {
-            Some(outcome) => outcome,
-            None => {
-                tracing::Span::current().record("outcome", "handed-back");
-                nak(&message, None).await;
-                return;
-            }
-        };
-        settle(&inner, &message, attempt, sequence, outcome).await;
+    if let Some(id) = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(wire::HEADER_MESSAGE_ID).or_else(|| h.get(wire::NATS_MSG_ID)))
+    {
+        span.record("message_id", id.as_str());
     }
-    .instrument(span)
-    .await
+    let observers = &inner.observers;
+    observers.started(&Started { queue: &inner.queue, task: &name, attempt });
+    let outcome = async {
+        match decide(&inner, &message, task_name, attempt, sequence, &abandon).await {
+            Some(settle) => apply(&inner, &message, attempt, sequence, settle).await,
+            None => {
+                nak(&message, None).await;
+                Outcome::HandedBack
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    span.record("outcome", outcome.as_str());
+    observers.finished(&Finished {
+        queue: &inner.queue,
+        task: &name,
+        attempt,
+        elapsed: received.elapsed(),
+        outcome,
+    });
 }
 
 /// Runs the handler if the delivery can be routed; `None` when shutdown abandoned it.
@@ -80,10 +105,10 @@ async fn decide(
     attempt: u64,
     sequence: u64,
     abandon: &CancellationToken,
-) -> Option<Outcome> {
+) -> Option<Settle> {
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
-        return Some(Outcome::DeadLetter(
+        return Some(Settle::DeadLetter(
             DeadLetterReason::NoOutcome,
             format!(
                 "delivered {attempt} times without an outcome (worker crashed or lost its lease)"
@@ -145,7 +170,7 @@ async fn decide(
         }
     };
     let error = match result {
-        Some(Ok(Ok(()))) => return Some(Outcome::Ack),
+        Some(Ok(Ok(()))) => return Some(Settle::Ack),
         Some(Ok(Err(error))) => error,
         Some(Err(panic)) => {
             HandlerError::msg(format!("handler panicked: {}", panic_message(&*panic)))
@@ -158,29 +183,29 @@ async fn decide(
     Some(failed(inner, attempt, error))
 }
 
-fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Outcome {
+fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
     let retry = &inner.settings.retry;
     let text = error.to_string();
     match error.failure() {
         Failure::NoRetry => {
             tracing::info!(error = %text, "task failed; not retried");
-            Outcome::Ack
+            Settle::GiveUp
         }
         Failure::DeadLetter if error.source().is::<DecodeError>() => {
-            Outcome::DeadLetter(DeadLetterReason::UndecodablePayload, text)
+            Settle::DeadLetter(DeadLetterReason::UndecodablePayload, text)
         }
-        Failure::DeadLetter => Outcome::DeadLetter(DeadLetterReason::Rejected, text),
+        Failure::DeadLetter => Settle::DeadLetter(DeadLetterReason::Rejected, text),
         Failure::Retry(_) if retry.exhausted(attempt) => {
-            Outcome::DeadLetter(DeadLetterReason::RetriesExhausted, text)
+            Settle::DeadLetter(DeadLetterReason::RetriesExhausted, text)
         }
         Failure::Retry(after) => {
             let delay = after.or_else(|| retry.delay(attempt));
             tracing::warn!(error = %text, retry_in = ?delay, "task failed; will retry");
-            Outcome::Retry(delay)
+            Settle::Retry(delay)
         }
         // `Failure` is non-exhaustive only for callers; every variant is handled above.
         #[allow(unreachable_patterns)]
-        _ => Outcome::Retry(None),
+        _ => Settle::Retry(None),
     }
 }
 
@@ -189,55 +214,60 @@ fn unroutable(
     attempt: u64,
     reason: DeadLetterReason,
     error: String,
-) -> Outcome {
+) -> Settle {
     match inner.settings.unroutable {
-        Unroutable::DeadLetter => Outcome::DeadLetter(reason, error),
+        Unroutable::DeadLetter => Settle::DeadLetter(reason, error),
         Unroutable::Discard => {
             tracing::warn!(%error, "unroutable task discarded");
-            Outcome::Discard
+            Settle::Discard
         }
         Unroutable::Retry(_) if inner.settings.retry.exhausted(attempt) => {
-            Outcome::DeadLetter(reason, error)
+            Settle::DeadLetter(reason, error)
         }
         Unroutable::Retry(delay) => {
             tracing::warn!(%error, retry_in = ?delay, "unroutable task handed back for another worker");
-            Outcome::Retry(Some(delay))
+            Settle::Retry(Some(delay))
         }
     }
 }
 
-async fn settle(
+/// Tells the broker what became of the delivery.
+async fn apply(
     inner: &WorkerInner,
     message: &Message,
     attempt: u64,
     sequence: u64,
-    outcome: Outcome,
-) {
-    let span = tracing::Span::current();
-    match outcome {
-        Outcome::Ack => {
-            span.record("outcome", "acked");
+    settle: Settle,
+) -> Outcome {
+    match settle {
+        Settle::Ack => {
             ack(message, AckKind::Ack).await;
+            Outcome::Succeeded
         }
-        Outcome::Discard => {
-            span.record("outcome", "discarded");
+        Settle::GiveUp => {
+            ack(message, AckKind::Ack).await;
+            Outcome::GaveUp
+        }
+        Settle::Discard => {
             ack(message, AckKind::Term).await;
+            Outcome::Discarded
         }
-        Outcome::Retry(delay) => {
-            span.record("outcome", "retry");
+        Settle::Retry(delay) => {
             nak(message, delay).await;
+            Outcome::Retried(delay)
         }
-        Outcome::DeadLetter(reason, error) => {
+        Settle::DeadLetter(reason, error) => {
             match publish_dead_letter(inner, message, attempt, sequence, reason, &error).await {
                 Ok(()) => {
-                    span.record("outcome", "dead-lettered");
                     tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
                     ack(message, AckKind::Ack).await;
+                    Outcome::DeadLettered(reason)
                 }
                 Err(err) => {
-                    span.record("outcome", "retry");
                     tracing::error!(error = %err, "could not publish the dead letter; the task will be redelivered");
-                    nak(message, Some(inner.settings.idle_wait.max(Duration::from_secs(1)))).await;
+                    let delay = Some(inner.settings.idle_wait.max(Duration::from_secs(1)));
+                    nak(message, delay).await;
+                    Outcome::Retried(delay)
                 }
             }
         }

@@ -1,0 +1,138 @@
+//! Hooks for metrics: an [`Observer`] sees every dispatch and every processing attempt.
+//!
+//! Tracing needs no hook: every dispatch runs in a `natasks.dispatch` span and every attempt
+//! in a `natasks.process` span (see the crate docs for their fields). Observers are for
+//! counters and histograms; the `metrics` feature ships one for Prometheus.
+
+use std::time::Duration;
+
+use crate::error::DispatchError;
+use crate::worker::DeadLetterReason;
+
+/// Receives an event for every dispatch and processing attempt. Methods default to doing
+/// nothing; they run inline on the hot path, so keep them cheap.
+pub trait Observer: Send + Sync + 'static {
+    /// A dispatch finished (stored, refused or failed).
+    fn dispatched(&self, event: &Dispatched<'_>) {
+        let _ = event;
+    }
+
+    /// A delivery is about to be processed; every `started` is followed by one `finished`.
+    fn started(&self, event: &Started<'_>) {
+        let _ = event;
+    }
+
+    /// A delivery was settled.
+    fn finished(&self, event: &Finished<'_>) {
+        let _ = event;
+    }
+}
+
+/// A finished dispatch.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Dispatched<'a> {
+    /// The target queue.
+    pub queue: &'a str,
+    /// The task name.
+    pub task: &'a str,
+    /// Whether the task was due later (a delayed dispatch).
+    pub delayed: bool,
+    /// Time from the call to the server's confirmation or the error.
+    pub elapsed: Duration,
+    /// The error, if the dispatch failed.
+    pub error: Option<&'a DispatchError>,
+}
+
+/// A delivery about to be processed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Started<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// The task name (empty for a message without one).
+    pub task: &'a str,
+    /// Delivery attempt, from 1.
+    pub attempt: u64,
+}
+
+/// A settled delivery.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Finished<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// The task name (empty for a message without one).
+    pub task: &'a str,
+    /// Delivery attempt, from 1.
+    pub attempt: u64,
+    /// Time from receipt to the outcome.
+    pub elapsed: Duration,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// What became of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler succeeded; the task was acknowledged.
+    Succeeded,
+    /// The attempt failed and the task will be retried after the delay, if any.
+    Retried(Option<Duration>),
+    /// The handler failed with `no_retry`; the task was acknowledged and dropped.
+    GaveUp,
+    /// The task was moved to the dead-letter queue.
+    DeadLettered(DeadLetterReason),
+    /// An unroutable message was discarded ([`Unroutable::Discard`](crate::Unroutable::Discard)).
+    Discarded,
+    /// Shutdown handed the task back unfinished, for another worker.
+    HandedBack,
+}
+
+impl Outcome {
+    /// A short stable label: `succeeded`, `retried`, `gave-up`, `dead-lettered`,
+    /// `discarded` or `handed-back`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Retried(_) => "retried",
+            Self::GaveUp => "gave-up",
+            Self::DeadLettered(_) => "dead-lettered",
+            Self::Discarded => "discarded",
+            Self::HandedBack => "handed-back",
+        }
+    }
+
+    /// Whether the attempt succeeded (the `status` label of the Go metrics: `success` or
+    /// `error`).
+    pub fn is_success(self) -> bool {
+        self == Self::Succeeded
+    }
+}
+
+/// The observers of a client or worker.
+#[derive(Clone, Default)]
+pub(crate) struct Observers(Vec<std::sync::Arc<dyn Observer>>);
+
+impl Observers {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn push(&mut self, observer: impl Observer) {
+        self.0.push(std::sync::Arc::new(observer));
+    }
+
+    pub(crate) fn dispatched(&self, event: &Dispatched<'_>) {
+        self.0.iter().for_each(|o| o.dispatched(event));
+    }
+
+    pub(crate) fn started(&self, event: &Started<'_>) {
+        self.0.iter().for_each(|o| o.started(event));
+    }
+
+    pub(crate) fn finished(&self, event: &Finished<'_>) {
+        self.0.iter().for_each(|o| o.finished(event));
+    }
+}
