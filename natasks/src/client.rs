@@ -122,12 +122,24 @@ impl Client {
             "messaging.operation" = "publish",
             "messaging.destination.name" = %dispatch.queue,
             "natasks.task" = %dispatch.task.name(),
+            "otel.kind" = "producer",
+            "otel.status_code" = tracing::field::Empty,
         );
-        if self.inner.layers.is_empty() {
-            return self.inner.publisher.publish(dispatch).instrument(span).await;
+        async {
+            let result = if self.inner.layers.is_empty() {
+                self.inner.publisher.publish(dispatch).await
+            } else {
+                let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
+                next.run(dispatch).await
+            };
+            if let Err(err) = &result {
+                tracing::Span::current().record("otel.status_code", "ERROR");
+                tracing::debug!(error = %err, "dispatch failed");
+            }
+            result
         }
-        let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
-        next.run(dispatch).instrument(span).await
+        .instrument(span)
+        .await
     }
 }
 
@@ -150,22 +162,41 @@ impl Publisher {
         result
     }
 
-    async fn store(&self, mut dispatch: Dispatch) -> Result<(), DispatchError> {
-        let queue = wire::validate_queue(&dispatch.queue)?.to_owned();
+    async fn store(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+        // Everything is prepared before the first await, so the future holds only what the
+        // publish needs: dispatch futures are many and small this way.
+        let Prepared { subject, message, queue, task } = self.prepare(dispatch)?;
+        let ack = self
+            .js
+            .send_publish(subject, message)
+            .await
+            .map_err(|err| publish_error(&queue, &task, err))?
+            .await
+            .map_err(|err| publish_error(&queue, &task, err))?;
+        tracing::Span::current().record("stream_sequence", ack.sequence);
+        tracing::debug!(duplicate = ack.duplicate, "task stored");
+        Ok(())
+    }
+
+    /// Validates the dispatch and turns it into the message to publish.
+    fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, DispatchError> {
+        let queue = match wire::validate_queue(&dispatch.queue)? {
+            wire::DEFAULT_QUEUE if dispatch.queue.is_empty() => wire::DEFAULT_QUEUE.to_owned(),
+            _ => dispatch.queue,
+        };
         wire::validate_task_name(dispatch.task.name())?;
         if let Some(propagator) = &self.propagator {
             propagator.inject(&mut dispatch.task);
         }
-        let task = &dispatch.task;
-        if let Some(invalid) = task.invalid_header() {
+        if let Some(invalid) = dispatch.task.invalid_header() {
             return Err(invalid.clone().into());
         }
-        let mut headers = task.headers().clone();
-        headers.insert(wire::HEADER_TASK, task.name());
+        let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
+        headers.insert(wire::HEADER_TASK, task.as_str());
         headers.insert(wire::HEADER_QUEUE, queue.as_str());
-        if let Some(id) = task.message_id() {
+        if let Some(id) = &message_id {
             wire::validate_header(wire::NATS_MSG_ID, id)?;
-            headers.insert(wire::NATS_MSG_ID, id);
+            headers.insert(wire::NATS_MSG_ID, id.as_str());
         }
         let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
         let subject = match dispatch.due {
@@ -186,31 +217,28 @@ impl Publisher {
                     .expect("a UTC time always formats as RFC 3339");
                 headers.insert(wire::NATS_SCHEDULE, format!("@at {at}").as_str());
                 headers.insert(wire::NATS_SCHEDULE_TARGET, target.as_str());
-                if let Some(id) = task.message_id() {
-                    headers.insert(wire::HEADER_MESSAGE_ID, id);
+                if let Some(id) = &message_id {
+                    headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
                 }
                 wire::schedule_subject(&self.stream.subject_prefix)
             }
         };
-        let ack = self
-            .js
-            .send_publish(
-                subject,
-                PublishMessage::build().payload(task.payload().clone()).headers(headers),
-            )
-            .await
-            .map_err(|err| publish_error(&queue, task, err))?
-            .await
-            .map_err(|err| publish_error(&queue, task, err))?;
-        tracing::Span::current().record("stream_sequence", ack.sequence);
-        tracing::debug!(duplicate = ack.duplicate, "task stored");
-        Ok(())
+        let message = PublishMessage::build().payload(payload).headers(headers);
+        Ok(Prepared { subject, message, queue, task })
     }
+}
+
+/// A dispatch ready to publish, with what error messages need.
+struct Prepared {
+    subject: String,
+    message: PublishMessage,
+    queue: String,
+    task: String,
 }
 
 fn publish_error(
     queue: &str,
-    task: &Task,
+    task: &str,
     err: async_nats::jetstream::context::PublishError,
 ) -> DispatchError {
     let (kind, what) = match err.kind() {
@@ -226,11 +254,7 @@ fn publish_error(
         }
         _ => (DispatchErrorKind::Rejected, "was refused"),
     };
-    DispatchError::with_source(
-        kind,
-        format!("task {:?} for queue {queue:?} {what}", task.name()),
-        err,
-    )
+    DispatchError::with_source(kind, format!("task {task:?} for queue {queue:?} {what}"), err)
 }
 
 /// Configures a [`Client`]. Created by [`Client::builder`].

@@ -3,6 +3,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -32,7 +33,9 @@ use crate::wire;
 pub struct Task {
     name: String,
     payload: Bytes,
-    headers: HeaderMap,
+    /// Shared with the worker's copy of a received message, copied on first write; `None`
+    /// until a header is set.
+    headers: Option<Arc<HeaderMap>>,
     message_id: Option<String>,
     delivery: Option<Delivery>,
     extensions: Extensions,
@@ -46,7 +49,7 @@ impl Task {
         Self {
             name: name.into(),
             payload: payload.into(),
-            headers: HeaderMap::new(),
+            headers: None,
             message_id: None,
             delivery: None,
             extensions: Extensions::default(),
@@ -84,19 +87,24 @@ impl Task {
 
     /// The first value of header `key`, if any.
     pub fn header(&self, key: &str) -> Option<&str> {
-        self.headers.get(key).map(|value| value.as_str())
+        self.headers().get(key).map(|value| value.as_str())
     }
 
     /// All headers, including the `Natasks-*` ones on a received task.
     pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+        static EMPTY: OnceLock<HeaderMap> = OnceLock::new();
+        self.headers.as_deref().unwrap_or_else(|| EMPTY.get_or_init(HeaderMap::new))
+    }
+
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        Arc::make_mut(self.headers.get_or_insert_with(Default::default))
     }
 
     /// Sets header `key` to `value`, replacing earlier values. Names and values are checked
     /// at dispatch: a value with CR or LF is refused there.
     pub fn set_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
         if self.checked(key, value.as_ref()) {
-            self.headers.insert(key, value.as_ref());
+            self.headers_mut().insert(key, value.as_ref());
         }
         self
     }
@@ -104,7 +112,7 @@ impl Task {
     /// Appends a value to header `key`.
     pub fn add_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
         if self.checked(key, value.as_ref()) {
-            self.headers.append(key, value.as_ref());
+            self.headers_mut().append(key, value.as_ref());
         }
         self
     }
@@ -160,17 +168,23 @@ impl Task {
         &mut self.extensions
     }
 
+    /// Name, payload, headers and message id, for publishing.
+    pub(crate) fn into_parts(self) -> (String, Bytes, HeaderMap, Option<String>) {
+        let headers = self.headers.map(Arc::unwrap_or_clone).unwrap_or_default();
+        (self.name, self.payload, headers, self.message_id)
+    }
+
     pub(crate) fn received(
         name: String,
         payload: Bytes,
-        headers: HeaderMap,
+        headers: Arc<HeaderMap>,
         message_id: Option<String>,
         delivery: Delivery,
     ) -> Self {
         Self {
             name,
             payload,
-            headers,
+            headers: Some(headers),
             message_id,
             delivery: Some(delivery),
             extensions: Extensions::default(),

@@ -35,7 +35,7 @@ enum Settle {
 
 pub(super) async fn process(
     inner: Arc<WorkerInner>,
-    message: Message,
+    mut message: Message,
     _slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
@@ -47,13 +47,12 @@ pub(super) async fn process(
             return;
         }
     };
-    let task_name = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(wire::HEADER_TASK))
-        .map(|v| v.as_str().to_owned());
+    // The headers are shared with the task instead of copied; the message keeps what acks
+    // need (its reply subject).
+    let headers = Arc::new(message.message.headers.take().unwrap_or_default());
+    let task_name = headers.get(wire::HEADER_TASK).map(|v| v.as_str());
     let received = Instant::now();
-    let name = task_name.clone().unwrap_or_default();
+    let name = task_name.unwrap_or_default();
     let span = tracing::info_span!(
         "natasks.process",
         queue = %inner.queue,
@@ -66,19 +65,20 @@ pub(super) async fn process(
         "messaging.operation" = "process",
         "messaging.destination.name" = %inner.queue,
         "natasks.task" = %name,
+        "otel.kind" = "consumer",
+        "otel.status_code" = tracing::field::Empty,
     );
-    if let Some(id) = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(wire::HEADER_MESSAGE_ID).or_else(|| h.get(wire::NATS_MSG_ID)))
-    {
-        span.record("message_id", id.as_str());
+    if let Some(propagator) = &inner.propagator {
+        propagator.extract_span(&headers, &span);
+    }
+    if let Some(id) = message_id(&headers) {
+        span.record("message_id", id);
     }
     let observers = &inner.observers;
-    observers.started(&Started { queue: &inner.queue, task: &name, attempt });
+    observers.started(&Started { queue: &inner.queue, task: name, attempt });
     let outcome = async {
-        match decide(&inner, &message, task_name, attempt, sequence, &abandon).await {
-            Some(settle) => apply(&inner, &message, attempt, sequence, settle).await,
+        match decide(&inner, &message, &headers, task_name, attempt, sequence, &abandon).await {
+            Some(settle) => apply(&inner, &message, &headers, attempt, sequence, settle).await,
             None => {
                 nak(&message, None).await;
                 Outcome::HandedBack
@@ -88,9 +88,12 @@ pub(super) async fn process(
     .instrument(span.clone())
     .await;
     span.record("outcome", outcome.as_str());
+    if !matches!(outcome, Outcome::Succeeded | Outcome::HandedBack) {
+        span.record("otel.status_code", "ERROR");
+    }
     observers.finished(&Finished {
         queue: &inner.queue,
-        task: &name,
+        task: name,
         attempt,
         elapsed: received.elapsed(),
         outcome,
@@ -101,7 +104,8 @@ pub(super) async fn process(
 async fn decide(
     inner: &WorkerInner,
     message: &Message,
-    task_name: Option<String>,
+    headers: &Arc<HeaderMap>,
+    task_name: Option<&str>,
     attempt: u64,
     sequence: u64,
     abandon: &CancellationToken,
@@ -123,7 +127,7 @@ async fn decide(
             "message has no Natasks-Task header".to_owned(),
         ));
     };
-    let Some(handler) = inner.routes.get(&name) else {
+    let Some(handler) = inner.routes.get(name) else {
         return Some(unroutable(
             inner,
             attempt,
@@ -131,16 +135,11 @@ async fn decide(
             format!("no handler for task {name:?} on queue {:?}", inner.queue),
         ));
     };
-    let headers = message.headers.clone().unwrap_or_default();
-    let message_id = headers
-        .get(wire::HEADER_MESSAGE_ID)
-        .or_else(|| headers.get(wire::NATS_MSG_ID))
-        .map(|v| v.as_str().to_owned());
     let mut task = Task::received(
-        name,
+        name.to_owned(),
         message.payload.clone(),
-        headers,
-        message_id,
+        headers.clone(),
+        message_id(headers).map(str::to_owned),
         Delivery::new(inner.queue.clone(), attempt, sequence),
     );
     if let Some(propagator) = &inner.propagator {
@@ -156,13 +155,15 @@ async fn decide(
     };
     tokio::pin!(timed);
     let period = inner.settings.progress_interval;
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let progress = tokio::time::sleep(period);
+    tokio::pin!(progress);
     let result = loop {
         tokio::select! {
             biased;
             result = &mut timed => break result,
             () = abandon.cancelled() => return None,
-            _ = progress.tick() => {
+            () = &mut progress => {
+                progress.as_mut().reset(tokio::time::Instant::now() + period);
                 if let Err(err) = message.ack_with(AckKind::Progress).await {
                     tracing::warn!(error = %err, "could not renew the task's lease");
                 }
@@ -235,6 +236,7 @@ fn unroutable(
 async fn apply(
     inner: &WorkerInner,
     message: &Message,
+    headers: &HeaderMap,
     attempt: u64,
     sequence: u64,
     settle: Settle,
@@ -257,7 +259,9 @@ async fn apply(
             Outcome::Retried(delay)
         }
         Settle::DeadLetter(reason, error) => {
-            match publish_dead_letter(inner, message, attempt, sequence, reason, &error).await {
+            match publish_dead_letter(inner, message, headers, attempt, sequence, reason, &error)
+                .await
+            {
                 Ok(()) => {
                     tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
                     ack(message, AckKind::Ack).await;
@@ -277,26 +281,25 @@ async fn apply(
 async fn publish_dead_letter(
     inner: &WorkerInner,
     message: &Message,
+    original: &HeaderMap,
     attempt: u64,
     sequence: u64,
     reason: DeadLetterReason,
     error: &str,
 ) -> Result<(), async_nats::Error> {
     let mut headers = HeaderMap::new();
-    if let Some(original) = &message.headers {
-        for (name, values) in original.iter() {
-            // Server-managed headers (message id, schedule, rollup) must not follow the task.
-            let name_str: &str = name.as_ref();
-            if name_str.starts_with("Nats-") {
-                continue;
-            }
-            for value in values {
-                headers.append(name.clone(), value.as_str());
-            }
+    for (name, values) in original.iter() {
+        // Server-managed headers (message id, schedule, rollup) must not follow the task.
+        let name_str: &str = name.as_ref();
+        if name_str.starts_with("Nats-") {
+            continue;
         }
-        if let Some(id) = original.get(wire::NATS_MSG_ID) {
-            headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
+        for value in values {
+            headers.append(name.clone(), value.as_str());
         }
+    }
+    if let Some(id) = original.get(wire::NATS_MSG_ID) {
+        headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
     }
     headers.insert(wire::HEADER_QUEUE, inner.settings.dlq_queue.as_str());
     headers.insert(wire::HEADER_ORIGINAL_QUEUE, inner.queue.as_str());
@@ -323,6 +326,14 @@ async fn ack(message: &Message, kind: AckKind) {
 
 async fn nak(message: &Message, delay: Option<Duration>) {
     ack(message, AckKind::Nak(delay)).await;
+}
+
+/// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
+fn message_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(wire::HEADER_MESSAGE_ID)
+        .or_else(|| headers.get(wire::NATS_MSG_ID))
+        .map(|v| v.as_str())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
