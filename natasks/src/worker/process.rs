@@ -1,6 +1,8 @@
 //! One delivery: route it, run the handler with lease renewal, settle the outcome.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +53,8 @@ pub(super) async fn process(
     // need (its reply subject).
     let headers = Arc::new(message.message.headers.take().unwrap_or_default());
     let task_name = headers.get(wire::HEADER_TASK).map(|v| v.as_str());
-    let received = Instant::now();
+    let observers = &inner.observers;
+    let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
     let span = tracing::info_span!(
         "natasks.process",
@@ -74,7 +77,6 @@ pub(super) async fn process(
     if let Some(id) = message_id(&headers) {
         span.record("message_id", id);
     }
-    let observers = &inner.observers;
     observers.started(&Started { queue: &inner.queue, task: name, attempt });
     let outcome = async {
         match decide(&inner, &message, &headers, task_name, attempt, sequence, &abandon).await {
@@ -95,7 +97,7 @@ pub(super) async fn process(
         queue: &inner.queue,
         task: name,
         attempt,
-        elapsed: received.elapsed(),
+        elapsed: received.map(|at| at.elapsed()).unwrap_or_default(),
         outcome,
     });
 }
@@ -154,20 +156,11 @@ async fn decide(
         }
     };
     tokio::pin!(timed);
-    let period = inner.settings.progress_interval;
-    let progress = tokio::time::sleep(period);
-    tokio::pin!(progress);
-    let result = loop {
-        tokio::select! {
-            biased;
-            result = &mut timed => break result,
-            () = abandon.cancelled() => return None,
-            () = &mut progress => {
-                progress.as_mut().reset(tokio::time::Instant::now() + period);
-                if let Err(err) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %err, "could not renew the task's lease");
-                }
-            }
+    // Most handlers finish on their first poll; only the others need a lease timer.
+    let result = match timed.as_mut().now_or_never() {
+        Some(result) => result,
+        None => {
+            renew_lease_until(message, timed, inner.settings.progress_interval, abandon).await?
         }
     };
     let error = match result {
@@ -182,6 +175,31 @@ async fn decide(
         )),
     };
     Some(failed(inner, attempt, error))
+}
+
+/// Drives a handler that did not finish on its first poll, renewing its lease every
+/// `period`; `None` when shutdown abandons it.
+async fn renew_lease_until<F: Future>(
+    message: &Message,
+    mut work: Pin<&mut F>,
+    period: Duration,
+    abandon: &CancellationToken,
+) -> Option<F::Output> {
+    let progress = tokio::time::sleep(period);
+    tokio::pin!(progress);
+    loop {
+        tokio::select! {
+            biased;
+            result = work.as_mut() => return Some(result),
+            () = abandon.cancelled() => return None,
+            () = &mut progress => {
+                progress.as_mut().reset(tokio::time::Instant::now() + period);
+                if let Err(err) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %err, "could not renew the task's lease");
+                }
+            }
+        }
+    }
 }
 
 fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
