@@ -8,6 +8,7 @@
 
 mod builder;
 mod process;
+mod pull;
 mod run;
 
 use std::collections::HashMap;

@@ -4,14 +4,13 @@ use std::sync::Arc;
 
 use async_nats::client::FlushErrorKind;
 use async_nats::connection::State;
-use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as Messages};
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::AckKind;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pull::{PullError, Puller};
 use super::{process, WorkerInner};
 use crate::error::{RunError, RunErrorKind};
 
@@ -47,17 +46,14 @@ pub(super) async fn run(
                 Err(err) => break Err(err),
             },
         };
-        let opened = current
-            .stream()
-            .max_messages_per_batch(settings.pull_batch)
-            .expires(settings.fetch_timeout)
-            .heartbeat(settings.fetch_timeout / 4)
-            .messages()
-            .await;
-        let mut messages = match opened {
-            Ok(messages) => messages,
+        let opened =
+            Puller::open(current, inner.js.clone(), settings.pull_batch, settings.fetch_timeout)
+                .await;
+        let mut puller = match opened {
+            Ok(puller) => puller,
             Err(err) => {
                 tracing::warn!(queue = %inner.queue, error = %err, "cannot start pulling; recovering");
+                pause(&shutdown, settings.idle_wait).await;
                 continue;
             }
         };
@@ -70,10 +66,10 @@ pub(super) async fn run(
             let next = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Exit::Shutdown,
-                next = messages.next() => next,
+                next = puller.next() => next,
             };
             match next {
-                Some(Ok(message)) => {
+                Ok(message) => {
                     tracker.spawn(process::process(
                         inner.clone(),
                         message,
@@ -81,29 +77,28 @@ pub(super) async fn run(
                         abandon.clone(),
                     ));
                 }
-                Some(Err(err)) => {
+                Err(err) => {
                     let connected = inner.js.client().connection_state() == State::Connected;
-                    if err.kind() == MessagesErrorKind::MissingHeartbeat && connected {
-                        tracing::debug!(queue = %inner.queue, "missed a heartbeat; still connected");
+                    if matches!(err, PullError::Silent) && connected {
+                        tracing::debug!(queue = %inner.queue, "pull requests went unanswered; renewing them");
                         continue;
                     }
                     tracing::warn!(queue = %inner.queue, error = %err, connected, "pulling interrupted; recovering");
                     break Exit::Reopen;
                 }
-                None => break Exit::Reopen,
             }
         };
         match exit {
             Exit::Shutdown => {
-                hand_back(&inner, &mut messages).await;
+                let handed_back = puller.hand_back(FLUSH_LIMIT).await;
+                if handed_back > 0 {
+                    tracing::debug!(queue = %inner.queue, handed_back, "buffered tasks handed back");
+                }
                 break Ok(());
             }
             Exit::Reopen => {
-                drop(messages);
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(settings.idle_wait) => {}
-                }
+                drop(puller);
+                pause(&shutdown, settings.idle_wait).await;
             }
         }
     };
@@ -131,18 +126,11 @@ pub(super) async fn run(
     result
 }
 
-/// Negatively acks every message already buffered by the pull stream, so the broker
-/// redelivers them at once (to another worker) instead of after the ack wait.
-async fn hand_back(inner: &WorkerInner, messages: &mut Messages) {
-    let mut handed_back = 0usize;
-    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-        if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-            tracing::warn!(queue = %inner.queue, error = %err, "could not hand back a buffered task");
-        }
-        handed_back += 1;
-    }
-    if handed_back > 0 {
-        tracing::debug!(queue = %inner.queue, handed_back, "buffered tasks handed back");
+/// Sleeps for `wait` unless shutdown comes first.
+async fn pause(shutdown: &CancellationToken, wait: std::time::Duration) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(wait) => {}
     }
 }
 
