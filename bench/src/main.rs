@@ -31,6 +31,7 @@ const WORKLOADS: &[&str] = &[
     "e2e_c1",
     "e2e_c8",
     "e2e_c64",
+    "e2e_c64_observed",
     "e2e_io_c64",
     "delayed_burst",
     "alloc_c64",
@@ -249,6 +250,8 @@ async fn run_one(
         "e2e_c1" => workloads::e2e(env, imp, n, 1, None).await,
         "e2e_c8" => workloads::e2e(env, imp, n, 8, None).await,
         "e2e_c64" => workloads::e2e(env, imp, n, 64, None).await,
+        // Both columns run natasks: "natasks" with metrics and OpenTelemetry, "raw" without.
+        "e2e_c64_observed" => workloads::e2e_observed(env, imp == Impl::Natasks, n, 64).await,
         "e2e_io_c64" => workloads::e2e(env, imp, n, 64, Some(Duration::from_millis(5))).await,
         "delayed_burst" => {
             workloads::delayed_burst(env, imp, options.delayed_tasks, options.delayed_lead).await
@@ -328,6 +331,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "delayed_burst") {
         println!("  delayed_burst: tasks/s = tasks / (last processed - due); lateness in the line below (median p50/p99 over rounds, overall max)");
+    }
+    if rows.iter().any(|r| r.workload == "e2e_c64_observed") {
+        println!("  e2e_c64_observed: both columns are natasks; \"natasks\" with the metrics observer, the OpenTelemetry propagator and a tracing subscriber with the OpenTelemetry layer, \"raw\" the same run without them; ratio = observed / plain");
     }
     if rows.iter().any(|r| r.workload == "alloc_c64") {
         println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");

@@ -23,6 +23,9 @@ use tokio::task::JoinHandle;
 use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
+mod observed;
+pub use observed::e2e_observed;
+
 type Res<T> = Result<T, BoxError>;
 
 /// The payload of every task.

@@ -247,7 +247,10 @@ fn publish_error(
         }
         PublishErrorKind::TimedOut => (
             DispatchErrorKind::Timeout,
-            "was not confirmed in time (it may be stored; retry with the same message id)",
+            "was not confirmed in time: it may still be stored (retry with the same message id), \
+             the server may be unreachable, or this user may lack permission to publish to the \
+             queue's subject (the server reports permission violations on the connection's \
+             event callback)",
         ),
         PublishErrorKind::StreamNotFound => {
             (DispatchErrorKind::Rejected, "found no stream (was the stream deleted?)")

@@ -45,8 +45,12 @@
 mod client;
 mod error;
 mod handler;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod middleware;
 pub mod observe;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 mod retry;
 mod stream;
 mod task;

@@ -1,8 +1,32 @@
 //! Hooks for metrics: an [`Observer`] sees every dispatch and every processing attempt.
 //!
-//! Tracing needs no hook: every dispatch runs in a `natasks.dispatch` span and every attempt
-//! in a `natasks.process` span (see the crate docs for their fields). Observers are for
-//! counters and histograms; the `metrics` feature ships one for Prometheus.
+//! Tracing needs no hook: every dispatch runs in a `natasks.dispatch` span (level `DEBUG`)
+//! and every attempt in a `natasks.process` span (level `INFO`), with these stable fields:
+//!
+//! | field | `natasks.dispatch` | `natasks.process` |
+//! |---|---|---|
+//! | `queue` | target queue | queue |
+//! | `task` | task name | task name (empty if the message has none) |
+//! | `message_id` | message id, if set | message id, if any |
+//! | `delayed` | whether it is a delayed dispatch | - |
+//! | `attempt` | - | delivery attempt, from 1 |
+//! | `stream_sequence` | sequence of the stored message | sequence of the delivered message |
+//! | `outcome` | - | [`Outcome::as_str`] |
+//! | `messaging.system` | `nats` | `nats` |
+//! | `messaging.operation` | `publish` | `process` |
+//! | `messaging.destination.name` | queue | queue |
+//! | `natasks.task` | task name | task name |
+//! | `otel.kind` | `producer` | `consumer` |
+//! | `otel.status_code` | `ERROR` when the dispatch failed | `ERROR` unless the outcome is success or handed back |
+//!
+//! Inside them, failures and retries are events: a retried failure is a `WARN` event
+//! ("task failed; will retry", fields `error`, `retry_in`), a dead letter `WARN`, a failure
+//! without retry `INFO`, a failed dispatch `DEBUG` (the caller gets the error), a broker
+//! problem (ack, lease, dead-letter publish) `WARN` or `ERROR`. The library never prints.
+//! With the `opentelemetry` feature, `natasks::otel` joins the spans across services.
+//!
+//! Observers are for counters and histograms; the `metrics` feature ships one for
+//! Prometheus (`natasks::metrics`).
 
 use std::time::Duration;
 

@@ -1,0 +1,704 @@
+//! Prometheus metrics (cargo feature `metrics`).
+//!
+//! [`Metrics`] is an [`Observer`]: give it to a client and to workers and they count every
+//! dispatch and processing attempt. [`QueueMetrics`] polls JetStream for the state of
+//! queues (backlog, in flight, dead letters, age of the oldest task).
+//!
+//! ```no_run
+//! # async fn example(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
+//! use natasks::metrics::{Metrics, QueueMetrics};
+//! use natasks::{Client, Worker};
+//!
+//! // Once, at startup: install a `metrics` recorder, e.g. metrics-exporter-prometheus
+//! // (see `Metrics::histogram_buckets` for the Go buckets).
+//! let metrics = Metrics::new();
+//! let client = Client::builder(js.clone()).observer(metrics.clone()).build().await?;
+//! let worker = Worker::builder(js.clone(), "emails")
+//!     .observer(metrics.clone())
+//!     .handle("emails.send", |_task: natasks::Task| async { Ok::<_, natasks::HandlerError>(()) })
+//!     .build()
+//!     .await?;
+//! let gauges = QueueMetrics::new(js, ["emails"]).spawn(); // polls until dropped
+//! # Ok(()) }
+//! ```
+//!
+//! # Metrics
+//!
+//! Names get the namespace (default `natasks`) and subsystem (default none) as prefixes,
+//! joined with `_` as Prometheus' Go client does: `natasks_dispatch_total`. `status` is
+//! `success` or `error` ([`Outcome::is_success`]).
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `dispatch_total` | counter | queue, task, status | dispatches (as the Go library) |
+//! | `dispatch_duration_seconds` | histogram | queue, task, status | dispatch latency, until the server confirmed (as Go) |
+//! | `process_total` | counter | queue, task, status | processing attempts (as Go) |
+//! | `process_duration_seconds` | histogram | queue, task, status | attempt duration, receipt to outcome (as Go) |
+//! | `process_inflight` | gauge | queue, task | attempts running now in this process (as Go) |
+//! | `retries_total` | counter | queue, task | failed attempts that will be retried |
+//! | `dead_letters_total` | counter | queue, task, reason | tasks moved to the dead-letter queue; `reason` as the `Natasks-Dead-Letter-Reason` header |
+//! | `queue_pending` | gauge | queue | tasks waiting for their first delivery (from JetStream) |
+//! | `queue_in_flight` | gauge | queue | tasks delivered and not yet settled: running, or waiting for a retry (from JetStream) |
+//! | `queue_dlq_depth` | gauge | queue | tasks in the queue's dead-letter queue (from JetStream) |
+//! | `queue_oldest_pending_age_seconds` | gauge | queue | age of the oldest task still in the queue, waiting, running or waiting for a retry; 0 when empty (from JetStream) |
+//!
+//! An attempt cut short by shutdown (handed back for redelivery) counts as `error`, as a
+//! cancelled handler does in Go. A client with several observers, or two workers in one
+//! process with their own [`Metrics`], add up into the same series: registering twice is
+//! not an error.
+//!
+//! # Why the `metrics` facade
+//!
+//! natasks emits through the `metrics` crate, the facade most Rust services
+//! already use (the way `log`/`tracing` are for logs): the library only emits, the
+//! application picks the exporter (Prometheus with `metrics-exporter-prometheus`, or
+//! StatsD, OpenTelemetry, ...) and installs it once. It follows that
+//!
+//! * there is no registry to pass around and nothing to register: two workers, two clients
+//!   or two [`Metrics`] values in one process feed the same series, where an explicit
+//!   registry (`prometheus`, `prometheus-client`) would refuse the second registration or
+//!   need the caller to share one collector;
+//! * without a recorder installed every call is a no-op, and the feature adds one small
+//!   crate to the build;
+//! * metric handles are looked up once per queue and task and cached, so the hot path is
+//!   a hash lookup and a few atomic operations.
+//!
+//! The price is that the buckets of a histogram are the exporter's business: the
+//! Prometheus exporter renders histograms as summaries unless buckets are set.
+//! [`Metrics::histogram_buckets`] gives the full names and the buckets of
+//! [`MetricsOptions`] (by default the Go client's [`DEFAULT_BUCKETS`]) to pass to
+//! `PrometheusBuilder::set_buckets_for_metric`:
+//!
+//! ```ignore
+//! let metrics = Metrics::new();
+//! let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+//! for (name, buckets) in metrics.histogram_buckets() {
+//!     builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)?;
+//! }
+//! let handle = builder.install_recorder()?; // handle.render() is the exposition text
+//! ```
+//!
+//! Install the recorder before the first dispatch or delivery: handles cached while no
+//! recorder was installed stay no-ops.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Once, PoisonError, RwLock};
+use std::time::Duration;
+
+use ::metrics::{Counter, Gauge, Histogram, Unit};
+use async_nats::jetstream::{self, context::ConsumerInfoErrorKind, stream::RawMessageErrorKind};
+use futures_util::TryStreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BoxError;
+use crate::observe::{Dispatched, Finished, Observer, Outcome, Started};
+use crate::wire;
+
+/// The default histogram buckets of Prometheus' Go client (`prometheus.DefBuckets`), in
+/// seconds, which the Go library's histograms use.
+pub const DEFAULT_BUCKETS: [f64; 11] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The default namespace: metric names start with `natasks_`.
+pub const DEFAULT_NAMESPACE: &str = "natasks";
+
+/// How often [`QueueMetrics`] polls JetStream by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Names and buckets of the metrics.
+#[derive(Debug, Clone)]
+pub struct MetricsOptions {
+    namespace: String,
+    subsystem: String,
+    buckets: Vec<f64>,
+}
+
+impl Default for MetricsOptions {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            subsystem: String::new(),
+            buckets: DEFAULT_BUCKETS.to_vec(),
+        }
+    }
+}
+
+impl MetricsOptions {
+    /// Namespace `natasks`, no subsystem, [`DEFAULT_BUCKETS`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The first part of every name (empty for none). Default: `natasks`.
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The part after the namespace (empty for none). Default: none.
+    #[must_use]
+    pub fn subsystem(mut self, subsystem: impl Into<String>) -> Self {
+        self.subsystem = subsystem.into();
+        self
+    }
+
+    /// Histogram buckets in seconds, for [`Metrics::histogram_buckets`]. Default:
+    /// [`DEFAULT_BUCKETS`].
+    #[must_use]
+    pub fn buckets(mut self, buckets: impl IntoIterator<Item = f64>) -> Self {
+        self.buckets = buckets.into_iter().collect();
+        self
+    }
+
+    /// The full name of metric `name`: `<namespace>_<subsystem>_<name>` without the empty
+    /// parts, as Prometheus' `BuildFQName`.
+    pub fn full_name(&self, name: &str) -> String {
+        [self.namespace.as_str(), self.subsystem.as_str(), name]
+            .iter()
+            .filter(|part| !part.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("_")
+    }
+}
+
+/// Full metric names, built once.
+#[derive(Debug)]
+struct Names {
+    dispatch_total: String,
+    dispatch_duration: String,
+    process_total: String,
+    process_duration: String,
+    process_inflight: String,
+    retries_total: String,
+    dead_letters_total: String,
+}
+
+impl Names {
+    fn new(options: &MetricsOptions) -> Self {
+        let n = |name| options.full_name(name);
+        Self {
+            dispatch_total: n("dispatch_total"),
+            dispatch_duration: n("dispatch_duration_seconds"),
+            process_total: n("process_total"),
+            process_duration: n("process_duration_seconds"),
+            process_inflight: n("process_inflight"),
+            retries_total: n("retries_total"),
+            dead_letters_total: n("dead_letters_total"),
+        }
+    }
+
+    /// Sends the help texts to the recorder installed now.
+    fn describe(&self) {
+        let names = self;
+        ::metrics::describe_counter!(
+            names.dispatch_total.clone(),
+            Unit::Count,
+            "Tasks dispatched, by queue, task and status."
+        );
+        ::metrics::describe_histogram!(
+            names.dispatch_duration.clone(),
+            Unit::Seconds,
+            "Time to dispatch a task, until the server confirmed it is stored."
+        );
+        ::metrics::describe_counter!(
+            names.process_total.clone(),
+            Unit::Count,
+            "Processing attempts, by queue, task and status."
+        );
+        ::metrics::describe_histogram!(
+            names.process_duration.clone(),
+            Unit::Seconds,
+            "Time from receiving a task to its outcome."
+        );
+        ::metrics::describe_gauge!(
+            names.process_inflight.clone(),
+            Unit::Count,
+            "Tasks being processed in this process."
+        );
+        ::metrics::describe_counter!(
+            names.retries_total.clone(),
+            Unit::Count,
+            "Failed attempts that will be retried."
+        );
+        ::metrics::describe_counter!(
+            names.dead_letters_total.clone(),
+            Unit::Count,
+            "Tasks moved to the dead-letter queue, by reason."
+        );
+    }
+}
+
+/// A counter and a histogram for one status.
+struct Series {
+    total: Counter,
+    duration: Histogram,
+}
+
+impl Series {
+    fn new(total: &str, duration: &str, queue: &str, task: &str, status: &'static str) -> Self {
+        let labels =
+            [("queue", queue.to_owned()), ("task", task.to_owned()), ("status", status.to_owned())];
+        Self {
+            total: ::metrics::counter!(total.to_owned(), &labels),
+            duration: ::metrics::histogram!(duration.to_owned(), &labels),
+        }
+    }
+
+    fn observe(&self, elapsed: Duration) {
+        self.total.increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+struct DispatchHandles {
+    success: Series,
+    error: Series,
+}
+
+struct ProcessHandles {
+    success: Series,
+    error: Series,
+    inflight: Gauge,
+    retries: Counter,
+}
+
+/// Handles by queue, then task name: looked up without allocating.
+type Cache<H> = RwLock<HashMap<String, HashMap<String, H>>>;
+
+fn with_handles<H, T>(
+    cache: &Cache<H>,
+    queue: &str,
+    task: &str,
+    make: impl FnOnce() -> H,
+    f: impl FnOnce(&H) -> T,
+) -> T {
+    {
+        let map = cache.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = map.get(queue).and_then(|tasks| tasks.get(task)) {
+            return f(handles);
+        }
+    }
+    let mut map = cache.write().unwrap_or_else(PoisonError::into_inner);
+    let handles =
+        map.entry(queue.to_owned()).or_default().entry(task.to_owned()).or_insert_with(make);
+    f(handles)
+}
+
+/// Counts dispatches and processing attempts: an [`Observer`] for
+/// [`ClientBuilder::observer`](crate::ClientBuilder::observer) and
+/// [`WorkerBuilder::observer`](crate::WorkerBuilder::observer). Cheap to clone; clones
+/// share their handle cache. See the [module docs](self) for the metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: MetricsOptions,
+    names: Names,
+    /// Help texts go to the recorder when the first handles are made, not at construction:
+    /// the recorder may be installed in between.
+    described: Once,
+    dispatch: Cache<DispatchHandles>,
+    process: Cache<ProcessHandles>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").field("options", &self.inner.options).finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Metrics with the default names (`natasks_...`) and buckets.
+    pub fn new() -> Self {
+        Self::with_options(MetricsOptions::default())
+    }
+
+    /// Metrics with other names or buckets.
+    pub fn with_options(options: MetricsOptions) -> Self {
+        let names = Names::new(&options);
+        Self {
+            inner: Arc::new(Inner {
+                options,
+                names,
+                described: Once::new(),
+                dispatch: RwLock::default(),
+                process: RwLock::default(),
+            }),
+        }
+    }
+
+    /// The options these metrics were made with.
+    pub fn options(&self) -> &MetricsOptions {
+        &self.inner.options
+    }
+
+    /// The full names of the two histograms with their buckets, for the exporter
+    /// (`PrometheusBuilder::set_buckets_for_metric(Matcher::Full(name), buckets)`).
+    pub fn histogram_buckets(&self) -> [(&str, &[f64]); 2] {
+        let buckets = self.inner.options.buckets.as_slice();
+        [
+            (self.inner.names.dispatch_duration.as_str(), buckets),
+            (self.inner.names.process_duration.as_str(), buckets),
+        ]
+    }
+
+    fn dispatch_handles(&self, queue: &str, task: &str) -> DispatchHandles {
+        let n = &self.inner.names;
+        self.inner.described.call_once(|| n.describe());
+        DispatchHandles {
+            success: Series::new(&n.dispatch_total, &n.dispatch_duration, queue, task, "success"),
+            error: Series::new(&n.dispatch_total, &n.dispatch_duration, queue, task, "error"),
+        }
+    }
+
+    fn process_handles(&self, queue: &str, task: &str) -> ProcessHandles {
+        let n = &self.inner.names;
+        self.inner.described.call_once(|| n.describe());
+        let labels = [("queue", queue.to_owned()), ("task", task.to_owned())];
+        ProcessHandles {
+            success: Series::new(&n.process_total, &n.process_duration, queue, task, "success"),
+            error: Series::new(&n.process_total, &n.process_duration, queue, task, "error"),
+            inflight: ::metrics::gauge!(n.process_inflight.clone(), &labels),
+            retries: ::metrics::counter!(n.retries_total.clone(), &labels),
+        }
+    }
+}
+
+impl Observer for Metrics {
+    fn dispatched(&self, event: &Dispatched<'_>) {
+        let make = || self.dispatch_handles(event.queue, event.task);
+        with_handles(&self.inner.dispatch, event.queue, event.task, make, |h| {
+            let series = if event.error.is_none() { &h.success } else { &h.error };
+            series.observe(event.elapsed);
+        });
+    }
+
+    fn started(&self, event: &Started<'_>) {
+        let make = || self.process_handles(event.queue, event.task);
+        with_handles(&self.inner.process, event.queue, event.task, make, |h| {
+            h.inflight.increment(1.0);
+        });
+    }
+
+    fn finished(&self, event: &Finished<'_>) {
+        let make = || self.process_handles(event.queue, event.task);
+        with_handles(&self.inner.process, event.queue, event.task, make, |h| {
+            h.inflight.decrement(1.0);
+            let series = if event.outcome.is_success() { &h.success } else { &h.error };
+            series.observe(event.elapsed);
+            if let Outcome::Retried(_) = event.outcome {
+                h.retries.increment(1);
+            }
+        });
+        if let Outcome::DeadLettered(reason) = event.outcome {
+            ::metrics::counter!(
+                self.inner.names.dead_letters_total.clone(),
+                "queue" => event.queue.to_owned(),
+                "task" => event.task.to_owned(),
+                "reason" => reason.as_str(),
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// Polls JetStream for the state of queues and publishes it as gauges (`queue_pending`,
+/// `queue_in_flight`, `queue_dlq_depth`, `queue_oldest_pending_age_seconds`, each with a
+/// `queue` label): the numbers come from the server (consumer info, per-subject message
+/// counts, the first stored message), so they hold for every worker of the queue, in any
+/// process.
+///
+/// Start it with [`spawn`](Self::spawn) next to the workers, or call
+/// [`refresh`](Self::refresh) yourself (for example before each scrape).
+#[derive(Debug, Clone)]
+pub struct QueueMetrics {
+    js: jetstream::Context,
+    stream: String,
+    subject_prefix: String,
+    consumer_prefix: String,
+    dlq_suffix: String,
+    consumers: HashMap<String, String>,
+    queues: Vec<String>,
+    interval: Duration,
+    names: QueueNames,
+}
+
+#[derive(Debug, Clone)]
+struct QueueNames {
+    pending: String,
+    in_flight: String,
+    dlq_depth: String,
+    oldest_age: String,
+}
+
+impl QueueNames {
+    fn new(options: &MetricsOptions) -> Self {
+        Self {
+            pending: options.full_name("queue_pending"),
+            in_flight: options.full_name("queue_in_flight"),
+            dlq_depth: options.full_name("queue_dlq_depth"),
+            oldest_age: options.full_name("queue_oldest_pending_age_seconds"),
+        }
+    }
+
+    /// Sends the help texts to the recorder installed now (cheap; done on every refresh).
+    fn describe(&self) {
+        let names = self;
+        ::metrics::describe_gauge!(
+            names.pending.clone(),
+            Unit::Count,
+            "Tasks waiting for their first delivery."
+        );
+        ::metrics::describe_gauge!(
+            names.in_flight.clone(),
+            Unit::Count,
+            "Tasks delivered and not yet settled (running or waiting for a retry)."
+        );
+        ::metrics::describe_gauge!(
+            names.dlq_depth.clone(),
+            Unit::Count,
+            "Tasks in the dead-letter queue."
+        );
+        ::metrics::describe_gauge!(
+            names.oldest_age.clone(),
+            Unit::Seconds,
+            "Age of the oldest task still in the queue; 0 when it is empty."
+        );
+    }
+}
+
+/// The state of one queue, as read from JetStream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueState {
+    /// Tasks waiting for their first delivery.
+    pub pending: u64,
+    /// Tasks delivered and not yet settled: running, or waiting for a retry.
+    pub in_flight: u64,
+    /// Tasks in the dead-letter queue.
+    pub dlq_depth: u64,
+    /// Age of the oldest task still in the queue; zero when it is empty.
+    pub oldest_age: Duration,
+}
+
+impl QueueMetrics {
+    /// Gauges for `queues` in the default stream (`NATASKS`, subjects `natasks.<queue>`,
+    /// consumers `natasks-<queue>`, dead-letter queues `<queue>-dlq`), named with the
+    /// default [`MetricsOptions`], polled every 15 seconds once spawned.
+    pub fn new<Q: Into<String>>(
+        js: jetstream::Context,
+        queues: impl IntoIterator<Item = Q>,
+    ) -> Self {
+        let queues = queues
+            .into_iter()
+            .map(Into::into)
+            .map(|q: String| if q.is_empty() { wire::DEFAULT_QUEUE.to_owned() } else { q })
+            .collect();
+        Self {
+            js,
+            stream: wire::DEFAULT_STREAM.to_owned(),
+            subject_prefix: wire::DEFAULT_SUBJECT_PREFIX.to_owned(),
+            consumer_prefix: wire::DEFAULT_CONSUMER_PREFIX.to_owned(),
+            dlq_suffix: wire::DEFAULT_DLQ_SUFFIX.to_owned(),
+            consumers: HashMap::new(),
+            queues,
+            interval: DEFAULT_POLL_INTERVAL,
+            names: QueueNames::new(&MetricsOptions::default()),
+        }
+    }
+
+    /// Namespace and subsystem of the gauge names (buckets do not apply).
+    #[must_use]
+    pub fn options(mut self, options: &MetricsOptions) -> Self {
+        self.names = QueueNames::new(options);
+        self
+    }
+
+    /// The stream, as set on the workers. Default: `NATASKS`.
+    #[must_use]
+    pub fn stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream = name.into();
+        self
+    }
+
+    /// The subject prefix, as set on the workers. Default: `natasks`.
+    #[must_use]
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.subject_prefix = prefix.into();
+        self
+    }
+
+    /// The consumer prefix, as set on the workers. Default: `natasks`.
+    #[must_use]
+    pub fn consumer_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.consumer_prefix = prefix.into();
+        self
+    }
+
+    /// The consumer of `queue`, for workers built with `durable(name)`.
+    #[must_use]
+    pub fn durable(mut self, queue: impl Into<String>, name: impl Into<String>) -> Self {
+        self.consumers.insert(queue.into(), name.into());
+        self
+    }
+
+    /// The dead-letter suffix, as set on the workers. Default: `-dlq`.
+    #[must_use]
+    pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dlq_suffix = suffix.into();
+        self
+    }
+
+    /// How often [`spawn`](Self::spawn) polls. Default: 15 seconds.
+    #[must_use]
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Reads the state of one queue from JetStream.
+    pub async fn read(&self, queue: &str) -> Result<QueueState, BoxError> {
+        let stream = self.js.get_stream_no_info(&self.stream).await?;
+        let subject = wire::queue_subject(&self.subject_prefix, queue);
+        let dlq = wire::queue_subject(&self.subject_prefix, &format!("{queue}{}", self.dlq_suffix));
+        let consumer = match self.consumers.get(queue) {
+            Some(name) => name.clone(),
+            None => wire::consumer_name(&self.consumer_prefix, queue),
+        };
+        let (pending, in_flight) = match stream.consumer_info(&consumer).await {
+            Ok(info) => (info.num_pending, info.num_ack_pending as u64),
+            // No worker yet: everything stored is waiting.
+            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
+                (subject_count(&stream, &subject).await?, 0)
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let dlq_depth = subject_count(&stream, &dlq).await?;
+        let oldest_age = match stream.get_next_raw_message_by_subject(&subject).await {
+            Ok(message) => {
+                let age = time::OffsetDateTime::now_utc() - message.time;
+                age.try_into().unwrap_or(Duration::ZERO)
+            }
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Duration::ZERO,
+            Err(err) => return Err(err.into()),
+        };
+        Ok(QueueState { pending, in_flight, dlq_depth, oldest_age })
+    }
+
+    /// Reads every queue and sets its gauges. Queues that could not be read keep their
+    /// previous values; the first error is returned.
+    pub async fn refresh(&self) -> Result<(), BoxError> {
+        self.names.describe();
+        let mut first_error = None;
+        for queue in &self.queues {
+            match self.read(queue).await {
+                Ok(state) => {
+                    let label = [("queue", queue.clone())];
+                    ::metrics::gauge!(self.names.pending.clone(), &label).set(state.pending as f64);
+                    ::metrics::gauge!(self.names.in_flight.clone(), &label)
+                        .set(state.in_flight as f64);
+                    ::metrics::gauge!(self.names.dlq_depth.clone(), &label)
+                        .set(state.dlq_depth as f64);
+                    ::metrics::gauge!(self.names.oldest_age.clone(), &label)
+                        .set(state.oldest_age.as_secs_f64());
+                }
+                Err(err) => {
+                    first_error.get_or_insert_with(|| format!("queue {queue:?}: {err}"));
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(err) => Err(err.into()),
+        }
+    }
+
+    /// Polls in a background task, at once and then every interval, until the handle is
+    /// dropped or stopped. Failures are logged (`WARN` once, then `DEBUG` until a poll
+    /// succeeds again). Must be called within a Tokio runtime.
+    pub fn spawn(self) -> QueueMetricsHandle {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(self.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let refresh = tokio::select! {
+                    () = token.cancelled() => return,
+                    result = self.refresh() => result,
+                };
+                match refresh {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("queue metrics: polling JetStream works again");
+                    }
+                    Ok(()) => {}
+                    Err(err) if failing => {
+                        tracing::debug!(error = %err, "queue metrics: could not poll JetStream");
+                    }
+                    Err(err) => {
+                        failing = true;
+                        tracing::warn!(error = %err, "queue metrics: could not poll JetStream; gauges keep their last values");
+                    }
+                }
+            }
+        });
+        QueueMetricsHandle { stop, task: Some(task) }
+    }
+}
+
+/// Stops the [`QueueMetrics`] poller when dropped or [stopped](Self::stop).
+#[derive(Debug)]
+#[must_use = "the poller stops when the handle is dropped"]
+pub struct QueueMetricsHandle {
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl QueueMetricsHandle {
+    /// Stops polling and waits for the poller to finish.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for QueueMetricsHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Messages stored on exactly `subject`.
+async fn subject_count<I>(
+    stream: &jetstream::stream::Stream<I>,
+    subject: &str,
+) -> Result<u64, BoxError> {
+    let mut info = stream.info_with_subjects(subject).await?;
+    let mut count = 0;
+    while let Some((name, n)) = info.try_next().await? {
+        if name == subject {
+            count += n as u64;
+        }
+    }
+    Ok(count)
+}

@@ -1,0 +1,274 @@
+//! OpenTelemetry: trace context travels in task headers, so the processing span is a child
+//! of the dispatch span (which is a child of the caller's span), with the messaging
+//! attributes and an error status on failure. Spans are checked in the SDK's in-memory
+//! exporter.
+#![cfg(feature = "opentelemetry")]
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use natasks::otel::opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
+use natasks::otel::tracing_opentelemetry::{self, OpenTelemetrySpanExt as _};
+use natasks::otel::OtelPropagator;
+use natasks::{Client, HandlerError, Task, Worker};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing::Instrument;
+use tracing_subscriber::prelude::*;
+
+use natasks::otel::opentelemetry;
+
+/// One subscriber for the whole test binary (tests run in parallel and spawn tasks on
+/// other threads); tests tell their spans apart by queue.
+fn exporter() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<(InMemorySpanExporter, SdkTracerProvider)> = OnceLock::new();
+    &EXPORTER
+        .get_or_init(|| {
+            let exporter = InMemorySpanExporter::default();
+            let provider =
+                SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+            let tracer = provider.tracer("natasks-tests");
+            tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                .try_init()
+                .expect("no other subscriber in this test binary");
+            (exporter, provider)
+        })
+        .0
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.as_str().into_owned())
+}
+
+/// Finished spans named `name` whose `queue` attribute is `queue`.
+fn spans(name: &str, queue: &str) -> Vec<SpanData> {
+    let mut spans: Vec<SpanData> = exporter()
+        .get_finished_spans()
+        .expect("exporter readable")
+        .into_iter()
+        .filter(|s| s.name == name && attr(s, "queue").as_deref() == Some(queue))
+        .collect();
+    spans.sort_by_key(|s| s.start_time);
+    spans
+}
+
+async fn wait_for_spans(name: &str, queue: &str, n: usize) -> Vec<SpanData> {
+    eventually(DEADLINE, &format!("{n} finished {name} span(s) for {queue}"), || async {
+        spans(name, queue).len() >= n
+    })
+    .await;
+    spans(name, queue)
+}
+
+fn assert_attrs(span: &SpanData, pairs: &[(&str, &str)]) {
+    for (key, value) in pairs {
+        assert_eq!(attr(span, key).as_deref(), Some(*value), "attribute {key} of {}", span.name);
+    }
+}
+
+#[tokio::test]
+async fn processing_span_is_a_child_of_the_dispatch_span() {
+    exporter();
+    let server = NatsServer::start().await;
+    // Client and worker on separate connections, as in two services.
+    let client = Client::builder(server.jetstream().await)
+        .propagator(OtelPropagator::new())
+        .build()
+        .await
+        .unwrap();
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let worker = Worker::builder(server.jetstream().await, "traced")
+        .propagator(OtelPropagator::new())
+        .handle("emails.send", move |task: Task| {
+            // The handler runs inside the process span, whose context has the remote trace.
+            let cx = tracing::Span::current().context();
+            let trace_id = cx.span().span_context().trace_id();
+            let _ = tx.send((trace_id, task.header("traceparent").map(str::to_owned)));
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+
+    let root = tracing::info_span!("request", queue = "traced");
+    client
+        .dispatch(Task::new("emails.send", "hi"), "traced")
+        .instrument(root.clone())
+        .await
+        .unwrap();
+    drop(root);
+    let (handler_trace, traceparent) = seen.recv().await;
+
+    let root = wait_for_spans("request", "traced", 1).await.remove(0);
+    let dispatch = wait_for_spans("natasks.dispatch", "traced", 1).await.remove(0);
+    let process = wait_for_spans("natasks.process", "traced", 1).await.remove(0);
+    running.stop().await.unwrap();
+
+    let trace = root.span_context.trace_id();
+    assert_ne!(trace, TraceId::INVALID);
+    assert_eq!(dispatch.span_context.trace_id(), trace, "dispatch joins the caller's trace");
+    assert_eq!(dispatch.parent_span_id, root.span_context.span_id(), "dispatch under the caller");
+    assert_eq!(process.span_context.trace_id(), trace, "one trace from dispatch to process");
+    assert_eq!(process.parent_span_id, dispatch.span_context.span_id(), "process under dispatch");
+    assert!(process.parent_span_is_remote, "the parent came from the message headers");
+    assert_eq!(handler_trace, trace, "the handler sees the trace");
+
+    // W3C trace context in the headers, naming the dispatch span.
+    let traceparent = traceparent.expect("traceparent header on the task");
+    assert_eq!(
+        traceparent,
+        format!("00-{trace}-{}-01", dispatch.span_context.span_id()),
+        "W3C traceparent of the dispatch span"
+    );
+
+    assert_eq!(dispatch.span_kind, SpanKind::Producer);
+    assert_eq!(process.span_kind, SpanKind::Consumer);
+    assert_attrs(
+        &dispatch,
+        &[
+            ("messaging.system", "nats"),
+            ("messaging.operation", "publish"),
+            ("messaging.destination.name", "traced"),
+            ("natasks.task", "emails.send"),
+        ],
+    );
+    assert_attrs(
+        &process,
+        &[
+            ("messaging.system", "nats"),
+            ("messaging.operation", "process"),
+            ("messaging.destination.name", "traced"),
+            ("natasks.task", "emails.send"),
+            ("task", "emails.send"),
+            ("outcome", "succeeded"),
+            ("attempt", "1"),
+        ],
+    );
+    assert!(attr(&process, "stream_sequence").is_some());
+    assert!(!matches!(dispatch.status, Status::Error { .. }), "{:?}", dispatch.status);
+    assert!(!matches!(process.status, Status::Error { .. }), "{:?}", process.status);
+}
+
+#[tokio::test]
+async fn failed_attempts_have_error_status_and_stay_in_the_trace() {
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client =
+        Client::builder(js.clone()).propagator(OtelPropagator::new()).build().await.unwrap();
+    let worker = Worker::builder(js.clone(), "failing")
+        .propagator(OtelPropagator::new())
+        .max_retries(1)
+        .retry_backoff([Duration::from_millis(100)])
+        .handle("boom", |_t: Task| async { Err(HandlerError::msg("exploded")) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+
+    client.dispatch(Task::new("boom", ""), "failing").await.unwrap();
+    let processes = wait_for_spans("natasks.process", "failing", 2).await;
+    let dispatch = wait_for_spans("natasks.dispatch", "failing", 1).await.remove(0);
+    running.stop().await.unwrap();
+
+    assert_eq!(processes.len(), 2, "one span per attempt");
+    for (process, (attempt, outcome)) in
+        processes.iter().zip([("1", "retried"), ("2", "dead-lettered")])
+    {
+        assert_eq!(process.span_context.trace_id(), dispatch.span_context.trace_id());
+        assert_eq!(process.parent_span_id, dispatch.span_context.span_id());
+        assert_attrs(process, &[("attempt", attempt), ("outcome", outcome)]);
+        assert!(
+            matches!(process.status, Status::Error { .. }),
+            "attempt {attempt}: {:?}",
+            process.status
+        );
+    }
+    let events: Vec<&str> = processes[0].events.events.iter().map(|e| e.name.as_ref()).collect();
+    assert!(
+        events.iter().any(|e| e.contains("will retry")),
+        "retry event on attempt 1: {events:?}"
+    );
+    let events: Vec<&str> = processes[1].events.events.iter().map(|e| e.name.as_ref()).collect();
+    assert!(events.iter().any(|e| e.contains("dead-lettered")), "dead-letter event: {events:?}");
+}
+
+#[tokio::test]
+async fn failed_dispatch_has_error_status() {
+    exporter();
+    let server = NatsServer::start().await;
+    let client = Client::builder(server.jetstream().await)
+        .propagator(OtelPropagator::new())
+        .build()
+        .await
+        .unwrap();
+    let err = client.dispatch(Task::new("t", ""), "bad.queue").await.unwrap_err();
+    assert_eq!(err.kind(), natasks::DispatchErrorKind::InvalidTask);
+    let dispatch = wait_for_spans("natasks.dispatch", "bad.queue", 1).await.remove(0);
+    assert!(matches!(dispatch.status, Status::Error { .. }), "{:?}", dispatch.status);
+}
+
+/// A Go service writes the headers through its own carrier; the Rust worker joins its
+/// trace whatever the header's case.
+#[tokio::test]
+async fn joins_a_trace_started_elsewhere() {
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    Client::new(js.clone()).await.unwrap(); // the stream
+    let worker = Worker::builder(js.clone(), "remote")
+        .propagator(OtelPropagator::new())
+        .handle("t", |_t: Task| async { Ok::<_, HandlerError>(()) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+
+    let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    let parent = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(natasks::wire::HEADER_TASK, "t");
+    headers.insert("Traceparent", format!("00-{trace}-{parent}-01").as_str());
+    js.publish_with_headers("natasks.remote", headers, "".into()).await.unwrap().await.unwrap();
+
+    let process = wait_for_spans("natasks.process", "remote", 1).await.remove(0);
+    running.stop().await.unwrap();
+    assert_eq!(process.span_context.trace_id(), trace);
+    assert_eq!(process.parent_span_id, parent);
+    assert!(process.parent_span_is_remote);
+    assert_attrs(&process, &[("outcome", "succeeded")]);
+}
+
+/// Without trace headers the processing span is a root of its own trace, not a child of
+/// whatever ran before in the worker.
+#[tokio::test]
+async fn without_headers_processing_starts_its_own_trace() {
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    Client::new(js.clone()).await.unwrap();
+    let worker = Worker::builder(js.clone(), "untraced")
+        .propagator(OtelPropagator::new())
+        .handle("t", |_t: Task| async { Ok::<_, HandlerError>(()) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(natasks::wire::HEADER_TASK, "t");
+    js.publish_with_headers("natasks.untraced", headers, "".into()).await.unwrap().await.unwrap();
+    let process = wait_for_spans("natasks.process", "untraced", 1).await.remove(0);
+    running.stop().await.unwrap();
+    assert_ne!(process.span_context.trace_id(), TraceId::INVALID);
+    assert_eq!(process.parent_span_id, SpanId::INVALID);
+    assert_attrs(&process, &[("outcome", "succeeded")]);
+}
