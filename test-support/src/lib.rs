@@ -178,7 +178,7 @@ enum NotReady {
 
 /// One readiness probe: TCP connect, NATS connect + flush, JetStream account
 /// info. `Ok` means the server serves clients.
-async fn probe(port: u16) -> Result<(), String> {
+async fn probe(port: u16, tls_ca: Option<&Path>) -> Result<(), String> {
     // Cheap check first: is anything listening yet?
     tokio::time::timeout(
         PROBE_TIMEOUT,
@@ -189,11 +189,11 @@ async fn probe(port: u16) -> Result<(), String> {
     .map_err(|err| format!("TCP connect: {err}"))?;
 
     let url = format!("nats://127.0.0.1:{port}");
-    let client = match async_nats::ConnectOptions::new()
-        .connection_timeout(PROBE_TIMEOUT)
-        .connect(&url)
-        .await
-    {
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(PROBE_TIMEOUT);
+    if let Some(ca) = tls_ca {
+        options = options.add_root_certificates(ca.to_path_buf()).require_tls(true);
+    }
+    let client = match options.connect(&url).await {
         Ok(client) => client,
         // The server answered but wants credentials / TLS that a bare probe
         // does not have (custom config file): it is up.
@@ -236,6 +236,7 @@ pub struct ServerBuilder {
     config: Option<String>,
     port: Option<u16>,
     server_name: Option<String>,
+    tls: Option<(String, PathBuf)>,
 }
 
 impl ServerBuilder {
@@ -274,6 +275,14 @@ impl ServerBuilder {
         self
     }
 
+    /// Require TLS with the certificate in `certs` (appended to the config file). The
+    /// readiness probe and [`NatsServer::client`] then trust the CA of `certs`, which must
+    /// outlive the server.
+    pub fn tls(mut self, certs: &TlsCerts) -> Self {
+        self.tls = Some((certs.server_config(), certs.ca_file().to_path_buf()));
+        self
+    }
+
     /// Start the server and wait until it accepts clients.
     ///
     /// # Panics
@@ -289,7 +298,15 @@ impl ServerBuilder {
         let store = dir.path().join("store");
         std::fs::create_dir_all(&store).expect("failed to create nats-server store directory");
         let log = dir.path().join("server.log");
-        let config = self.config.map(|contents| {
+        let (tls_config, tls_ca) = match self.tls {
+            Some((config, ca)) => (Some(config), Some(ca)),
+            None => (None, None),
+        };
+        let contents = match (self.config, tls_config) {
+            (None, None) => None,
+            (config, tls) => Some(config.unwrap_or_default() + "\n" + &tls.unwrap_or_default()),
+        };
+        let config = contents.map(|contents| {
             let path = dir.path().join("server.conf");
             std::fs::write(&path, contents).expect("failed to write nats-server config file");
             path
@@ -304,6 +321,7 @@ impl ServerBuilder {
             args: self.args,
             config,
             server_name: self.server_name,
+            tls_ca,
             store,
             log,
             dir,
@@ -344,6 +362,7 @@ pub struct NatsServer {
     args: Vec<String>,
     config: Option<PathBuf>,
     server_name: Option<String>,
+    tls_ca: Option<PathBuf>,
     store: PathBuf,
     log: PathBuf,
     // Last field: removed after `Drop::drop` killed the process.
@@ -404,14 +423,19 @@ impl NatsServer {
         &self.binary
     }
 
-    /// Connect a new client to [`url`](Self::url).
+    /// Connect a new client to [`url`](Self::url) (over TLS, trusting the CA, for a
+    /// server started with [`ServerBuilder::tls`]).
     ///
     /// # Panics
     ///
     /// Panics (with the URL and error) if the connection fails.
     pub async fn client(&self) -> async_nats::Client {
         let url = self.url();
-        match async_nats::connect(&url).await {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match options.connect(&url).await {
             Ok(client) => client,
             Err(err) => panic!("failed to connect to nats-server at {url}: {err}"),
         }
@@ -506,7 +530,7 @@ impl NatsServer {
                     return Err(NotReady::Exited(status));
                 }
             }
-            let last_error = match probe(self.port).await {
+            let last_error = match probe(self.port, self.tls_ca.as_deref()).await {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
@@ -554,6 +578,294 @@ impl Drop for NatsServer {
         }
         // `dir` (TempDir) is dropped after this, removing store, log and config.
     }
+}
+
+/// How long [`NatsCluster::start`] waits for the cluster to place a replicated stream.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cluster of JetStream servers on 127.0.0.1, each with its own client port, cluster
+/// port, server name (`n0`, `n1`, ...) and store directory.
+///
+/// Killing a node ([`NatsCluster::kill`]) leaves the others running; dropping the cluster
+/// kills every node.
+///
+/// ```no_run
+/// # async fn example() {
+/// use natasks_test_support::NatsCluster;
+///
+/// let cluster = NatsCluster::start(3).await;
+/// let js = cluster.jetstream().await;
+/// js.query_account().await.unwrap();
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+    names: Vec<String>,
+}
+
+impl NatsCluster {
+    /// Start `size` servers routed to each other in one cluster with JetStream, and wait
+    /// until the cluster can place a stream replicated on every node.
+    ///
+    /// # Panics
+    ///
+    /// Panics if a node does not start, or if no stream with `size` replicas can be
+    /// created within 30 seconds.
+    pub async fn start(size: usize) -> NatsCluster {
+        assert!(size >= 1, "a cluster needs at least one server");
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let names: Vec<String> = (0..size).map(|i| format!("n{i}")).collect();
+        // Every node waits for the others before JetStream answers, so they start together.
+        let mut starting = tokio::task::JoinSet::new();
+        for i in 0..size {
+            let builder = NatsServer::builder()
+                .port(client_ports[i])
+                .server_name(names[i].clone())
+                .arg("--cluster_name")
+                .arg("natasks-test")
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{}", cluster_ports[i]))
+                .arg("--routes")
+                .arg(routes.clone());
+            starting.spawn(async move { (i, builder.start().await) });
+        }
+        let mut started: Vec<Option<NatsServer>> = (0..size).map(|_| None).collect();
+        while let Some(joined) = starting.join_next().await {
+            match joined {
+                Ok((i, server)) => started[i] = Some(server),
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(err) => panic!("cluster node start was cancelled: {err}"),
+            }
+        }
+        let servers = started.into_iter().map(|s| s.expect("every node started")).collect();
+        let cluster = NatsCluster { servers, names };
+        cluster.wait_replicated_streams().await;
+        cluster
+    }
+
+    /// Retry creating (and deleting) a stream replicated on every node until it works.
+    async fn wait_replicated_streams(&self) {
+        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        let mut js = self.jetstream().await;
+        js.set_timeout(Duration::from_secs(2));
+        let config = async_nats::jetstream::stream::Config {
+            name: "TS_CLUSTER_READY".to_string(),
+            subjects: vec!["ts.cluster.ready".to_string()],
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            num_replicas: self.servers.len(),
+            ..Default::default()
+        };
+        loop {
+            let error = match js.create_stream(config.clone()).await {
+                Ok(_) => match js.delete_stream(&config.name).await {
+                    Ok(_) => return,
+                    Err(err) => format!("delete probe stream: {err}"),
+                },
+                Err(err) => format!("create probe stream: {err}"),
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "cluster of {} could not place a replicated stream within \
+                     {CLUSTER_READY_TIMEOUT:?} (last error: {error}); log of n0:\n{}",
+                    self.servers.len(),
+                    self.servers[0].log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Client URLs of every node, in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// Number of nodes (running or killed).
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether the cluster has no nodes (never true for a started cluster).
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// Node `index`.
+    pub fn server(&self, index: usize) -> &NatsServer {
+        &self.servers[index]
+    }
+
+    /// Server name of node `index` (`n<index>`).
+    pub fn name(&self, index: usize) -> &str {
+        &self.names[index]
+    }
+
+    /// Index of the node with server name `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Connect a new client that knows every node's URL.
+    ///
+    /// # Panics
+    ///
+    /// Panics if no node accepts the connection.
+    pub async fn client(&self) -> async_nats::Client {
+        let urls = self.urls();
+        match async_nats::connect(urls.clone()).await {
+            Ok(client) => client,
+            Err(err) => panic!("failed to connect to the cluster at {urls:?}: {err}"),
+        }
+    }
+
+    /// A JetStream context on a new client (see [`client`](Self::client)).
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client().await)
+    }
+
+    /// Index of the node leading stream `stream`, waiting up to 10 seconds for a leader.
+    ///
+    /// # Panics
+    ///
+    /// Panics if no leader is known within 10 seconds.
+    pub async fn stream_leader(&self, js: &async_nats::jetstream::Context, stream: &str) -> usize {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let last = match js.get_stream(stream).await {
+                Ok(mut handle) => match handle.info().await {
+                    Ok(info) => {
+                        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                        if let Some(index) = leader.as_deref().and_then(|l| self.index_of(l)) {
+                            return index;
+                        }
+                        format!("no leader yet (cluster info {:?})", info.cluster)
+                    }
+                    Err(err) => format!("stream info: {err}"),
+                },
+                Err(err) => format!("get stream: {err}"),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "stream {stream} has no leader after {READY_TIMEOUT:?}: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL node `index` and wait for it to exit (see [`NatsServer::kill`]).
+    pub async fn kill(&mut self, index: usize) {
+        self.servers[index].kill().await;
+    }
+}
+
+/// A certificate authority and a server certificate for `127.0.0.1` and `localhost`,
+/// generated with the `openssl` command into a temporary directory (removed on drop).
+#[derive(Debug)]
+pub struct TlsCerts {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    // Last field: the files are removed after everything else is dropped.
+    dir: TempDir,
+}
+
+impl TlsCerts {
+    /// Generate a fresh CA (EC P-256) and a server certificate signed by it, valid for
+    /// one day for `127.0.0.1`, `::1` and `localhost`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the `openssl` command is missing or fails; the message includes its output.
+    pub fn generate() -> TlsCerts {
+        let dir = tempfile::Builder::new()
+            .prefix("natasks-tls-")
+            .tempdir()
+            .expect("failed to create temporary directory for certificates");
+        let path = |name: &str| dir.path().join(name);
+        let ext = path("server.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = serverAuth\n\
+             subjectAltName = IP:127.0.0.1, IP:::1, DNS:localhost\n",
+        )
+        .expect("failed to write certificate extensions");
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let ca = format!("req -x509 {ec} -keyout ca.key -out ca.pem -days 1");
+        let ca: Vec<&str> = ca.split(' ').collect();
+        let ca_extra = [
+            "-subj",
+            "/CN=natasks test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ];
+        openssl(dir.path(), &[&ca[..], &ca_extra[..]].concat());
+        let csr = format!("req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+        openssl(dir.path(), &csr.split(' ').collect::<Vec<_>>());
+        let sign = "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                    -out server.pem -days 1 -extfile server.ext";
+        openssl(dir.path(), &sign.split_whitespace().collect::<Vec<_>>());
+        TlsCerts { ca: path("ca.pem"), cert: path("server.pem"), key: path("server.key"), dir }
+    }
+
+    /// The CA certificate (PEM) clients trust.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca
+    }
+
+    /// The server certificate (PEM).
+    pub fn cert_file(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The server's private key (PEM).
+    pub fn key_file(&self) -> &Path {
+        &self.key
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `nats-server` config block requiring TLS with this certificate (what
+    /// [`ServerBuilder::tls`] adds to the config file).
+    pub fn server_config(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  timeout: 2\n}}\n",
+            self.cert.display().to_string(),
+            self.key.display().to_string(),
+            self.ca.display().to_string(),
+        )
+    }
+}
+
+/// Run `openssl` with `args` in `dir`, panicking with its output on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| panic!("failed to run `openssl` (is it installed?): {err}"));
+    assert!(
+        output.status.success(),
+        "`openssl {}` failed with {}:\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[cfg(test)]
@@ -662,5 +974,67 @@ mod tests {
             .await
             .expect("connect with credentials");
         async_nats::jetstream::new(client).query_account().await.expect("JetStream enabled");
+    }
+
+    #[tokio::test]
+    async fn cluster_replicates_streams_and_survives_losing_the_leader() {
+        let mut cluster = NatsCluster::start(3).await;
+        assert_eq!(cluster.len(), 3);
+        assert_eq!(cluster.urls().len(), 3);
+        let mut js = cluster.jetstream().await;
+        js.set_timeout(Duration::from_secs(2));
+        js.create_stream(stream::Config {
+            name: "TS_R3".to_string(),
+            subjects: vec!["ts.r3".to_string()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("create R3 stream");
+        js.publish("ts.r3", "one".into()).await.expect("publish").await.expect("ack");
+        let leader = cluster.stream_leader(&js, "TS_R3").await;
+        assert_eq!(cluster.index_of(cluster.name(leader)), Some(leader));
+        cluster.kill(leader).await;
+        assert_eq!(cluster.server(leader).pid(), None);
+
+        // The survivors elect a new leader and keep the data.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ack) = js.publish("ts.r3", "two".into()).await {
+                if ack.await.is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "no publish accepted after losing the leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let new_leader = cluster.stream_leader(&js, "TS_R3").await;
+        assert_ne!(new_leader, leader);
+        let mut handle = js.get_stream("TS_R3").await.expect("stream");
+        assert_eq!(handle.info().await.expect("info").state.messages, 2);
+    }
+
+    #[tokio::test]
+    async fn tls_server_accepts_clients_trusting_the_generated_ca() {
+        let certs = TlsCerts::generate();
+        assert!(certs.ca_file().is_file() && certs.cert_file().is_file());
+        assert!(certs.key_file().starts_with(certs.dir()));
+        let server =
+            NatsServer::builder().config_file("max_payload: 65536").tls(&certs).start().await;
+        assert_eq!(server.client().await.server_info().max_payload, 65536);
+        let client = async_nats::ConnectOptions::new()
+            .add_root_certificates(certs.ca_file().to_path_buf())
+            .require_tls(true)
+            .connect(server.url())
+            .await
+            .expect("TLS connect with the CA");
+        assert!(client.server_info().tls_required);
+        async_nats::jetstream::new(client).query_account().await.expect("JetStream over TLS");
+
+        let err = async_nats::ConnectOptions::new()
+            .connect(server.url())
+            .await
+            .expect_err("a client not trusting the CA must fail");
+        assert!(err.to_string().contains("certificate"), "{err}");
     }
 }
