@@ -113,15 +113,15 @@ impl Client {
     async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
         let span = tracing::debug_span!(
             "natasks.dispatch",
-            queue = %dispatch.queue,
-            task = %dispatch.task.name(),
+            queue = dispatch.queue.as_str(),
+            task = dispatch.task.name(),
             message_id = dispatch.task.message_id(),
             delayed = dispatch.due.is_some(),
             stream_sequence = tracing::field::Empty,
             "messaging.system" = "nats",
             "messaging.operation" = "publish",
-            "messaging.destination.name" = %dispatch.queue,
-            "natasks.task" = %dispatch.task.name(),
+            "messaging.destination.name" = dispatch.queue.as_str(),
+            "natasks.task" = dispatch.task.name(),
             "otel.kind" = "producer",
             "otel.status_code" = tracing::field::Empty,
         );

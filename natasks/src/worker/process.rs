@@ -44,7 +44,7 @@ pub(super) async fn process(
     let (attempt, sequence) = match message.info() {
         Ok(info) => (u64::try_from(info.delivered).unwrap_or(1).max(1), info.stream_sequence),
         Err(err) => {
-            tracing::warn!(queue = %inner.queue, error = %err, "delivery without JetStream metadata; handing it back");
+            tracing::warn!(queue = inner.queue.as_str(), error = %err, "delivery without JetStream metadata; handing it back");
             nak(&message, None).await;
             return;
         }
@@ -58,16 +58,16 @@ pub(super) async fn process(
     let name = task_name.unwrap_or_default();
     let span = tracing::info_span!(
         "natasks.process",
-        queue = %inner.queue,
-        task = %name,
+        queue = inner.queue.as_str(),
+        task = name,
         message_id = tracing::field::Empty,
         attempt,
         stream_sequence = sequence,
         outcome = tracing::field::Empty,
         "messaging.system" = "nats",
         "messaging.operation" = "process",
-        "messaging.destination.name" = %inner.queue,
-        "natasks.task" = %name,
+        "messaging.destination.name" = inner.queue.as_str(),
+        "natasks.task" = name,
         "otel.kind" = "consumer",
         "otel.status_code" = tracing::field::Empty,
     );
