@@ -27,7 +27,8 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 /// Fails the first attempt, succeeds on the retry.
 async fn send_receipt(task: Task, done: mpsc::UnboundedSender<()>) -> Result<(), HandlerError> {
     let attempt = task.delivery().map_or(0, |d| d.attempt);
-    // Events inside the handler become span events on the processing span.
+    // The processing span's context is current: spans started here join the trace.
+    let _send = tracing::info_span!("smtp.send", attempt).entered();
     tracing::info!(attempt, traceparent = task.header("traceparent"), "sending receipt");
     if attempt == 1 {
         return Err(HandlerError::retry_after("mail server busy", Duration::from_millis(200)));
@@ -38,18 +39,20 @@ async fn send_receipt(task: Task, done: mpsc::UnboundedSender<()>) -> Result<(),
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // 1. An OpenTelemetry tracer provider and a tracing subscriber with its layer. The
-    //    filter keeps natasks' DEBUG spans (natasks.dispatch) for OpenTelemetry, while the
-    //    console shows errors only unless RUST_LOG says otherwise.
+    // 1. An OpenTelemetry tracer provider, installed globally: natasks starts its spans
+    //    with it. A tracing subscriber whose OpenTelemetry layer carries the application's
+    //    own spans (the checkout span below) and leaves natasks' tracing spans to the
+    //    console, which shows errors only unless RUST_LOG says otherwise.
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    natasks::otel::opentelemetry::global::set_tracer_provider(provider.clone());
     let console = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     tracing_subscriber::registry()
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("natasks-example"))
-                .with_filter(tracing_subscriber::EnvFilter::new("info,natasks=debug")),
+                .with_filter(tracing_subscriber::EnvFilter::new("info,natasks=off")),
         )
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(console))
         .init();

@@ -111,36 +111,55 @@ impl Client {
     }
 
     async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
-        let span = tracing::debug_span!(
-            "natasks.dispatch",
-            queue = dispatch.queue.as_str(),
-            task = dispatch.task.name(),
-            message_id = dispatch.task.message_id(),
-            delayed = dispatch.due.is_some(),
-            stream_sequence = tracing::field::Empty,
-            "messaging.system" = "nats",
-            "messaging.operation" = "publish",
-            "messaging.destination.name" = dispatch.queue.as_str(),
-            "natasks.task" = dispatch.task.name(),
-            "otel.kind" = "producer",
-            "otel.status_code" = tracing::field::Empty,
-        );
-        async {
-            let result = if self.inner.layers.is_empty() {
-                self.inner.publisher.publish(dispatch).await
-            } else {
-                let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
-                next.run(dispatch).await
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {
+            use opentelemetry::trace::FutureExt as _;
+            // The OpenTelemetry span is current for the whole dispatch (the propagator
+            // injects its context); the tracing span is its child, should a
+            // tracing-opentelemetry layer see it.
+            let cx = otel.start_dispatch(&dispatch.queue, &dispatch.task, dispatch.due.is_some());
+            let span = {
+                let _current = cx.clone().attach();
+                dispatch_span(&dispatch)
             };
-            if let Err(err) = &result {
-                tracing::Span::current().record("otel.status_code", "ERROR");
-                tracing::debug!(error = %err, "dispatch failed");
-            }
-            result
+            let result = self.run_in(dispatch).with_context(cx.clone()).instrument(span).await;
+            crate::otel::end_dispatch(&cx, result.as_ref().err());
+            return result;
         }
-        .instrument(span)
-        .await
+        let span = dispatch_span(&dispatch);
+        self.run_in(dispatch).instrument(span).await
     }
+
+    async fn run_in(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+        let result = if self.inner.layers.is_empty() {
+            self.inner.publisher.publish(dispatch).await
+        } else {
+            let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
+            next.run(dispatch).await
+        };
+        if let Err(err) = &result {
+            tracing::Span::current().record("otel.status_code", "ERROR");
+            tracing::debug!(error = %err, "dispatch failed");
+        }
+        result
+    }
+}
+
+fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
+    tracing::debug_span!(
+        "natasks.dispatch",
+        queue = dispatch.queue.as_str(),
+        task = dispatch.task.name(),
+        message_id = dispatch.task.message_id(),
+        delayed = dispatch.due.is_some(),
+        stream_sequence = tracing::field::Empty,
+        "messaging.system" = "nats",
+        "messaging.operation" = "publish",
+        "messaging.destination.name" = dispatch.queue.as_str(),
+        "natasks.task" = dispatch.task.name(),
+        "otel.kind" = "producer",
+        "otel.status_code" = tracing::field::Empty,
+    )
 }
 
 impl Publisher {
@@ -174,6 +193,13 @@ impl Publisher {
             .await
             .map_err(|err| publish_error(&queue, &task, err))?;
         tracing::Span::current().record("stream_sequence", ack.sequence);
+        #[cfg(feature = "opentelemetry")]
+        if self.propagator.is_some() {
+            crate::otel::set_current_attribute(
+                "stream_sequence",
+                i64::try_from(ack.sequence).unwrap_or(i64::MAX),
+            );
+        }
         tracing::debug!(duplicate = ack.duplicate, "task stored");
         Ok(())
     }

@@ -46,6 +46,13 @@ pub trait Propagator: Send + Sync + 'static {
     fn extract_span(&self, headers: &async_nats::HeaderMap, span: &tracing::Span) {
         let _ = (headers, span);
     }
+    /// `Some` for [`OtelPropagator`](crate::otel::OtelPropagator), which also starts
+    /// natasks' OpenTelemetry spans. Not meant to be implemented elsewhere.
+    #[cfg(feature = "opentelemetry")]
+    #[doc(hidden)]
+    fn as_otel(&self) -> Option<&crate::otel::OtelPropagator> {
+        None
+    }
 }
 
 /// A task on its way to a queue, as seen by dispatch middleware.

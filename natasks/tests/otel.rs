@@ -1,7 +1,8 @@
-//! OpenTelemetry: trace context travels in task headers, so the processing span is a child
-//! of the dispatch span (which is a child of the caller's span), with the messaging
-//! attributes and an error status on failure. Spans are checked in the SDK's in-memory
-//! exporter.
+//! OpenTelemetry: natasks starts its spans with the global tracer provider; trace context
+//! travels in task headers, so the processing span is a child of the dispatch span (which
+//! is a child of the caller's span, here a `tracing` span through a
+//! `tracing-opentelemetry` layer), with the messaging attributes and an error status on
+//! failure. Spans are checked in the SDK's in-memory exporter.
 #![cfg(feature = "opentelemetry")]
 
 mod common;
@@ -21,8 +22,10 @@ use tracing_subscriber::prelude::*;
 
 use natasks::otel::opentelemetry;
 
-/// One subscriber for the whole test binary (tests run in parallel and spawn tasks on
-/// other threads); tests tell their spans apart by queue.
+/// One provider and subscriber for the whole test binary (tests run in parallel and spawn
+/// tasks on other threads); tests tell their spans apart by queue. natasks' spans come from
+/// the global provider; the application's `tracing` spans reach the same provider through
+/// the layer, which natasks' own `tracing` spans stay out of (as recommended).
 fn exporter() -> &'static InMemorySpanExporter {
     static EXPORTER: OnceLock<(InMemorySpanExporter, SdkTracerProvider)> = OnceLock::new();
     &EXPORTER
@@ -30,9 +33,14 @@ fn exporter() -> &'static InMemorySpanExporter {
             let exporter = InMemorySpanExporter::default();
             let provider =
                 SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+            opentelemetry::global::set_tracer_provider(provider.clone());
             let tracer = provider.tracer("natasks-tests");
             tracing_subscriber::registry()
-                .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
+                    tracing_subscriber::filter::filter_fn(|meta| {
+                        !meta.target().starts_with("natasks::")
+                    }),
+                ))
                 .try_init()
                 .expect("no other subscriber in this test binary");
             (exporter, provider)
@@ -88,10 +96,20 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
     let worker = Worker::builder(server.jetstream().await, "traced")
         .propagator(OtelPropagator::new())
         .handle("emails.send", move |task: Task| {
-            // The handler runs inside the process span, whose context has the remote trace.
-            let cx = tracing::Span::current().context();
+            // The handler runs in the process span's context, which has the remote trace;
+            // a tracing span it starts is a child of the process span.
+            let cx = opentelemetry::Context::current();
+            let process_span = cx.span().span_context().span_id();
             let trace_id = cx.span().span_context().trace_id();
-            let _ = tx.send((trace_id, task.header("traceparent").map(str::to_owned)));
+            let work = tracing::info_span!("handler.work", queue = "traced");
+            let work_parent = work.context().span().span_context().trace_id();
+            let _ = tx.send((
+                trace_id,
+                process_span,
+                work_parent,
+                task.header("traceparent").map(str::to_owned),
+                task.header("tracestate").map(str::to_owned),
+            ));
             async { Ok::<_, HandlerError>(()) }
         })
         .build()
@@ -106,12 +124,18 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
         .await
         .unwrap();
     drop(root);
-    let (handler_trace, traceparent) = seen.recv().await;
+    let (handler_trace, handler_span, work_trace, traceparent, tracestate) = seen.recv().await;
 
     let root = wait_for_spans("request", "traced", 1).await.remove(0);
     let dispatch = wait_for_spans("natasks.dispatch", "traced", 1).await.remove(0);
     let process = wait_for_spans("natasks.process", "traced", 1).await.remove(0);
+    let work = wait_for_spans("handler.work", "traced", 1).await.remove(0);
     running.stop().await.unwrap();
+    assert_eq!(
+        spans("natasks.dispatch", "traced").len() + spans("natasks.process", "traced").len(),
+        2,
+        "one span each, no tracing duplicates"
+    );
 
     let trace = root.span_context.trace_id();
     assert_ne!(trace, TraceId::INVALID);
@@ -121,6 +145,10 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
     assert_eq!(process.parent_span_id, dispatch.span_context.span_id(), "process under dispatch");
     assert!(process.parent_span_is_remote, "the parent came from the message headers");
     assert_eq!(handler_trace, trace, "the handler sees the trace");
+    assert_eq!(handler_span, process.span_context.span_id(), "in the process span's context");
+    assert_eq!(work_trace, trace, "a span the handler starts joins the trace");
+    assert_eq!(work.parent_span_id, process.span_context.span_id(), "under the process span");
+    assert_eq!(tracestate, None, "no empty tracestate header, as in Go");
 
     // W3C trace context in the headers, naming the dispatch span.
     let traceparent = traceparent.expect("traceparent header on the task");

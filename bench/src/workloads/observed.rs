@@ -3,19 +3,24 @@
 //!
 //! Observed means what a service would run with both features: the Prometheus metrics
 //! observer on the client and the worker (with a Prometheus recorder installed and
-//! rendered every second, as a scrape would), the OpenTelemetry propagator on both, and a
-//! tracing subscriber with the OpenTelemetry layer (`info,natasks=debug`, every trace
-//! sampled) exporting through the SDK's batch processor to an in-memory exporter that is
-//! emptied after each run.
+//! rendered every second, as a scrape would), the OpenTelemetry propagator on both (natasks
+//! then starts its OpenTelemetry spans with the global tracer provider), and a tracing
+//! subscriber with the OpenTelemetry layer for the application's own spans, natasks kept
+//! out of it. The provider samples with `ParentBased(TraceIdRatioBased(OBS_SAMPLE))` and
+//! exports through the SDK's batch processor to an exporter that discards the spans,
+//! standing in for a production exporter (an in-memory exporter would keep every span and
+//! grow the process).
 //!
 //! Knobs for breaking the cost down (defaults: everything on, every trace sampled):
 //! `OBS_MODE=metrics|otel` turns on only the metrics observer or only OpenTelemetry;
-//! `OBS_SAMPLE=0.1` samples that ratio of traces; `OBS_LAYER=lean` turns off the layer's
-//! location, thread, target, level and busy/idle attributes.
+//! `OBS_SAMPLE=0.1` samples that ratio of traces; `OBS_EXPORTER=memory` exports to the
+//! SDK's in-memory exporter instead; `OBS_LAYER=natasks` lets the OpenTelemetry layer see
+//! natasks' tracing spans too (they then become extra OpenTelemetry spans, as before
+//! natasks created its own), `OBS_LAYER=none` turns the layer's filter off.
 //!
 //! The subscriber is process-wide and cannot be removed, so it is installed once with a
-//! filter that is off during plain runs (the plain run then pays a disabled-callsite check
-//! per span and event, nanoseconds against tens of microseconds per task).
+//! global filter that is off during plain runs (the plain run then pays a disabled-callsite
+//! check per span and event, nanoseconds against tens of microseconds per task).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -23,10 +28,12 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use natasks::metrics::Metrics;
+use natasks::otel::opentelemetry::global;
 use natasks::otel::opentelemetry::trace::TracerProvider as _;
 use natasks::otel::{tracing_opentelemetry, OtelPropagator};
 use natasks::{Client, HandlerError, Task, Worker};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::prelude::*;
 
 use super::{
@@ -34,14 +41,32 @@ use super::{
     TASK_NAME,
 };
 
+/// The sampled ratio of traces unless `OBS_SAMPLE` says otherwise.
+const DEFAULT_SAMPLE: f64 = 1.0;
+
 /// Whether the OpenTelemetry layer is on.
 static OBSERVING: AtomicBool = AtomicBool::new(false);
 
 struct Observability {
     metrics: Metrics,
     prometheus: PrometheusHandle,
-    exporter: InMemorySpanExporter,
+    exporter: Option<InMemorySpanExporter>,
     provider: SdkTracerProvider,
+}
+
+/// A span exporter that drops what it gets, standing in for a production exporter (OTLP
+/// over the network) without keeping every span in memory.
+#[derive(Debug, Default)]
+struct DiscardingExporter;
+
+impl SpanExporter for DiscardingExporter {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        drop(std::hint::black_box(batch));
+        std::future::ready(Ok(()))
+    }
 }
 
 fn observability() -> &'static Observability {
@@ -55,34 +80,53 @@ fn observability() -> &'static Observability {
                 .expect("buckets are not empty");
         }
         let prometheus = builder.install_recorder().expect("no other metrics recorder");
-        let exporter = InMemorySpanExporter::default();
         let ratio: f64 =
-            std::env::var("OBS_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
-        let provider = SdkTracerProvider::builder()
-            .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
-                opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
-            )))
-            .with_batch_exporter(exporter.clone())
-            .build();
-        let filter = tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
-            OBSERVING.load(Ordering::Relaxed)
-                && (*meta.level() <= tracing::Level::INFO || meta.target().starts_with("natasks"))
+            std::env::var("OBS_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SAMPLE);
+        let sampler = opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
+        ));
+        let memory = std::env::var("OBS_EXPORTER").as_deref() == Ok("memory");
+        let exporter = memory.then(InMemorySpanExporter::default);
+        let provider = match &exporter {
+            Some(exporter) => SdkTracerProvider::builder().with_batch_exporter(exporter.clone()),
+            None => SdkTracerProvider::builder().with_batch_exporter(DiscardingExporter),
+        }
+        .with_sampler(sampler)
+        .build();
+        // natasks starts its spans with the global tracer provider.
+        global::set_tracer_provider(provider.clone());
+        // The application's own tracing spans go to OpenTelemetry through the layer;
+        // natasks is kept out of it (its spans are native). OBS_LAYER=natasks lets the
+        // layer see natasks' tracing spans too.
+        let natasks_in_layer = std::env::var("OBS_LAYER").as_deref() == Ok("natasks");
+        let no_layer = std::env::var("OBS_LAYER").as_deref() == Ok("none");
+        let filter = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
+            !no_layer
+                && OBSERVING.load(Ordering::Relaxed)
+                && if meta.target().starts_with("natasks") {
+                    natasks_in_layer
+                } else {
+                    *meta.level() <= tracing::Level::INFO
+                }
         });
-        let lean = std::env::var("OBS_LAYER").as_deref() == Ok("lean");
+        // A global filter: a span no layer wants is not created at all (a per-layer filter
+        // that disables everything still leaves the registry creating every span).
         tracing_subscriber::registry()
-            .with(
-                tracing_opentelemetry::layer()
-                    .with_tracer(provider.tracer("natasks-bench"))
-                    .with_location(!lean)
-                    .with_threads(!lean)
-                    .with_target(!lean)
-                    .with_level(!lean)
-                    .with_tracked_inactivity(!lean)
-                    .with_filter(filter),
-            )
+            .with(filter)
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("natasks-bench")))
             .init();
         Observability { metrics, prometheus, exporter, provider }
     })
+}
+
+/// W3C trace context, or (`OBS_PROPAGATE=none`) spans without headers, to tell the cost of
+/// the headers from the cost of the spans.
+fn propagator() -> OtelPropagator {
+    if std::env::var("OBS_PROPAGATE").as_deref() == Ok("none") {
+        OtelPropagator::with(natasks::otel::opentelemetry::trace::noop::NoopTextMapPropagator::new())
+    } else {
+        OtelPropagator::new()
+    }
 }
 
 fn mode() -> String {
@@ -114,8 +158,8 @@ pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usiz
                 worker = worker.observer(obs.metrics.clone());
             }
             if mode != "metrics" {
-                client = client.propagator(OtelPropagator::new());
-                worker = worker.propagator(OtelPropagator::new());
+                client = client.propagator(propagator());
+                worker = worker.propagator(propagator());
             }
         }
         let client = if observed { client.build().await? } else { plain_client };
@@ -151,7 +195,9 @@ pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usiz
         OBSERVING.store(false, Ordering::Relaxed);
         if observed {
             obs.provider.force_flush()?;
-            obs.exporter.reset();
+            if let Some(exporter) = &obs.exporter {
+                exporter.reset();
+            }
         }
         waited?;
         Ok(Sample {

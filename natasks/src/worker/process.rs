@@ -56,29 +56,35 @@ pub(super) async fn process(
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
-    let span = tracing::info_span!(
-        "natasks.process",
-        queue = inner.queue.as_str(),
-        task = name,
-        message_id = tracing::field::Empty,
-        attempt,
-        stream_sequence = sequence,
-        outcome = tracing::field::Empty,
-        "messaging.system" = "nats",
-        "messaging.operation" = "process",
-        "messaging.destination.name" = inner.queue.as_str(),
-        "natasks.task" = name,
-        "otel.kind" = "consumer",
-        "otel.status_code" = tracing::field::Empty,
-    );
+    let message_id = message_id(&headers);
+    #[cfg(feature = "opentelemetry")]
+    let otel = inner.propagator.as_deref().and_then(|p| p.as_otel()).map(|otel| {
+        otel.start_process(
+            &headers,
+            crate::otel::ProcessAttrs {
+                queue: &inner.queue,
+                task: name,
+                attempt,
+                stream_sequence: sequence,
+                message_id,
+            },
+        )
+    });
+    let span = {
+        // The tracing span is a child of the OpenTelemetry span, should a
+        // tracing-opentelemetry layer see it.
+        #[cfg(feature = "opentelemetry")]
+        let _current = otel.as_ref().map(|cx| cx.clone().attach());
+        process_span(&inner.queue, name, attempt, sequence)
+    };
     if let Some(propagator) = &inner.propagator {
         propagator.extract_span(&headers, &span);
     }
-    if let Some(id) = message_id(&headers) {
+    if let Some(id) = message_id {
         span.record("message_id", id);
     }
     observers.started(&Started { queue: &inner.queue, task: name, attempt });
-    let outcome = async {
+    let settle = async {
         match decide(&inner, &message, &headers, task_name, attempt, sequence, &abandon).await {
             Some(settle) => apply(&inner, &message, &headers, attempt, sequence, settle).await,
             None => {
@@ -86,9 +92,21 @@ pub(super) async fn process(
                 Outcome::HandedBack
             }
         }
+    };
+    // The OpenTelemetry span's context is current while the middleware and the handler run.
+    #[cfg(feature = "opentelemetry")]
+    let settle = {
+        use opentelemetry::trace::FutureExt as _;
+        match &otel {
+            Some(cx) => futures_util::future::Either::Left(settle.with_context(cx.clone())),
+            None => futures_util::future::Either::Right(settle),
+        }
+    };
+    let outcome = settle.instrument(span.clone()).await;
+    #[cfg(feature = "opentelemetry")]
+    if let Some(cx) = &otel {
+        crate::otel::end_process(cx, outcome);
     }
-    .instrument(span.clone())
-    .await;
     span.record("outcome", outcome.as_str());
     if !matches!(outcome, Outcome::Succeeded | Outcome::HandedBack) {
         span.record("otel.status_code", "ERROR");
@@ -100,6 +118,24 @@ pub(super) async fn process(
         elapsed: received.map(|at| at.elapsed()).unwrap_or_default(),
         outcome,
     });
+}
+
+fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing::Span {
+    tracing::info_span!(
+        "natasks.process",
+        queue,
+        task,
+        message_id = tracing::field::Empty,
+        attempt,
+        stream_sequence = sequence,
+        outcome = tracing::field::Empty,
+        "messaging.system" = "nats",
+        "messaging.operation" = "process",
+        "messaging.destination.name" = queue,
+        "natasks.task" = task,
+        "otel.kind" = "consumer",
+        "otel.status_code" = tracing::field::Empty,
+    )
 }
 
 /// Runs the handler if the delivery can be routed; `None` when shutdown abandoned it.
@@ -208,6 +244,7 @@ fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
     match error.failure() {
         Failure::NoRetry => {
             tracing::info!(error = %text, "task failed; not retried");
+            span_event(inner, "task failed; not retried", &text);
             Settle::GiveUp
         }
         Failure::DeadLetter if error.source().is::<DecodeError>() => {
@@ -220,6 +257,7 @@ fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
         Failure::Retry(after) => {
             let delay = after.or_else(|| retry.delay(attempt));
             tracing::warn!(error = %text, retry_in = ?delay, "task failed; will retry");
+            span_event(inner, "task failed; will retry", &text);
             Settle::Retry(delay)
         }
         // `Failure` is non-exhaustive only for callers; every variant is handled above.
@@ -238,6 +276,7 @@ fn unroutable(
         Unroutable::DeadLetter => Settle::DeadLetter(reason, error),
         Unroutable::Discard => {
             tracing::warn!(%error, "unroutable task discarded");
+            span_event(inner, "unroutable task discarded", &error);
             Settle::Discard
         }
         Unroutable::Retry(_) if inner.settings.retry.exhausted(attempt) => {
@@ -245,9 +284,20 @@ fn unroutable(
         }
         Unroutable::Retry(delay) => {
             tracing::warn!(%error, retry_in = ?delay, "unroutable task handed back for another worker");
+            span_event(inner, "unroutable task handed back for another worker", &error);
             Settle::Retry(Some(delay))
         }
     }
+}
+
+/// Records a failure on the attempt's OpenTelemetry span (current while it runs).
+fn span_event(inner: &WorkerInner, name: &'static str, error: &str) {
+    #[cfg(feature = "opentelemetry")]
+    if inner.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
+        crate::otel::add_current_event(name, error);
+    }
+    #[cfg(not(feature = "opentelemetry"))]
+    let _ = (inner, name, error);
 }
 
 /// Tells the broker what became of the delivery.
@@ -282,11 +332,13 @@ async fn apply(
             {
                 Ok(()) => {
                     tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
+                    span_event(inner, "task dead-lettered", &error);
                     ack(message, AckKind::Ack).await;
                     Outcome::DeadLettered(reason)
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "could not publish the dead letter; the task will be redelivered");
+                    span_event(inner, "could not publish the dead letter", &err.to_string());
                     let delay = Some(inner.settings.idle_wait.max(Duration::from_secs(1)));
                     nak(message, delay).await;
                     Outcome::Retried(delay)
