@@ -30,6 +30,14 @@ fn attempt(task: &Task) -> u64 {
 }
 
 /// Waits until `subject` holds no message.
+/// Asserts a dead letter's reason, attempt count and (part of) its last error.
+fn assert_dead_letter(dead: &StreamMessage, reason: &str, attempts: &str, error_part: &str) {
+    assert_eq!(header(dead, "Natasks-Dead-Letter-Reason").as_deref(), Some(reason));
+    assert_eq!(header(dead, "Natasks-Attempts").as_deref(), Some(attempts));
+    let last_error = header(dead, "Natasks-Last-Error").unwrap_or_default();
+    assert!(last_error.contains(error_part), "last error {last_error:?} lacks {error_part:?}");
+}
+
 async fn wait_empty(js: &async_nats::jetstream::Context, subject: &str) {
     let what = format!("{subject} to be empty");
     eventually(DEADLINE, &what, || async { stored(js, subject).await == 0 }).await;
@@ -311,10 +319,7 @@ async fn dead_letter_error_is_dead_lettered_at_once() {
     client.dispatch(Task::new("bad", "x"), "rej").await.unwrap();
     assert_eq!(seen.recv().await, 1);
     let dead = first_on(&js, "natasks.rej-dlq").await;
-    assert_eq!(header(&dead, "Natasks-Dead-Letter-Reason").as_deref(), Some("rejected"));
-    assert_eq!(header(&dead, "Natasks-Attempts").as_deref(), Some("1"));
-    let last_error = header(&dead, "Natasks-Last-Error").unwrap_or_default();
-    assert!(last_error.contains("malformed order"), "last error: {last_error:?}");
+    assert_dead_letter(&dead, "rejected", "1", "malformed order");
     wait_empty(&js, "natasks.rej").await;
     assert!(seen.recv_within(Duration::from_millis(500)).await.is_none(), "retried");
     running.stop().await.unwrap();
@@ -346,10 +351,7 @@ async fn undecodable_json_payload_is_dead_lettered_without_calling_the_handler()
     client.dispatch(Task::new("send", "not json"), "typed").await.unwrap();
     let dead = first_on(&js, "natasks.typed-dlq").await;
     assert_eq!(dead.payload.as_ref(), b"not json");
-    assert_eq!(header(&dead, "Natasks-Dead-Letter-Reason").as_deref(), Some("undecodable-payload"));
-    assert_eq!(header(&dead, "Natasks-Attempts").as_deref(), Some("1"));
-    let last_error = header(&dead, "Natasks-Last-Error").unwrap_or_default();
-    assert!(last_error.contains("Email"), "last error does not name the type: {last_error:?}");
+    assert_dead_letter(&dead, "undecodable-payload", "1", "Email");
     wait_empty(&js, "natasks.typed").await;
 
     let task = Task::new("send", r#"{"to":"a@example.com"}"#);
@@ -386,10 +388,7 @@ async fn decode_error_in_a_task_handler_is_dead_lettered() {
     client.dispatch(Task::new("send", "{"), "typed").await.unwrap();
     assert_eq!(seen.recv().await, 1);
     let dead = first_on(&js, "natasks.typed-dlq").await;
-    assert_eq!(header(&dead, "Natasks-Dead-Letter-Reason").as_deref(), Some("undecodable-payload"));
-    assert_eq!(header(&dead, "Natasks-Attempts").as_deref(), Some("1"));
-    let last_error = header(&dead, "Natasks-Last-Error").unwrap_or_default();
-    assert!(last_error.contains("Email"), "last error does not name the type: {last_error:?}");
+    assert_dead_letter(&dead, "undecodable-payload", "1", "Email");
     wait_empty(&js, "natasks.typed").await;
     assert!(seen.recv_within(Duration::from_millis(500)).await.is_none(), "retried");
     running.stop().await.unwrap();
