@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use common::*;
-use natasks::{Client, RunErrorKind, Task, Worker};
+use natasks::{Client, HandlerError, RunErrorKind, Task, Worker};
 use tokio::sync::{oneshot, watch, Notify};
 
 /// How long a stopped worker may take to return from `run` when nothing is running.
@@ -638,4 +638,42 @@ async fn shutdown_outcomes_are_sent_before_run_returns() {
     }
     b.stop().await.unwrap();
     wait_stream_empty(&js).await;
+}
+
+/// A worker asks the server for no more tasks than it has free slots (plus the configured
+/// prefetch): a task must not sit in the worker's buffer behind slow handlers until its ack
+/// wait runs out and it is delivered a second time.
+#[tokio::test]
+async fn slow_handlers_do_not_strand_buffered_tasks_past_the_ack_wait() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let worker = Worker::builder(js.clone(), "slow")
+        .concurrency(2)
+        .ack_wait(Duration::from_secs(1))
+        .handle("slow", move |task: Task| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1300)).await;
+                let attempt = task.delivery().map(|d| d.attempt).unwrap_or_default();
+                let _ = tx.send((String::from_utf8_lossy(task.payload()).into_owned(), attempt));
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    for i in 0..8 {
+        client.dispatch(Task::new("slow", i.to_string()), "slow").await.unwrap();
+    }
+    let running = spawn(worker);
+    let mut done = seen.take(8, Duration::from_secs(30)).await;
+    // Anything delivered twice shows up as an extra report or an attempt above 1.
+    assert!(seen.recv_within(Duration::from_millis(1500)).await.is_none(), "a task ran twice");
+    running.stop().await.unwrap();
+    done.sort();
+    let expected: Vec<(String, u64)> = (0..8).map(|i| (i.to_string(), 1)).collect();
+    assert_eq!(done, expected, "every task once, on its first delivery");
 }

@@ -6,7 +6,7 @@ use async_nats::client::FlushErrorKind;
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures_util::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,10 +58,13 @@ pub(super) async fn run(
             }
         };
         let exit = loop {
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break Exit::Shutdown,
-                permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => match wait_for_slot(&inner, &slots, &mut puller, &shutdown).await {
+                    Wait::Slot(permit) => permit,
+                    Wait::Shutdown => break Exit::Shutdown,
+                    Wait::Reopen => break Exit::Reopen,
+                },
             };
             let next = tokio::select! {
                 biased;
@@ -124,6 +127,37 @@ pub(super) async fn run(
     }
     tracing::info!(queue = %inner.queue, "worker stopped");
     result
+}
+
+enum Wait {
+    Slot(OwnedSemaphorePermit),
+    Shutdown,
+    Reopen,
+}
+
+/// Waits for a free slot; meanwhile keeps the leases of buffered tasks alive.
+async fn wait_for_slot(
+    inner: &WorkerInner,
+    slots: &Arc<Semaphore>,
+    puller: &mut Puller,
+    shutdown: &CancellationToken,
+) -> Wait {
+    let period = inner.settings.progress_interval;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Wait::Shutdown,
+            permit = slots.clone().acquire_owned() => {
+                return Wait::Slot(permit.expect("the slot semaphore is never closed"));
+            }
+            () = tokio::time::sleep(period) => {
+                if let Err(err) = puller.keep_alive(period).await {
+                    tracing::warn!(queue = %inner.queue, error = %err, "pulling interrupted; recovering");
+                    return Wait::Reopen;
+                }
+            }
+        }
+    }
 }
 
 /// Sleeps for `wait` unless shutdown comes first.
