@@ -129,6 +129,16 @@ fn propagator() -> OtelPropagator {
     }
 }
 
+/// Writes a header as large as `traceparent`, and reads nothing.
+struct SameSizeHeader;
+
+impl natasks::Propagator for SameSizeHeader {
+    fn inject(&self, task: &mut Task) {
+        task.set_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    }
+    fn extract(&self, _task: &mut Task) {}
+}
+
 fn mode() -> String {
     std::env::var("OBS_MODE").unwrap_or_default()
 }
@@ -162,7 +172,16 @@ pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usiz
                 worker = worker.propagator(propagator());
             }
         }
-        let client = if observed { client.build().await? } else { plain_client };
+        // `OBS_PLAIN_HEADER=1`: the plain run carries a header the size of `traceparent`,
+        // to tell the cost of the header from the cost of the spans.
+        let plain_header = std::env::var("OBS_PLAIN_HEADER").as_deref() == Ok("1");
+        let client = if observed {
+            client.build().await?
+        } else if plain_header {
+            client.propagator(SameSizeHeader).build().await?
+        } else {
+            plain_client
+        };
         let worker = worker.build().await?;
         let shutdown = worker.shutdown_handle();
         let consumer =
