@@ -1,7 +1,6 @@
 //! Handlers: plain `async fn`s that take a [`Task`] (or a typed [`Json`] payload).
 
 use std::future::Future;
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -9,7 +8,7 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::HandlerError;
-use crate::task::Task;
+use crate::task::{DecodeError, Task};
 
 /// A typed JSON payload as a handler argument: `async fn send(Json(email): Json<Email>)`.
 ///
@@ -41,8 +40,7 @@ where
     E: Into<HandlerError>,
 {
     fn call(&self, task: Task) -> BoxFuture<'static, Result<(), HandlerError>> {
-        let fut = self(task);
-        async move { fut.await.map_err(Into::into) }.boxed()
+        erase(self(task))
     }
 }
 
@@ -55,11 +53,8 @@ where
 {
     fn call(&self, task: Task) -> BoxFuture<'static, Result<(), HandlerError>> {
         match task.decode::<T>() {
-            Ok(value) => {
-                let fut = self(Json(value));
-                async move { fut.await.map_err(Into::into) }.boxed()
-            }
-            Err(err) => futures_util::future::ready(Err(HandlerError::dead_letter(err))).boxed(),
+            Ok(value) => erase(self(Json(value))),
+            Err(err) => undecodable(err),
         }
     }
 }
@@ -73,13 +68,24 @@ where
 {
     fn call(&self, task: Task) -> BoxFuture<'static, Result<(), HandlerError>> {
         match task.decode::<T>() {
-            Ok(value) => {
-                let fut = self(Json(value), task);
-                async move { fut.await.map_err(Into::into) }.boxed()
-            }
-            Err(err) => futures_util::future::ready(Err(HandlerError::dead_letter(err))).boxed(),
+            Ok(value) => erase(self(Json(value), task)),
+            Err(err) => undecodable(err),
         }
     }
+}
+
+/// Boxes a handler's future, converting its error.
+fn erase<Fut, E>(fut: Fut) -> BoxFuture<'static, Result<(), HandlerError>>
+where
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<HandlerError>,
+{
+    async move { fut.await.map_err(Into::into) }.boxed()
+}
+
+/// The outcome for a payload that does not decode as the handler's type: dead-lettered.
+fn undecodable(err: DecodeError) -> BoxFuture<'static, Result<(), HandlerError>> {
+    futures_util::future::ready(Err(HandlerError::dead_letter(err))).boxed()
 }
 
 /// A handler with its argument form erased.
@@ -87,6 +93,5 @@ pub(crate) type BoxHandler =
     Arc<dyn Fn(Task) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
 
 pub(crate) fn boxed<H: Handler<A>, A>(handler: H) -> BoxHandler {
-    let _form: PhantomData<A> = PhantomData;
     Arc::new(move |task| handler.call(task))
 }

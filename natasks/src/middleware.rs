@@ -40,12 +40,6 @@ pub trait Propagator: Send + Sync + 'static {
     /// Called on processing, before process middleware; typically reads headers and puts
     /// values into [`Task::extensions_mut`].
     fn extract(&self, task: &mut Task);
-    /// Called on processing with the delivery's headers and its `natasks.process` span,
-    /// before that span is first entered: the place to give the span a remote parent (the
-    /// OpenTelemetry propagator does). Does nothing by default.
-    fn extract_span(&self, headers: &async_nats::HeaderMap, span: &tracing::Span) {
-        let _ = (headers, span);
-    }
     /// `Some` for [`OtelPropagator`](crate::otel::OtelPropagator), which also starts
     /// natasks' OpenTelemetry spans. Not meant to be implemented elsewhere.
     #[cfg(feature = "opentelemetry")]

@@ -77,9 +77,6 @@ pub(super) async fn process(
         let _current = otel.as_ref().map(|cx| cx.clone().attach());
         process_span(&inner.queue, name, attempt, sequence)
     };
-    if let Some(propagator) = &inner.propagator {
-        propagator.extract_span(&headers, &span);
-    }
     if let Some(id) = message_id {
         span.record("message_id", id);
     }

@@ -100,7 +100,9 @@ pub(super) async fn run(
                 break Ok(());
             }
             Exit::Reopen => {
-                drop(puller);
+                // Tasks already delivered to this puller go back at once rather than after
+                // the ack wait (if the connection is down, the hand-back waits for it).
+                puller.hand_back(settings.idle_wait).await;
                 pause(&shutdown, settings.idle_wait).await;
             }
         }
