@@ -218,8 +218,8 @@ impl Publisher {
             return Err(invalid.clone().into());
         }
         let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
-        headers.insert(wire::HEADER_TASK, task.as_str());
-        headers.insert(wire::HEADER_QUEUE, queue.as_str());
+        headers.insert(wire::TASK_NAME, task.as_str());
+        headers.insert(wire::QUEUE_NAME, queue.as_str());
         if let Some(id) = &message_id {
             wire::validate_header(wire::NATS_MSG_ID, id)?;
             headers.insert(wire::NATS_MSG_ID, id.as_str());

@@ -2,6 +2,8 @@
 //!
 //! See `docs/wire-format.md` in the repository for the full description.
 
+use async_nats::header::HeaderName;
+
 use crate::error::InvalidName;
 
 /// Default stream name.
@@ -34,6 +36,14 @@ pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
 pub(crate) const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub(crate) const NATS_SCHEDULE: &str = "Nats-Schedule";
 pub(crate) const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+
+/// [`HEADER_TASK`] as a header name: inserting or looking up a name built once allocates
+/// nothing, where a `&str` name is copied into a new one on every call.
+pub(crate) const TASK_NAME: HeaderName = HeaderName::from_static(HEADER_TASK);
+/// [`HEADER_QUEUE`] as a header name.
+pub(crate) const QUEUE_NAME: HeaderName = HeaderName::from_static(HEADER_QUEUE);
+/// [`HEADER_MESSAGE_ID`] as a header name.
+pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
 
 /// The subject token reserved for schedules; no queue may use it.
 pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";

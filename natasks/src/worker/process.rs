@@ -52,7 +52,7 @@ pub(super) async fn process(
     // The headers are shared with the task instead of copied; the message keeps what acks
     // need (its reply subject).
     let headers = Arc::new(message.message.headers.take().unwrap_or_default());
-    let task_name = headers.get(wire::HEADER_TASK).map(|v| v.as_str());
+    let task_name = headers.get(wire::TASK_NAME).map(|v| v.as_str());
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
@@ -398,7 +398,7 @@ async fn nak(message: &Message, delay: Option<Duration>) {
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
 fn message_id(headers: &HeaderMap) -> Option<&str> {
     headers
-        .get(wire::HEADER_MESSAGE_ID)
+        .get(wire::MESSAGE_ID_NAME)
         .or_else(|| headers.get(wire::NATS_MSG_ID))
         .map(|v| v.as_str())
 }
