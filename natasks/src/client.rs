@@ -118,10 +118,8 @@ impl Client {
             // injects its context); the tracing span is its child, should a
             // tracing-opentelemetry layer see it.
             let cx = otel.start_dispatch(&dispatch.queue, &dispatch.task, dispatch.due.is_some());
-            let span = {
-                let _current = cx.clone().attach();
-                dispatch_span(&dispatch)
-            };
+            let span = dispatch_span(&dispatch);
+            crate::otel::adopt(&span, &cx);
             let result = self.run_in(dispatch).with_context(cx.clone()).instrument(span).await;
             crate::otel::end_dispatch(&cx, result.as_ref().err());
             return result;

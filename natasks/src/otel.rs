@@ -75,13 +75,16 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::str::FromStr as _;
 use std::sync::OnceLock;
 
+use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanKind, Status, TraceContextExt as _, Tracer as _,
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
+    TraceFlags, TraceId, TraceState, Tracer as _,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -99,6 +102,9 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The W3C trace context header holding vendor-specific trace state.
 pub const TRACESTATE: &str = "tracestate";
 
+/// [`TRACEPARENT`] as a header name, built once.
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+
 /// The instrumentation scope of natasks' spans.
 const SCOPE: &str = "natasks";
 
@@ -112,8 +118,14 @@ const SCOPE: &str = "natasks";
 /// middleware does; [`OtelPropagator::with`] takes any `TextMapPropagator` (for example a
 /// composite of trace context and baggage). Spans come from the global tracer provider, as
 /// installed when the first span is started.
+///
+/// By default every task carries its trace context, sampled or not, as W3C trace context
+/// asks: the worker then follows the dispatcher's sampling decision. At high task rates
+/// that header is the largest cost of tracing (see the [module docs](self)); with
+/// [`sampled_only`](OtelPropagator::sampled_only) only sampled tasks carry it.
 pub struct OtelPropagator {
     kind: Kind,
+    sampled_only: bool,
     tracer: OnceLock<BoxedTracer>,
 }
 
@@ -141,8 +153,30 @@ impl OtelPropagator {
         Self::of(Kind::Custom(Box::new(propagator)))
     }
 
+    /// Writes trace context only for sampled dispatches, and reads a task without one as
+    /// not sampled.
+    ///
+    /// A task whose dispatch was not sampled then carries no header at all, saving the
+    /// cost of carrying one (about 70 bytes to write, store, deliver and parse per task).
+    /// The worker, finding no trace context, runs the attempt under a remote parent marked
+    /// not sampled, so that with the usual `ParentBased` sampler neither the
+    /// `natasks.process` span nor the handler's spans are recorded, and what the handler
+    /// calls downstream is told the trace is not sampled: the dispatcher's decision still
+    /// holds end to end.
+    ///
+    /// The price: a worker with this setting does not trace tasks dispatched without trace
+    /// context (from a service without OpenTelemetry, or the `natasks` CLI), and a worker
+    /// without it (a Go worker, say) starts a trace of its own for each task dispatched
+    /// unsampled here, sampled by its own root sampler. Set it on the clients and the
+    /// workers of a queue together.
+    #[must_use]
+    pub fn sampled_only(mut self) -> Self {
+        self.sampled_only = true;
+        self
+    }
+
     fn of(kind: Kind) -> Self {
-        Self { kind, tracer: OnceLock::new() }
+        Self { kind, sampled_only: false, tracer: OnceLock::new() }
     }
 
     fn with_propagator<T>(&self, mut f: impl FnMut(&dyn TextMapPropagator) -> T) -> T {
@@ -171,15 +205,14 @@ impl OtelPropagator {
             SpanBuilder::from_name(Cow::Borrowed("natasks.dispatch")).with_kind(SpanKind::Producer);
         let mut span = self.tracer().build_with_context(builder, &parent);
         if span.is_recording() {
-            let mut attributes = vec![
+            let mut attributes = Vec::with_capacity(7);
+            attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "publish"),
                 KeyValue::new("messaging.destination.name", queue.to_owned()),
                 KeyValue::new("natasks.task", task.name().to_owned()),
-                KeyValue::new("queue", queue.to_owned()),
-                KeyValue::new("task", task.name().to_owned()),
                 KeyValue::new("delayed", delayed),
-            ];
+            ]);
             if let Some(id) = task.message_id() {
                 attributes.push(KeyValue::new("message_id", id.to_owned()));
             }
@@ -191,26 +224,23 @@ impl OtelPropagator {
     /// Starts the `natasks.process` span, a child of the context in `headers` (a root
     /// without one); returns the context to make current while the attempt runs.
     pub(crate) fn start_process(&self, headers: &HeaderMap, attrs: ProcessAttrs<'_>) -> Context {
-        let parent = self.with_propagator(|p| {
-            p.extract_with_context(&Context::new(), &HeaderExtractor(headers))
-        });
+        let parent = self.extract(headers);
         let builder =
             SpanBuilder::from_name(Cow::Borrowed("natasks.process")).with_kind(SpanKind::Consumer);
         let mut span = self.tracer().build_with_context(builder, &parent);
         if span.is_recording() {
-            let mut attributes = vec![
+            let mut attributes = Vec::with_capacity(8);
+            attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "process"),
                 KeyValue::new("messaging.destination.name", attrs.queue.to_owned()),
                 KeyValue::new("natasks.task", attrs.task.to_owned()),
-                KeyValue::new("queue", attrs.queue.to_owned()),
-                KeyValue::new("task", attrs.task.to_owned()),
                 KeyValue::new("attempt", i64::try_from(attrs.attempt).unwrap_or(i64::MAX)),
                 KeyValue::new(
                     "stream_sequence",
                     i64::try_from(attrs.stream_sequence).unwrap_or(i64::MAX),
                 ),
-            ];
+            ]);
             if let Some(id) = attrs.message_id {
                 attributes.push(KeyValue::new("message_id", id.to_owned()));
             }
@@ -218,6 +248,118 @@ impl OtelPropagator {
         }
         parent.with_span(span)
     }
+}
+
+impl OtelPropagator {
+    /// The context in `headers`: W3C trace context is read by hand in its usual form (no
+    /// allocation, no formatting machinery), anything else by the propagator.
+    fn extract(&self, headers: &HeaderMap) -> Context {
+        let cx = self.extract_headers(headers);
+        if self.sampled_only && !cx.span().span_context().is_valid() {
+            return Context::new().with_remote_span_context(unsampled());
+        }
+        cx
+    }
+
+    fn extract_headers(&self, headers: &HeaderMap) -> Context {
+        let extractor = HeaderExtractor(headers);
+        if let Kind::TraceContext(_) = self.kind {
+            let Some(traceparent) = extractor.get(TRACEPARENT) else {
+                return Context::new();
+            };
+            if let Some((trace_id, span_id, flags)) = decode_traceparent(traceparent) {
+                let state = extractor
+                    .get(TRACESTATE)
+                    .map(|s| TraceState::from_str(s).unwrap_or_default())
+                    .unwrap_or_default();
+                let remote = SpanContext::new(trace_id, span_id, flags, true, state);
+                return Context::new().with_remote_span_context(remote);
+            }
+        }
+        self.with_propagator(|p| p.extract_with_context(&Context::new(), &extractor))
+    }
+
+    /// Writes the context of `cx` into the task's headers, if it has a valid span context.
+    fn inject_context(&self, cx: &Context, task: &mut Task) {
+        let span = cx.span();
+        let span_context = span.span_context();
+        if !span_context.is_valid() || self.sampled_only && !span_context.is_sampled() {
+            return;
+        }
+        match self.kind {
+            Kind::TraceContext(_) => {
+                task.set_trusted_header(TRACEPARENT_NAME, encode_traceparent(span_context));
+                // An empty `tracestate` is not written, as Go's propagator does not write it.
+                let state = span_context.trace_state().header();
+                if !state.is_empty() {
+                    task.set_header(TRACESTATE, state);
+                }
+            }
+            _ => self.with_propagator(|p| p.inject_context(cx, &mut TaskInjector(task))),
+        }
+    }
+}
+
+/// A remote parent marked not sampled, for a task that came without trace context to a
+/// worker that propagates sampled traces only.
+fn unsampled() -> SpanContext {
+    use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
+    let ids = RandomIdGenerator::default();
+    SpanContext::new(
+        ids.new_trace_id(),
+        ids.new_span_id(),
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    )
+}
+
+/// `traceparent` for a valid span context, as the W3C propagator writes it (version 00,
+/// lower-case hex, only the sampled flag).
+fn encode_traceparent(context: &SpanContext) -> String {
+    fn push_hex(out: &mut String, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for byte in bytes {
+            out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+        }
+    }
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &context.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &context.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[(context.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
+    out
+}
+
+/// Reads `traceparent` in the form every W3C propagator writes (version 00, 55 characters,
+/// lower-case hex, ids not zero). `None` for anything else, which is then left to the
+/// propagator: the result is the same as its, only cheaper.
+fn decode_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
+    fn hex(digits: &[u8]) -> Option<u128> {
+        digits.iter().try_fold(0u128, |acc, &digit| {
+            let nibble = match digit {
+                b'0'..=b'9' => digit - b'0',
+                b'a'..=b'f' => digit - b'a' + 10,
+                _ => return None,
+            };
+            Some(acc << 4 | u128::from(nibble))
+        })
+    }
+    let bytes = value.as_bytes();
+    if bytes.len() != 55 || !bytes.starts_with(b"00-") || bytes[35] != b'-' || bytes[52] != b'-'
+    {
+        return None;
+    }
+    let trace_id = hex(&bytes[3..35])?;
+    let span_id = u64::try_from(hex(&bytes[36..52])?).ok()?;
+    let flags = u8::try_from(hex(&bytes[53..55])?).ok()?;
+    if trace_id == 0 || span_id == 0 {
+        return None;
+    }
+    Some((TraceId::from(trace_id), SpanId::from(span_id), TraceFlags::new(flags) & TraceFlags::SAMPLED))
 }
 
 /// What the `natasks.process` span records at its start.
@@ -242,6 +384,15 @@ fn current_context() -> Context {
         from_tracing
     } else {
         cx
+    }
+}
+
+/// Makes natasks' `tracing` span a child of its OpenTelemetry span, should a
+/// `tracing-opentelemetry` layer see it (nothing to do for a span no subscriber wants).
+pub(crate) fn adopt(span: &tracing::Span, cx: &Context) {
+    if !span.is_disabled() {
+        // Fails only when no OpenTelemetry layer sees the span: nothing to join then.
+        let _ = span.set_parent(cx.clone());
     }
 }
 
@@ -305,7 +456,10 @@ impl fmt::Debug for OtelPropagator {
             Kind::Global => "global",
             Kind::Custom(_) => "custom",
         };
-        f.debug_struct("OtelPropagator").field("kind", &kind).finish()
+        f.debug_struct("OtelPropagator")
+            .field("kind", &kind)
+            .field("sampled_only", &self.sampled_only)
+            .finish()
     }
 }
 
@@ -313,11 +467,7 @@ impl Propagator for OtelPropagator {
     /// Writes the current context (the `natasks.dispatch` span's, which is current during
     /// the dispatch) into the task's headers. Writes nothing without a valid span context.
     fn inject(&self, task: &mut Task) {
-        Context::map_current(|cx| {
-            if cx.span().span_context().is_valid() {
-                self.with_propagator(|p| p.inject_context(cx, &mut TaskInjector(task)));
-            }
-        });
+        Context::map_current(|cx| self.inject_context(cx, task));
     }
 
     /// Nothing: the context from the headers is the parent of the `natasks.process` span,
@@ -359,5 +509,107 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (key, value) in pairs {
+            headers.insert(*key, *value);
+        }
+        headers
+    }
+
+    /// What the SDK's W3C propagator extracts from the same headers.
+    fn sdk_extract(headers: &HeaderMap) -> SpanContext {
+        let cx = TraceContextPropagator::new()
+            .extract_with_context(&Context::new(), &HeaderExtractor(headers));
+        cx.span().span_context().clone()
+    }
+
+    #[test]
+    fn extract_reads_what_the_sdk_propagator_reads() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        let parent = "b7ad6b7169203331";
+        let cases = [
+            format!("00-{id}-{parent}-01"),
+            format!("00-{id}-{parent}-00"),
+            format!("00-{id}-{parent}-03"),
+            format!("00-{id}-{parent}-ff"),
+            format!("00-{}-{parent}-01", id.to_uppercase()),
+            format!("00-{id}-{}-01", parent.to_uppercase()),
+            format!("00-{}-{parent}-01", "0".repeat(32)),
+            format!("00-{id}-{}-01", "0".repeat(16)),
+            format!("01-{id}-{parent}-01-future"),
+            format!("00-{id}-{parent}-01-extra"),
+            format!(" 00-{id}-{parent}-01 "),
+            format!("00-{id}-{parent}-0x"),
+            format!("00-{id}-{parent}"),
+            format!("ff-{id}-{parent}-01"),
+            "garbage".to_owned(),
+            String::new(),
+        ];
+        for traceparent in &cases {
+            for state in [None, Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"), Some("")] {
+                let mut pairs = vec![("traceparent", traceparent.as_str())];
+                pairs.extend(state.map(|s| ("tracestate", s)));
+                let headers = headers(&pairs);
+                let ours = OtelPropagator::new().extract(&headers);
+                assert_eq!(
+                    ours.span().span_context(),
+                    &sdk_extract(&headers),
+                    "traceparent {traceparent:?}, tracestate {state:?}"
+                );
+            }
+        }
+        let none = OtelPropagator::new().extract(&HeaderMap::new());
+        assert!(!none.span().span_context().is_valid());
+    }
+
+    #[test]
+    fn extract_accepts_any_header_case() {
+        let value = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let cx = OtelPropagator::new().extract(&headers(&[("Traceparent", value)]));
+        assert_eq!(cx.span().span_context().span_id(), SpanId::from(0xb7ad6b7169203331));
+        assert!(cx.span().span_context().is_sampled());
+    }
+
+    #[test]
+    fn inject_writes_what_the_sdk_propagator_writes() {
+        let contexts = [
+            SpanContext::new(
+                TraceId::from(0x0af7651916cd43dd8448eb211c80319c),
+                SpanId::from(0xb7ad6b7169203331),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(u64::MAX),
+                TraceFlags::new(0x02),
+                true,
+                TraceState::from_key_value([("rojo", "00f067aa0ba902b7")]).unwrap(),
+            ),
+            SpanContext::empty_context(),
+        ];
+        for context in contexts {
+            let cx = Context::new().with_remote_span_context(context.clone());
+            let mut task = Task::new("t", "");
+            OtelPropagator::new().inject_context(&cx, &mut task);
+            let mut expected = std::collections::HashMap::new();
+            TraceContextPropagator::new().inject_context(&cx, &mut expected);
+            expected.retain(|_, value: &mut String| !value.is_empty());
+            let ours: std::collections::HashMap<String, String> = task
+                .headers()
+                .iter()
+                .map(|(name, values)| (name.to_string(), values[0].to_string()))
+                .collect();
+            assert_eq!(ours, expected, "{context:?}");
+        }
     }
 }

@@ -129,6 +129,17 @@ impl Task {
         }
     }
 
+    /// Sets a header natasks wrote itself, known to be valid, without checking or copying
+    /// it.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn set_trusted_header(
+        &mut self,
+        name: async_nats::header::HeaderName,
+        value: String,
+    ) {
+        self.headers_mut().insert(name, async_nats::HeaderValue::from(value));
+    }
+
     pub(crate) fn invalid_header(&self) -> Option<&InvalidName> {
         self.invalid_header.as_ref()
     }

@@ -55,13 +55,19 @@ fn attr(span: &SpanData, key: &str) -> Option<String> {
         .map(|kv| kv.value.as_str().into_owned())
 }
 
-/// Finished spans named `name` whose `queue` attribute is `queue`.
+/// Finished spans named `name` of queue `queue`: natasks' spans name it in
+/// `messaging.destination.name`, the tests' own spans in `queue`.
 fn spans(name: &str, queue: &str) -> Vec<SpanData> {
     let mut spans: Vec<SpanData> = exporter()
         .get_finished_spans()
         .expect("exporter readable")
         .into_iter()
-        .filter(|s| s.name == name && attr(s, "queue").as_deref() == Some(queue))
+        .filter(|s| {
+            s.name == name
+                && [attr(s, "messaging.destination.name"), attr(s, "queue")]
+                    .iter()
+                    .any(|q| q.as_deref() == Some(queue))
+        })
         .collect();
     spans.sort_by_key(|s| s.start_time);
     spans
@@ -176,7 +182,6 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
             ("messaging.operation", "process"),
             ("messaging.destination.name", "traced"),
             ("natasks.task", "emails.send"),
-            ("task", "emails.send"),
             ("outcome", "succeeded"),
             ("attempt", "1"),
         ],
@@ -299,4 +304,94 @@ async fn without_headers_processing_starts_its_own_trace() {
     assert_ne!(process.span_context.trace_id(), TraceId::INVALID);
     assert_eq!(process.parent_span_id, SpanId::INVALID);
     assert_attrs(&process, &[("outcome", "succeeded")]);
+}
+
+/// With `sampled_only`, a sampled dispatch carries its context as usual; an unsampled one
+/// carries no header, and the worker reads its absence as "not sampled": the attempt runs
+/// in a valid context marked not sampled, and no process span is recorded for it.
+#[tokio::test]
+async fn sampled_only_propagates_sampled_traces_and_keeps_the_rest_unsampled() {
+    use opentelemetry::trace::{FutureExt as _, SpanContext, TraceFlags, TraceState};
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::builder(js.clone())
+        .propagator(OtelPropagator::new().sampled_only())
+        .build()
+        .await
+        .unwrap();
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let report = move |task: Task| {
+        let cx = opentelemetry::Context::current();
+        let context = cx.span().span_context().clone();
+        let _ = tx.send((
+            task.name().to_owned(),
+            task.header("traceparent").map(str::to_owned),
+            context,
+        ));
+        async { Ok::<_, HandlerError>(()) }
+    };
+    // One slot: the unsampled task is settled before the sampled one starts, so once the
+    // sampled task's span is exported, a span of the unsampled one would have been too.
+    let worker = Worker::builder(js.clone(), "lean")
+        .propagator(OtelPropagator::new().sampled_only())
+        .concurrency(1)
+        .fetch_batch(1)
+        .handle("unsampled", report.clone())
+        .handle("sampled", report)
+        .build()
+        .await
+        .unwrap();
+
+    // Dispatched under a remote parent that was not sampled (ParentBased follows it).
+    let unsampled_parent = SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    );
+    let unsampled_cx = opentelemetry::Context::new().with_remote_span_context(unsampled_parent.clone());
+    client
+        .dispatch(Task::new("unsampled", "a"), "lean")
+        .with_context(unsampled_cx)
+        .await
+        .unwrap();
+    let root = tracing::info_span!("request", queue = "lean");
+    client.dispatch(Task::new("sampled", "b"), "lean").instrument(root.clone()).await.unwrap();
+    drop(root);
+    let running = spawn(worker);
+
+    let (name, traceparent, context) = seen.recv().await;
+    assert_eq!(name, "unsampled");
+    assert_eq!(traceparent, None, "an unsampled dispatch carries no trace context");
+    assert!(context.is_valid(), "the attempt runs in a context that says not sampled");
+    assert!(!context.is_sampled());
+    assert_ne!(context.trace_id(), unsampled_parent.trace_id(), "nothing travelled");
+
+    let (name, traceparent, context) = seen.recv().await;
+    assert_eq!(name, "sampled");
+    let dispatch = wait_for_spans("natasks.dispatch", "lean", 1).await.remove(0);
+    assert_attrs(&dispatch, &[("natasks.task", "sampled")]);
+    assert_eq!(
+        traceparent.as_deref(),
+        Some(
+            format!(
+                "00-{}-{}-01",
+                dispatch.span_context.trace_id(),
+                dispatch.span_context.span_id()
+            )
+            .as_str()
+        ),
+        "a sampled dispatch carries its context"
+    );
+    assert!(context.is_sampled());
+    assert_eq!(context.trace_id(), dispatch.span_context.trace_id());
+
+    let process = wait_for_spans("natasks.process", "lean", 1).await;
+    running.stop().await.unwrap();
+    assert_eq!(process.len(), 1, "no process span for the unsampled task: {process:?}");
+    assert_attrs(&process[0], &[("natasks.task", "sampled")]);
+    assert_eq!(process[0].parent_span_id, dispatch.span_context.span_id());
 }

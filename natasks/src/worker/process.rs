@@ -70,13 +70,11 @@ pub(super) async fn process(
             },
         )
     });
-    let span = {
-        // The tracing span is a child of the OpenTelemetry span, should a
-        // tracing-opentelemetry layer see it.
-        #[cfg(feature = "opentelemetry")]
-        let _current = otel.as_ref().map(|cx| cx.clone().attach());
-        process_span(&inner.queue, name, attempt, sequence)
-    };
+    let span = process_span(&inner.queue, name, attempt, sequence);
+    #[cfg(feature = "opentelemetry")]
+    if let Some(cx) = &otel {
+        crate::otel::adopt(&span, cx);
+    }
     if let Some(id) = message_id {
         span.record("message_id", id);
     }
