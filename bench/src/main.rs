@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use natasks_test_support::NatsServer;
 
-use workloads::{Env, Impl, Sample};
+use workloads::{Env, Impl, Sample, Setup};
 
 #[global_allocator]
 static GLOBAL: alloc_count::Counting = alloc_count::Counting;
@@ -32,6 +32,9 @@ const WORKLOADS: &[&str] = &[
     "e2e_c8",
     "e2e_c64",
     "e2e_c64_observed",
+    "e2e_c64_observed_all",
+    "e2e_c64_observed_lean",
+    "e2e_c64_traceparent",
     "e2e_io_c64",
     "delayed_burst",
     "alloc_c64",
@@ -251,7 +254,18 @@ async fn run_one(
         "e2e_c8" => workloads::e2e(env, imp, n, 8, None).await,
         "e2e_c64" => workloads::e2e(env, imp, n, 64, None).await,
         // Both columns run natasks: "natasks" with metrics and OpenTelemetry, "raw" without.
-        "e2e_c64_observed" => workloads::e2e_observed(env, imp == Impl::Natasks, n, 64).await,
+        "e2e_c64_observed" | "e2e_c64_observed_all" | "e2e_c64_observed_lean" => {
+            let setup = match workload {
+                "e2e_c64_observed_all" => Setup { sample: 1.0, sampled_only: false },
+                "e2e_c64_observed_lean" => Setup { sample: 0.1, sampled_only: true },
+                _ => Setup { sample: 0.1, sampled_only: false },
+            };
+            workloads::e2e_observed(env, imp == Impl::Natasks, setup, n, 64).await
+        }
+        // Both columns run raw async-nats: "natasks" with a traceparent header, "raw" without.
+        "e2e_c64_traceparent" => {
+            workloads::e2e_traceparent(env, imp == Impl::Natasks, n, 64).await
+        }
         "e2e_io_c64" => workloads::e2e(env, imp, n, 64, Some(Duration::from_millis(5))).await,
         "delayed_burst" => {
             workloads::delayed_burst(env, imp, options.delayed_tasks, options.delayed_lead).await
@@ -332,8 +346,11 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     if rows.iter().any(|r| r.workload == "delayed_burst") {
         println!("  delayed_burst: tasks/s = tasks / (last processed - due); lateness in the line below (median p50/p99 over rounds, overall max)");
     }
-    if rows.iter().any(|r| r.workload == "e2e_c64_observed") {
-        println!("  e2e_c64_observed: both columns are natasks; \"natasks\" with the metrics observer, the OpenTelemetry propagator and a tracing subscriber with the OpenTelemetry layer, \"raw\" the same run without them; ratio = observed / plain");
+    if rows.iter().any(|r| r.workload.starts_with("e2e_c64_observed")) {
+        println!("  e2e_c64_observed*: both columns are natasks; \"natasks\" with the metrics observer, the OpenTelemetry propagator and a tracing subscriber with the OpenTelemetry layer, \"raw\" the same run without them; ratio = observed / plain. observed: 10% of traces sampled, every task carries trace context; _all: every trace sampled; _lean: 10% sampled, only sampled tasks carry trace context (sampled_only)");
+    }
+    if rows.iter().any(|r| r.workload == "e2e_c64_traceparent") {
+        println!("  e2e_c64_traceparent: both columns are raw async-nats; \"natasks\" with a traceparent header on every message, \"raw\" without; ratio = what carrying the header costs, natasks aside");
     }
     if rows.iter().any(|r| r.workload == "alloc_c64") {
         println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");

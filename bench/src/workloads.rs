@@ -24,7 +24,7 @@ use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
 mod observed;
-pub use observed::e2e_observed;
+pub use observed::{e2e_observed, e2e_traceparent, Setup};
 
 type Res<T> = Result<T, BoxError>;
 
@@ -174,6 +174,12 @@ impl Dispatcher {
             layout: layout.clone(),
             headers,
         }
+    }
+
+    /// Raw publishes carry header `name: value` as well.
+    fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name, value);
+        self
     }
 
     /// Publishes one task (due at `due` if given) and waits for the server's ack.

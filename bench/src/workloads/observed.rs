@@ -1,28 +1,39 @@
-//! `e2e_c64_observed`: the e2e workload with natasks' observability switched on, against
-//! the same natasks run without it.
+//! The cost of observability: the e2e workload with natasks' metrics and OpenTelemetry
+//! switched on, against the same natasks run without them, and the cost of the W3C
+//! `traceparent` header alone, measured with raw async-nats.
 //!
 //! Observed means what a service would run with both features: the Prometheus metrics
 //! observer on the client and the worker (with a Prometheus recorder installed and
 //! rendered every second, as a scrape would), the OpenTelemetry propagator on both (natasks
 //! then starts its OpenTelemetry spans with the global tracer provider), and a tracing
 //! subscriber with the OpenTelemetry layer for the application's own spans, natasks kept
-//! out of it. The provider samples with `ParentBased(TraceIdRatioBased(OBS_SAMPLE))` and
-//! exports through the SDK's batch processor to an exporter that discards the spans,
-//! standing in for a production exporter (an in-memory exporter would keep every span and
-//! grow the process).
+//! out of it. The provider samples with `ParentBased(TraceIdRatioBased(ratio))`, the ratio
+//! set by the workload, and exports through the SDK's batch processor to an exporter that
+//! discards the spans, standing in for a production exporter (an in-memory exporter would
+//! keep every span and grow the process).
 //!
-//! Knobs for breaking the cost down (defaults: everything on, every trace sampled):
-//! `OBS_MODE=metrics|otel` turns on only the metrics observer or only OpenTelemetry;
-//! `OBS_SAMPLE=0.1` samples that ratio of traces; `OBS_EXPORTER=memory` exports to the
-//! SDK's in-memory exporter instead; `OBS_LAYER=natasks` lets the OpenTelemetry layer see
-//! natasks' tracing spans too (they then become extra OpenTelemetry spans, as before
-//! natasks created its own), `OBS_LAYER=none` turns the layer's filter off.
+//! * `e2e_c64_observed`: 10% of traces sampled, every task carrying its trace context
+//!   (`OtelPropagator::new()`);
+//! * `e2e_c64_observed_all`: every trace sampled;
+//! * `e2e_c64_observed_lean`: 10% sampled, only sampled tasks carrying trace context
+//!   (`OtelPropagator::new().sampled_only()`);
+//! * `e2e_c64_traceparent`: raw async-nats, every message with a `traceparent` header
+//!   against the same run without it: what carrying the header costs the client and the
+//!   server, natasks aside.
+//!
+//! Knobs for breaking the cost down: `OBS_MODE=metrics|otel` turns on only the metrics
+//! observer or only OpenTelemetry; `OBS_SAMPLE=r` samples ratio `r` of traces in every
+//! observed workload; `OBS_EXPORTER=memory` exports to the SDK's in-memory exporter
+//! instead; `OBS_LAYER=natasks` lets the OpenTelemetry layer see natasks' tracing spans too
+//! (they then become extra OpenTelemetry spans), `OBS_LAYER=none` turns the layer's filter
+//! off; `OBS_PROPAGATE=none` starts spans but writes no headers; `OBS_PLAIN_HEADER=1` gives
+//! the plain run a header the size of `traceparent`.
 //!
 //! The subscriber is process-wide and cannot be removed, so it is installed once with a
 //! global filter that is off during plain runs (the plain run then pays a disabled-callsite
 //! check per span and event, nanoseconds against tens of microseconds per task).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -32,8 +43,13 @@ use natasks::otel::opentelemetry::global;
 use natasks::otel::opentelemetry::trace::TracerProvider as _;
 use natasks::otel::{tracing_opentelemetry, OtelPropagator};
 use natasks::{Client, HandlerError, Task, Worker};
+use natasks::otel::opentelemetry::trace::{Link, SpanKind, TraceId};
+use natasks::otel::opentelemetry::{Context as OtelContext, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    InMemorySpanExporter, Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData,
+    SpanExporter,
+};
 use tracing_subscriber::prelude::*;
 
 use super::{
@@ -41,8 +57,43 @@ use super::{
     TASK_NAME,
 };
 
-/// The sampled ratio of traces unless `OBS_SAMPLE` says otherwise.
-const DEFAULT_SAMPLE: f64 = 1.0;
+/// How an observed run traces.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// The ratio of traces sampled (`OBS_SAMPLE` overrides it).
+    pub sample: f64,
+    /// Only sampled tasks carry trace context (`OtelPropagator::sampled_only`).
+    pub sampled_only: bool,
+}
+
+/// The ratio the sampler uses now (bits of an `f64`): each run sets its own, the provider
+/// is built once.
+static RATIO: AtomicU64 = AtomicU64::new(0);
+
+/// `TraceIdRatioBased` with the ratio of the current run.
+#[derive(Debug, Clone)]
+struct CurrentRatio;
+
+impl ShouldSample for CurrentRatio {
+    fn should_sample(
+        &self,
+        parent_context: Option<&OtelContext>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        Sampler::TraceIdRatioBased(f64::from_bits(RATIO.load(Ordering::Relaxed))).should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        )
+    }
+}
 
 /// Whether the OpenTelemetry layer is on.
 static OBSERVING: AtomicBool = AtomicBool::new(false);
@@ -80,11 +131,7 @@ fn observability() -> &'static Observability {
                 .expect("buckets are not empty");
         }
         let prometheus = builder.install_recorder().expect("no other metrics recorder");
-        let ratio: f64 =
-            std::env::var("OBS_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SAMPLE);
-        let sampler = opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
-            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
-        ));
+        let sampler = Sampler::ParentBased(Box::new(CurrentRatio));
         let memory = std::env::var("OBS_EXPORTER").as_deref() == Ok("memory");
         let exporter = memory.then(InMemorySpanExporter::default);
         let provider = match &exporter {
@@ -121,11 +168,16 @@ fn observability() -> &'static Observability {
 
 /// W3C trace context, or (`OBS_PROPAGATE=none`) spans without headers, to tell the cost of
 /// the headers from the cost of the spans.
-fn propagator() -> OtelPropagator {
-    if std::env::var("OBS_PROPAGATE").as_deref() == Ok("none") {
+fn propagator(setup: Setup) -> OtelPropagator {
+    let propagator = if std::env::var("OBS_PROPAGATE").as_deref() == Ok("none") {
         OtelPropagator::with(natasks::otel::opentelemetry::trace::noop::NoopTextMapPropagator::new())
     } else {
         OtelPropagator::new()
+    };
+    if setup.sampled_only {
+        propagator.sampled_only()
+    } else {
+        propagator
     }
 }
 
@@ -143,9 +195,18 @@ fn mode() -> String {
     std::env::var("OBS_MODE").unwrap_or_default()
 }
 
-/// One e2e run with 64 slots: observed (metrics, OpenTelemetry) or plain natasks.
-pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usize) -> Res<Sample> {
+/// One e2e run: observed (metrics, OpenTelemetry as `setup` says) or plain natasks.
+pub async fn e2e_observed(
+    env: &Env,
+    observed: bool,
+    setup: Setup,
+    n: usize,
+    concurrency: usize,
+) -> Res<Sample> {
     let obs = observability();
+    let sample =
+        std::env::var("OBS_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(setup.sample);
+    RATIO.store(f64::to_bits(sample), Ordering::Relaxed);
     env.with_stream(|layout, plain_client| async move {
         let done = Done::new(n, None);
         let mut client = Client::builder(env.publish.clone())
@@ -168,8 +229,8 @@ pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usiz
                 worker = worker.observer(obs.metrics.clone());
             }
             if mode != "metrics" {
-                client = client.propagator(propagator());
-                worker = worker.propagator(propagator());
+                client = client.propagator(propagator(setup));
+                worker = worker.propagator(propagator(setup));
             }
         }
         // `OBS_PLAIN_HEADER=1`: the plain run carries a header the size of `traceparent`,
@@ -218,6 +279,42 @@ pub async fn e2e_observed(env: &Env, observed: bool, n: usize, concurrency: usiz
                 exporter.reset();
             }
         }
+        waited?;
+        Ok(Sample {
+            per_s: n as f64 / elapsed.as_secs_f64(),
+            cpu_us_per_task,
+            ..Default::default()
+        })
+    })
+    .await
+}
+
+/// One raw async-nats e2e run, every message carrying a `traceparent` header or not.
+pub async fn e2e_traceparent(
+    env: &Env,
+    with_header: bool,
+    n: usize,
+    concurrency: usize,
+) -> Res<Sample> {
+    env.with_stream(|layout, client| async move {
+        let done = Done::new(n, None);
+        let consumer =
+            Consumer::start(Impl::Raw, env, &layout, concurrency, None, done.clone()).await?;
+        let mut dispatcher = Dispatcher::new(Impl::Raw, env, &layout, &client);
+        if with_header {
+            dispatcher = dispatcher.with_header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            );
+        }
+        let cpu = CpuTime::now();
+        let start = Instant::now();
+        let publishing = spawn_publisher(dispatcher, n, None, done.clone());
+        let waited = done.wait(limit_for(n)).await;
+        let elapsed = start.elapsed();
+        let cpu_us_per_task = cpu.us_per_task(n);
+        publishing.await?;
+        consumer.stop().await?;
         waited?;
         Ok(Sample {
             per_s: n as f64 / elapsed.as_secs_f64(),
