@@ -158,11 +158,11 @@ impl OtelPropagator {
     ///
     /// A task whose dispatch was not sampled then carries no header at all, saving the
     /// cost of carrying one (about 70 bytes to write, store, deliver and parse per task).
-    /// The worker, finding no trace context, runs the attempt under a remote parent marked
-    /// not sampled, so that with the usual `ParentBased` sampler neither the
-    /// `natasks.process` span nor the handler's spans are recorded, and what the handler
-    /// calls downstream is told the trace is not sampled: the dispatcher's decision still
-    /// holds end to end.
+    /// The worker follows the dispatcher's decision itself: a task without trace context,
+    /// or with one that is not sampled, gets no `natasks.process` span, and its attempt
+    /// runs under a remote parent marked not sampled, so that with the usual `ParentBased`
+    /// sampler the handler's spans are not recorded either, and what the handler calls
+    /// downstream is told the trace is not sampled. Sampled tasks are traced as usual.
     ///
     /// The price: a worker with this setting does not trace tasks dispatched without trace
     /// context (from a service without OpenTelemetry, or the `natasks` CLI), and a worker
@@ -225,6 +225,11 @@ impl OtelPropagator {
     /// without one); returns the context to make current while the attempt runs.
     pub(crate) fn start_process(&self, headers: &HeaderMap, attrs: ProcessAttrs<'_>) -> Context {
         let parent = self.extract(headers);
+        if self.sampled_only && !parent.span().span_context().is_sampled() {
+            // The dispatcher decided: nothing of this attempt is recorded, and the handler
+            // runs in a context that says so.
+            return parent;
+        }
         let builder =
             SpanBuilder::from_name(Cow::Borrowed("natasks.process")).with_kind(SpanKind::Consumer);
         let mut span = self.tracer().build_with_context(builder, &parent);
