@@ -113,14 +113,34 @@ impl Client {
     async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
         #[cfg(feature = "opentelemetry")]
         if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {
-            use opentelemetry::trace::FutureExt as _;
-            // The OpenTelemetry span is current for the whole dispatch (the propagator
-            // injects its context); the tracing span is its child, should a
+            // The tracing span is a child of the OpenTelemetry span, should a
             // tracing-opentelemetry layer see it.
             let cx = otel.start_dispatch(&dispatch.queue, &dispatch.task, dispatch.due.is_some());
             let span = dispatch_span(&dispatch);
             crate::otel::adopt(&span, &cx);
-            let result = self.run_in(dispatch).with_context(cx.clone()).instrument(span).await;
+            let result = if self.inner.layers.is_empty() {
+                // Only natasks runs until the task is stored, so the span's context needs
+                // to be current only while the task is prepared (the propagator writes it
+                // into the headers), not on every poll of the publish.
+                let prepared = {
+                    let _current = cx.clone().attach();
+                    self.inner.publisher.prepare(dispatch)
+                };
+                let publisher = &self.inner.publisher;
+                async {
+                    let stored = publisher.send(prepared).await;
+                    if let Ok(sequence) = stored {
+                        crate::otel::set_sequence(&cx, sequence);
+                    }
+                    note_failure(stored.map(drop))
+                }
+                .instrument(span)
+                .await
+            } else {
+                // Middleware runs in the span's context.
+                use opentelemetry::trace::FutureExt as _;
+                self.run_in(dispatch).with_context(cx.clone()).instrument(span).await
+            };
             crate::otel::end_dispatch(&cx, result.as_ref().err());
             return result;
         }
@@ -129,18 +149,22 @@ impl Client {
     }
 
     async fn run_in(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
-        let result = if self.inner.layers.is_empty() {
-            self.inner.publisher.publish(dispatch).await
+        note_failure(if self.inner.layers.is_empty() {
+            self.inner.publisher.publish(dispatch).await.map(drop)
         } else {
             let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
             next.run(dispatch).await
-        };
-        if let Err(err) = &result {
-            tracing::Span::current().record("otel.status_code", "ERROR");
-            tracing::debug!(error = %err, "dispatch failed");
-        }
-        result
+        })
     }
+}
+
+/// Marks the current (dispatch) span failed and logs why, if the dispatch failed.
+fn note_failure(result: Result<(), DispatchError>) -> Result<(), DispatchError> {
+    if let Err(err) = &result {
+        tracing::Span::current().record("otel.status_code", "ERROR");
+        tracing::debug!(error = %err, "dispatch failed");
+    }
+    result
 }
 
 fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
@@ -161,80 +185,79 @@ fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
 }
 
 impl Publisher {
-    async fn publish(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
-        if self.observers.is_empty() {
-            return self.store(dispatch).await;
+    /// Prepares and publishes `dispatch`; the stored message's stream sequence.
+    async fn publish(&self, dispatch: Dispatch) -> Result<u64, DispatchError> {
+        let prepared = self.prepare(dispatch);
+        self.send(prepared).await
+    }
+
+    /// Publishes a prepared dispatch and tells the observers how it went.
+    async fn send(&self, prepared: Result<Prepared, Rejected>) -> Result<u64, DispatchError> {
+        let started = (!self.observers.is_empty()).then(Instant::now);
+        let (result, about) = match prepared {
+            Ok(Prepared { subject, message, about }) => {
+                (self.store(subject, message, &about).await, about)
+            }
+            Err(Rejected { error, about }) => (Err(error), about),
+        };
+        if let Some(started) = started {
+            self.observers.dispatched(&Dispatched {
+                queue: &about.queue,
+                task: &about.task,
+                delayed: about.delayed,
+                elapsed: started.elapsed(),
+                error: result.as_ref().err(),
+            });
         }
-        let started = Instant::now();
-        let (queue, task, delayed) =
-            (dispatch.queue.clone(), dispatch.task.name().to_owned(), dispatch.due.is_some());
-        let result = self.store(dispatch).await;
-        self.observers.dispatched(&Dispatched {
-            queue: wire::validate_queue(&queue).unwrap_or(&queue),
-            task: &task,
-            delayed,
-            elapsed: started.elapsed(),
-            error: result.as_ref().err(),
-        });
         result
     }
 
-    async fn store(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
-        // Everything is prepared before the first await, so the future holds only what the
-        // publish needs: dispatch futures are many and small this way.
-        let Prepared { subject, message, queue, task } = self.prepare(dispatch)?;
+    async fn store(
+        &self,
+        subject: String,
+        message: PublishMessage,
+        about: &About,
+    ) -> Result<u64, DispatchError> {
         let ack = self
             .js
             .send_publish(subject, message)
             .await
-            .map_err(|err| publish_error(&queue, &task, err))?
+            .map_err(|err| publish_error(about, err))?
             .await
-            .map_err(|err| publish_error(&queue, &task, err))?;
+            .map_err(|err| publish_error(about, err))?;
         tracing::Span::current().record("stream_sequence", ack.sequence);
-        #[cfg(feature = "opentelemetry")]
-        if self.propagator.is_some() {
-            crate::otel::set_current_attribute(
-                "stream_sequence",
-                i64::try_from(ack.sequence).unwrap_or(i64::MAX),
-            );
-        }
         tracing::debug!(duplicate = ack.duplicate, "task stored");
-        Ok(())
+        Ok(ack.sequence)
     }
 
-    /// Validates the dispatch and turns it into the message to publish.
-    fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, DispatchError> {
-        let queue = match wire::validate_queue(&dispatch.queue)? {
-            wire::DEFAULT_QUEUE if dispatch.queue.is_empty() => wire::DEFAULT_QUEUE.to_owned(),
-            _ => dispatch.queue,
-        };
-        wire::validate_task_name(dispatch.task.name())?;
-        if let Some(propagator) = &self.propagator {
-            propagator.inject(&mut dispatch.task);
+    /// Validates the dispatch and turns it into the message to publish. Everything is
+    /// prepared before the first await, so the publish future holds only what the publish
+    /// needs: dispatch futures are many and small this way.
+    fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, Rejected> {
+        if let Err(error) = self.check(&mut dispatch) {
+            let queue = match wire::validate_queue(&dispatch.queue) {
+                Ok(name) if name != dispatch.queue => name.to_owned(),
+                _ => dispatch.queue,
+            };
+            let about = About {
+                queue,
+                task: dispatch.task.name().to_owned(),
+                delayed: dispatch.due.is_some(),
+            };
+            return Err(Rejected { error, about });
         }
-        if let Some(invalid) = dispatch.task.invalid_header() {
-            return Err(invalid.clone().into());
-        }
+        let queue =
+            if dispatch.queue.is_empty() { wire::DEFAULT_QUEUE.to_owned() } else { dispatch.queue };
         let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
         headers.insert(wire::TASK_NAME, task.as_str());
         headers.insert(wire::QUEUE_NAME, queue.as_str());
         if let Some(id) = &message_id {
-            wire::validate_header(wire::NATS_MSG_ID, id)?;
             headers.insert(wire::NATS_MSG_ID, id.as_str());
         }
         let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
         let subject = match dispatch.due {
             None => target,
             Some(at) => {
-                if !self.schedules {
-                    return Err(DispatchError::new(
-                        DispatchErrorKind::SchedulesUnsupported,
-                        format!(
-                            "delayed dispatch needs message schedules (nats-server 2.12 or newer); the connected server is {}",
-                            self.js.client().server_info().version
-                        ),
-                    ));
-                }
                 let at = at
                     .to_offset(time::UtcOffset::UTC)
                     .format(&Rfc3339)
@@ -248,23 +271,61 @@ impl Publisher {
             }
         };
         let message = PublishMessage::build().payload(payload).headers(headers);
-        Ok(Prepared { subject, message, queue, task })
+        let about = About { queue, task, delayed: dispatch.due.is_some() };
+        Ok(Prepared { subject, message, about })
+    }
+
+    /// Everything that can refuse a dispatch before it is published; runs the propagator.
+    fn check(&self, dispatch: &mut Dispatch) -> Result<(), DispatchError> {
+        wire::validate_queue(&dispatch.queue)?;
+        wire::validate_task_name(dispatch.task.name())?;
+        if let Some(propagator) = &self.propagator {
+            propagator.inject(&mut dispatch.task);
+        }
+        if let Some(invalid) = dispatch.task.invalid_header() {
+            return Err(invalid.clone().into());
+        }
+        if let Some(id) = dispatch.task.message_id() {
+            wire::validate_header(wire::NATS_MSG_ID, id)?;
+        }
+        if dispatch.due.is_some() && !self.schedules {
+            return Err(DispatchError::new(
+                DispatchErrorKind::SchedulesUnsupported,
+                format!(
+                    "delayed dispatch needs message schedules (nats-server 2.12 or newer); the connected server is {}",
+                    self.js.client().server_info().version
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
-/// A dispatch ready to publish, with what error messages need.
+/// A dispatch ready to publish.
 struct Prepared {
     subject: String,
     message: PublishMessage,
+    about: About,
+}
+
+/// A dispatch refused before it was published.
+struct Rejected {
+    error: DispatchError,
+    about: About,
+}
+
+/// What error messages and observers say about a dispatch.
+struct About {
     queue: String,
     task: String,
+    delayed: bool,
 }
 
 fn publish_error(
-    queue: &str,
-    task: &str,
+    about: &About,
     err: async_nats::jetstream::context::PublishError,
 ) -> DispatchError {
+    let About { queue, task, .. } = about;
     let (kind, what) = match err.kind() {
         PublishErrorKind::MaxPayloadExceeded => {
             (DispatchErrorKind::PayloadTooLarge, "is larger than the server's max_payload")
@@ -356,7 +417,16 @@ impl ClientBuilder {
         let end = publisher.clone();
         let publish: DispatchFinal = Arc::new(move |dispatch| {
             let publisher = end.clone();
-            async move { publisher.publish(dispatch).await }.boxed()
+            async move {
+                let _sequence = publisher.publish(dispatch).await?;
+                // The dispatch span's context is current while middleware runs.
+                #[cfg(feature = "opentelemetry")]
+                if publisher.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
+                    crate::otel::set_sequence(&opentelemetry::Context::current(), _sequence);
+                }
+                Ok(())
+            }
+            .boxed()
         });
         Ok(Client { inner: Arc::new(Inner { layers: self.layers.into(), publisher, publish }) })
     }

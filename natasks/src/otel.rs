@@ -354,8 +354,7 @@ fn decode_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
         })
     }
     let bytes = value.as_bytes();
-    if bytes.len() != 55 || !bytes.starts_with(b"00-") || bytes[35] != b'-' || bytes[52] != b'-'
-    {
+    if bytes.len() != 55 || !bytes.starts_with(b"00-") || bytes[35] != b'-' || bytes[52] != b'-' {
         return None;
     }
     let trace_id = hex(&bytes[3..35])?;
@@ -364,7 +363,11 @@ fn decode_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
     if trace_id == 0 || span_id == 0 {
         return None;
     }
-    Some((TraceId::from(trace_id), SpanId::from(span_id), TraceFlags::new(flags) & TraceFlags::SAMPLED))
+    Some((
+        TraceId::from(trace_id),
+        SpanId::from(span_id),
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+    ))
 }
 
 /// What the `natasks.process` span records at its start.
@@ -426,15 +429,15 @@ pub(crate) fn end_process(cx: &Context, outcome: Outcome) {
     span.end();
 }
 
-/// Sets an attribute on the current span, if it is recording (the stored message's
-/// sequence on the dispatch span).
-pub(crate) fn set_current_attribute(key: &'static str, value: i64) {
-    Context::map_current(|cx| {
-        let span = cx.span();
-        if span.is_recording() {
-            span.set_attribute(KeyValue::new(key, value));
-        }
-    });
+/// Records the stored message's stream sequence on the dispatch span of `cx`.
+pub(crate) fn set_sequence(cx: &Context, sequence: u64) {
+    let span = cx.span();
+    if span.is_recording() {
+        span.set_attribute(KeyValue::new(
+            "stream_sequence",
+            i64::try_from(sequence).unwrap_or(i64::MAX),
+        ));
+    }
 }
 
 /// Adds an event to the current span, if it is recording (failures, retries and dead

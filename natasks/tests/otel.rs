@@ -187,6 +187,7 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
         ],
     );
     assert!(attr(&process, "stream_sequence").is_some());
+    assert!(attr(&dispatch, "stream_sequence").is_some(), "the stored message's sequence");
     assert!(!matches!(dispatch.status, Status::Error { .. }), "{:?}", dispatch.status);
     assert!(!matches!(process.status, Status::Error { .. }), "{:?}", process.status);
 }
@@ -248,6 +249,48 @@ async fn failed_dispatch_has_error_status() {
     assert_eq!(err.kind(), natasks::DispatchErrorKind::InvalidTask);
     let dispatch = wait_for_spans("natasks.dispatch", "bad.queue", 1).await.remove(0);
     assert!(matches!(dispatch.status, Status::Error { .. }), "{:?}", dispatch.status);
+}
+
+/// Dispatch middleware runs in the dispatch span's context, and the headers carry that
+/// context.
+#[tokio::test]
+async fn dispatch_middleware_runs_in_the_dispatch_span() {
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let client = Client::builder(js.clone())
+        .propagator(OtelPropagator::new())
+        .middleware(move |dispatch: natasks::Dispatch, next: natasks::DispatchNext| {
+            let cx = opentelemetry::Context::current();
+            let _ = tx.send(cx.span().span_context().span_id());
+            next.run(dispatch)
+        })
+        .build()
+        .await
+        .unwrap();
+    client.dispatch(Task::new("t", ""), "layered").await.unwrap();
+    let in_middleware = seen.recv().await;
+    let dispatch = wait_for_spans("natasks.dispatch", "layered", 1).await.remove(0);
+    assert_eq!(in_middleware, dispatch.span_context.span_id());
+    assert!(attr(&dispatch, "stream_sequence").is_some(), "the stored message's sequence");
+    let message = js
+        .get_stream("NATASKS")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("natasks.layered")
+        .await
+        .unwrap();
+    let traceparent = message.headers.get("traceparent").map(|v| v.as_str().to_owned());
+    assert_eq!(
+        traceparent,
+        Some(format!(
+            "00-{}-{}-01",
+            dispatch.span_context.trace_id(),
+            dispatch.span_context.span_id()
+        ))
+    );
 }
 
 /// A Go service writes the headers through its own carrier; the Rust worker joins its
@@ -352,12 +395,9 @@ async fn sampled_only_propagates_sampled_traces_and_keeps_the_rest_unsampled() {
         true,
         TraceState::default(),
     );
-    let unsampled_cx = opentelemetry::Context::new().with_remote_span_context(unsampled_parent.clone());
-    client
-        .dispatch(Task::new("unsampled", "a"), "lean")
-        .with_context(unsampled_cx)
-        .await
-        .unwrap();
+    let unsampled_cx =
+        opentelemetry::Context::new().with_remote_span_context(unsampled_parent.clone());
+    client.dispatch(Task::new("unsampled", "a"), "lean").with_context(unsampled_cx).await.unwrap();
     let root = tracing::info_span!("request", queue = "lean");
     client.dispatch(Task::new("sampled", "b"), "lean").instrument(root.clone()).await.unwrap();
     drop(root);
