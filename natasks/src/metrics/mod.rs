@@ -81,9 +81,12 @@
 //! Install the recorder before the first dispatch or delivery: handles cached while no
 //! recorder was installed stay no-ops.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once, PoisonError, RwLock};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Unit};
@@ -260,27 +263,89 @@ struct ProcessHandles {
     retries: Counter,
 }
 
-/// Handles by queue, then task name: looked up without allocating.
-type Cache<H> = RwLock<HashMap<String, HashMap<String, H>>>;
+/// Handles by queue, then task name, shared by the clones of a [`Metrics`]; looked up
+/// without allocating.
+type Cache<H> = RwLock<HashMap<String, HashMap<String, Arc<H>>>>;
+
+/// Handles used lately on one thread, for one kind of handles.
+type Recent<H> = RefCell<Vec<RecentEntry<H>>>;
+
+/// How many (metrics, queue, task) handles a thread remembers per kind.
+const RECENT: usize = 16;
+
+struct RecentEntry<H> {
+    /// [`Inner::id`] of the metrics the handles belong to.
+    metrics: u64,
+    queue: Box<str>,
+    task: Box<str>,
+    handles: Arc<H>,
+}
+
+thread_local! {
+    // A thread sees few (queue, task) pairs; finding their handles here leaves the shared
+    // cache's lock alone, which every thread would otherwise write to on every event.
+    static RECENT_DISPATCH: Recent<DispatchHandles> = const { RefCell::new(Vec::new()) };
+    static RECENT_PROCESS: Recent<ProcessHandles> = const { RefCell::new(Vec::new()) };
+}
 
 fn with_handles<H, T>(
+    metrics: u64,
+    (cache, recent): (&Cache<H>, &'static LocalKey<Recent<H>>),
+    (queue, task): (&str, &str),
+    make: impl FnOnce() -> H,
+    f: impl FnOnce(&H) -> T,
+) -> T {
+    let found = |entry: &&RecentEntry<H>| {
+        entry.metrics == metrics && &*entry.queue == queue && &*entry.task == task
+    };
+    let mut f = Some(f);
+    let hit = recent
+        .try_with(|recent| {
+            let recent = recent.try_borrow().ok()?;
+            let entry = recent.iter().find(found)?;
+            f.take().map(|f| f(&entry.handles))
+        })
+        .ok()
+        .flatten();
+    if let Some(value) = hit {
+        return value;
+    }
+    let handles = shared_handles(cache, queue, task, make);
+    let _ = recent.try_with(|recent| {
+        if let Ok(mut recent) = recent.try_borrow_mut() {
+            if recent.len() == RECENT {
+                recent.remove(0);
+            }
+            let handles = handles.clone();
+            recent.push(RecentEntry { metrics, queue: queue.into(), task: task.into(), handles });
+        }
+    });
+    let f = f.take().expect("not called on a miss");
+    f(&handles)
+}
+
+fn shared_handles<H>(
     cache: &Cache<H>,
     queue: &str,
     task: &str,
     make: impl FnOnce() -> H,
-    f: impl FnOnce(&H) -> T,
-) -> T {
+) -> Arc<H> {
     {
         let map = cache.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(handles) = map.get(queue).and_then(|tasks| tasks.get(task)) {
-            return f(handles);
+            return handles.clone();
         }
     }
     let mut map = cache.write().unwrap_or_else(PoisonError::into_inner);
-    let handles =
-        map.entry(queue.to_owned()).or_default().entry(task.to_owned()).or_insert_with(make);
-    f(handles)
+    map.entry(queue.to_owned())
+        .or_default()
+        .entry(task.to_owned())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
 }
+
+/// Gives every [`Metrics`] (and its clones) an id, for the per-thread handles.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Counts dispatches and processing attempts: an [`Observer`] for
 /// [`ClientBuilder::observer`](crate::ClientBuilder::observer) and
@@ -292,6 +357,8 @@ pub struct Metrics {
 }
 
 struct Inner {
+    /// Tells this metrics' handles from others' in the per-thread handles.
+    id: u64,
     options: MetricsOptions,
     names: Names,
     /// Help texts go to the recorder when the first handles are made, not at construction:
@@ -324,6 +391,7 @@ impl Metrics {
         let names = Names::new(&options);
         Self {
             inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 options,
                 names,
                 described: Once::new(),
@@ -373,7 +441,8 @@ impl Metrics {
 impl Observer for Metrics {
     fn dispatched(&self, event: &Dispatched<'_>) {
         let make = || self.dispatch_handles(event.queue, event.task);
-        with_handles(&self.inner.dispatch, event.queue, event.task, make, |h| {
+        let handles = (&self.inner.dispatch, &RECENT_DISPATCH);
+        with_handles(self.inner.id, handles, (event.queue, event.task), make, |h| {
             let series = if event.error.is_none() { &h.success } else { &h.error };
             series.observe(event.elapsed);
         });
@@ -381,14 +450,16 @@ impl Observer for Metrics {
 
     fn started(&self, event: &Started<'_>) {
         let make = || self.process_handles(event.queue, event.task);
-        with_handles(&self.inner.process, event.queue, event.task, make, |h| {
+        let handles = (&self.inner.process, &RECENT_PROCESS);
+        with_handles(self.inner.id, handles, (event.queue, event.task), make, |h| {
             h.inflight.increment(1.0);
         });
     }
 
     fn finished(&self, event: &Finished<'_>) {
         let make = || self.process_handles(event.queue, event.task);
-        with_handles(&self.inner.process, event.queue, event.task, make, |h| {
+        let handles = (&self.inner.process, &RECENT_PROCESS);
+        with_handles(self.inner.id, handles, (event.queue, event.task), make, |h| {
             h.inflight.decrement(1.0);
             let series = if event.outcome.is_success() { &h.success } else { &h.error };
             series.observe(event.elapsed);
@@ -411,3 +482,55 @@ impl Observer for Metrics {
 mod queue;
 
 pub use queue::{QueueMetrics, QueueMetricsHandle, QueueState};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    fn dispatched(metrics: &Metrics, task: &str) {
+        metrics.dispatched(&Dispatched {
+            queue: "q",
+            task,
+            delayed: false,
+            elapsed: Duration::from_millis(1),
+            error: None,
+        });
+    }
+
+    fn count(text: &str, name: &str, task: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with(name) && l.contains(&format!("task=\"{task}\",status=\"success\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Handles remembered per thread belong to one `Metrics`, and more (queue, task) pairs
+    /// than a thread remembers still count right.
+    #[test]
+    fn per_thread_handles_keep_metrics_and_series_apart() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let a = Metrics::with_options(MetricsOptions::new().namespace("a"));
+        let b = Metrics::with_options(MetricsOptions::new().namespace("b"));
+        let tasks: Vec<String> = (0..RECENT + 4).map(|i| format!("t{i}")).collect();
+        ::metrics::with_local_recorder(&recorder, || {
+            for _ in 0..2 {
+                for task in &tasks {
+                    dispatched(&a, task);
+                }
+            }
+            // The last pair is still remembered for `a`: `b` must not take its handles.
+            dispatched(&b, tasks.last().unwrap());
+        });
+        let text = handle.render();
+        for task in &tasks {
+            assert_eq!(count(&text, "a_dispatch_total", task), Some(2), "{task}:\n{text}");
+        }
+        let last = tasks.last().unwrap();
+        assert_eq!(count(&text, "b_dispatch_total", last), Some(1), "{text}");
+        assert_eq!(count(&text, "b_dispatch_total", "t0"), None, "{text}");
+    }
+}
