@@ -263,9 +263,7 @@ async fn run_one(
             workloads::e2e_observed(env, imp == Impl::Natasks, setup, n, 64).await
         }
         // Both columns run raw async-nats: "natasks" with a traceparent header, "raw" without.
-        "e2e_c64_traceparent" => {
-            workloads::e2e_traceparent(env, imp == Impl::Natasks, n, 64).await
-        }
+        "e2e_c64_traceparent" => workloads::e2e_traceparent(env, imp == Impl::Natasks, n, 64).await,
         "e2e_io_c64" => workloads::e2e(env, imp, n, 64, Some(Duration::from_millis(5))).await,
         "delayed_burst" => {
             workloads::delayed_burst(env, imp, options.delayed_tasks, options.delayed_lead).await

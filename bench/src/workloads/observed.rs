@@ -41,10 +41,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use natasks::metrics::Metrics;
 use natasks::otel::opentelemetry::global;
 use natasks::otel::opentelemetry::trace::TracerProvider as _;
-use natasks::otel::{tracing_opentelemetry, OtelPropagator};
-use natasks::{Client, HandlerError, Task, Worker};
 use natasks::otel::opentelemetry::trace::{Link, SpanKind, TraceId};
 use natasks::otel::opentelemetry::{Context as OtelContext, KeyValue};
+use natasks::otel::{tracing_opentelemetry, OtelPropagator};
+use natasks::{Client, HandlerError, Task, Worker};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     InMemorySpanExporter, Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData,
