@@ -603,6 +603,7 @@ pub async fn delayed_burst(env: &Env, imp: Impl, n: usize, lead: Duration) -> Re
 /// Pre-fills the queue with `n` tasks (counting the dispatch allocations), then drains it
 /// with 64 slots, counting allocations while processing.
 pub async fn alloc_c64(env: &Env, imp: Impl, n: usize) -> Res<Sample> {
+    let _counting = crate::alloc_count::counting();
     env.with_stream(|layout, client| async move {
         let dispatcher = Dispatcher::new(imp, env, &layout, &client);
         let before_dispatch = Snapshot::now();
