@@ -76,7 +76,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr as _;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
@@ -86,7 +86,7 @@ use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
     TraceFlags, TraceId, TraceState, Tracer as _,
 };
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, StringValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -209,8 +209,8 @@ impl OtelPropagator {
             attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "publish"),
-                KeyValue::new("messaging.destination.name", queue.to_owned()),
-                KeyValue::new("natasks.task", task.name().to_owned()),
+                KeyValue::new("messaging.destination.name", shared(queue)),
+                KeyValue::new("natasks.task", shared(task.name())),
                 KeyValue::new("delayed", delayed),
             ]);
             if let Some(id) = task.message_id() {
@@ -238,8 +238,8 @@ impl OtelPropagator {
             attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "process"),
-                KeyValue::new("messaging.destination.name", attrs.queue.to_owned()),
-                KeyValue::new("natasks.task", attrs.task.to_owned()),
+                KeyValue::new("messaging.destination.name", shared(attrs.queue)),
+                KeyValue::new("natasks.task", shared(attrs.task)),
                 KeyValue::new("attempt", i64::try_from(attrs.attempt).unwrap_or(i64::MAX)),
                 KeyValue::new(
                     "stream_sequence",
@@ -368,6 +368,35 @@ fn decode_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
         SpanId::from(span_id),
         TraceFlags::new(flags) & TraceFlags::SAMPLED,
     ))
+}
+
+/// How many queue and task names a thread keeps for span attributes.
+const SHARED_NAMES: usize = 32;
+
+thread_local! {
+    static NAMES: std::cell::RefCell<Vec<StringValue>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `name` as an attribute value shared by every span of this thread that names it: a
+/// queue or task name is then not copied into every recorded span, nor freed by the
+/// exporter's thread for each one.
+fn shared(name: &str) -> StringValue {
+    NAMES
+        .try_with(|names| {
+            let mut names = names.try_borrow_mut().ok()?;
+            if let Some(found) = names.iter().find(|known| known.as_str() == name) {
+                return Some(found.clone());
+            }
+            let value = StringValue::from(Arc::<str>::from(name));
+            if names.len() == SHARED_NAMES {
+                names.remove(0);
+            }
+            names.push(value.clone());
+            Some(value)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| StringValue::from(name.to_owned()))
 }
 
 /// What the `natasks.process` span records at its start.
