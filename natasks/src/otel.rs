@@ -20,14 +20,15 @@
 //! The spans carry the messaging attributes the Go middleware sets
 //! (`messaging.system = "nats"`, `messaging.operation = "publish" | "process"`,
 //! `messaging.destination.name = <queue>`, `natasks.task = <task name>`), natasks' own
-//! (`queue`, `task`, `message_id`, `attempt`, `stream_sequence`, `outcome`, `delayed`), and
+//! (`message_id`, `attempt`, `stream_sequence`, `outcome`, `delayed`), and
 //! status error when a dispatch fails or an attempt does not succeed (retried, given up,
 //! dead-lettered or discarded); failures, retries and dead letters are span events.
 //!
 //! The `tracing` spans of the same names (see [`crate::observe`]) stay, for logs; they are
 //! not the OpenTelemetry spans. Attributes are set only on spans that are recording, so a
 //! task whose trace is not sampled costs a sampling decision and a span id on each side,
-//! and the `traceparent` header.
+//! and the `traceparent` header; with [`OtelPropagator::sampled_only`] it costs the
+//! dispatch side's sampling decision and nothing else.
 //!
 //! ```no_run
 //! # async fn example(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
@@ -60,13 +61,15 @@
 //!   natasks out of that layer (a filter such as `info,natasks=off` on it): otherwise the
 //!   `tracing` spans `natasks.dispatch` and `natasks.process` become OpenTelemetry spans
 //!   as well, nested under the native ones, and cost as much as before.
-//! * Overhead, measured with no-op handlers at ~50,000 tasks/s on 2 cores (the
-//!   benchmark's `e2e_c64_observed`): a sampled task costs about 5 µs of CPU for its two
-//!   spans and the batch exporter; an unsampled one about 1 µs for the spans plus about
-//!   2.5 µs for carrying `traceparent` (one more header to write, store, deliver and
-//!   parse). At high task rates sample with
-//!   `Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))`: the worker follows
-//!   the dispatcher's decision, which travels in `traceparent`; the header itself stays.
+//! * Overhead, measured with no-op handlers at ~50,000 tasks/s on 2 cores shared with the
+//!   server (the benchmark's `e2e_c64_observed*` workloads; see the README): a task whose
+//!   trace is recorded costs about 7 µs more CPU, an unsampled one well under 1 µs plus
+//!   carrying `traceparent`, which alone costs raw async-nats 6–9% of its throughput (one
+//!   more header to write, store, deliver and parse). Sample with
+//!   `Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))` (the worker follows
+//!   the dispatcher's decision, which travels in `traceparent`), and for queues of many
+//!   short tasks consider [`OtelPropagator::sampled_only`], which leaves the header off
+//!   unsampled tasks.
 //! * The `opentelemetry` version of the application must be the one natasks uses
 //!   (re-exported here as [`opentelemetry`]), or the global provider and the context are
 //!   not shared.
@@ -80,7 +83,7 @@ use std::sync::{Arc, OnceLock};
 
 use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
-use opentelemetry::global::BoxedTracer;
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
@@ -104,6 +107,10 @@ pub const TRACESTATE: &str = "tracestate";
 
 /// [`TRACEPARENT`] as a header name, built once.
 const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+
+/// Room for the attributes of a span: those it starts with and the one or two set later
+/// (`message_id`, `stream_sequence` or `outcome`).
+const ATTRIBUTES: usize = 8;
 
 /// The instrumentation scope of natasks' spans.
 const SCOPE: &str = "natasks";
@@ -201,11 +208,8 @@ impl OtelPropagator {
     /// context to make current for the dispatch.
     pub(crate) fn start_dispatch(&self, queue: &str, task: &Task, delayed: bool) -> Context {
         let parent = current_context();
-        let builder =
-            SpanBuilder::from_name(Cow::Borrowed("natasks.dispatch")).with_kind(SpanKind::Producer);
-        let mut span = self.tracer().build_with_context(builder, &parent);
-        if span.is_recording() {
-            let mut attributes = Vec::with_capacity(7);
+        let span = self.start_span("natasks.dispatch", SpanKind::Producer, &parent, || {
+            let mut attributes = Vec::with_capacity(ATTRIBUTES);
             attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "publish"),
@@ -216,8 +220,8 @@ impl OtelPropagator {
             if let Some(id) = task.message_id() {
                 attributes.push(KeyValue::new("message_id", id.to_owned()));
             }
-            span.set_attributes(attributes);
-        }
+            attributes
+        });
         parent.with_span(span)
     }
 
@@ -230,11 +234,8 @@ impl OtelPropagator {
             // runs in a context that says so.
             return parent;
         }
-        let builder =
-            SpanBuilder::from_name(Cow::Borrowed("natasks.process")).with_kind(SpanKind::Consumer);
-        let mut span = self.tracer().build_with_context(builder, &parent);
-        if span.is_recording() {
-            let mut attributes = Vec::with_capacity(8);
+        let span = self.start_span("natasks.process", SpanKind::Consumer, &parent, || {
+            let mut attributes = Vec::with_capacity(ATTRIBUTES);
             attributes.extend([
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation", "process"),
@@ -249,9 +250,31 @@ impl OtelPropagator {
             if let Some(id) = attrs.message_id {
                 attributes.push(KeyValue::new("message_id", id.to_owned()));
             }
-            span.set_attributes(attributes);
-        }
+            attributes
+        });
         parent.with_span(span)
+    }
+
+    /// A span named `name` under `parent`, with `attributes` if it records. Under a sampled
+    /// parent the span almost surely records too, so the attributes go to the builder and
+    /// become the span's list as they are, allocated once; otherwise they are made only
+    /// once the span turns out to record.
+    fn start_span(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        parent: &Context,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> BoxedSpan {
+        let builder = SpanBuilder::from_name(Cow::Borrowed(name)).with_kind(kind);
+        if parent.span().span_context().is_sampled() {
+            return self.tracer().build_with_context(builder.with_attributes(attributes()), parent);
+        }
+        let mut span = self.tracer().build_with_context(builder, parent);
+        if span.is_recording() {
+            span.set_attributes(attributes());
+        }
+        span
     }
 }
 
