@@ -537,23 +537,33 @@ pub async fn e2e(
         let done = Done::new(n, None);
         let consumer = Consumer::start(imp, env, &layout, concurrency, work, done.clone()).await?;
         let dispatcher = Dispatcher::new(imp, env, &layout, &client);
-        let cpu = CpuTime::now();
-        let start = Instant::now();
-        let publishing = spawn_publisher(dispatcher, n, None, done.clone());
-        let waited = done.wait(limit_for(n)).await;
-        let elapsed = start.elapsed();
-        let cpu_us_per_task = cpu.us_per_task(n);
-        publishing.await?;
-        consumer.stop().await?;
+        let (sample, waited) = drive(dispatcher, consumer, n, &done).await?;
         waited?;
-        Ok(Sample {
-            per_s: n as f64 / elapsed.as_secs_f64(),
-            mean_sleep_ms: done.mean_sleep_ms(),
-            cpu_us_per_task,
-            ..Default::default()
-        })
+        Ok(Sample { mean_sleep_ms: done.mean_sleep_ms(), ..sample })
     })
     .await
+}
+
+/// Publishes `n` tasks while `consumer` runs, timing from the first publish to the n-th
+/// processed task, then stops the consumer. The sample, and whether every task was
+/// processed in time (checked by the caller once it has cleaned up).
+async fn drive(
+    dispatcher: Dispatcher,
+    consumer: Consumer,
+    n: usize,
+    done: &Arc<Done>,
+) -> Res<(Sample, Res<()>)> {
+    let cpu = CpuTime::now();
+    let start = Instant::now();
+    let publishing = spawn_publisher(dispatcher, n, None, done.clone());
+    let waited = done.wait(limit_for(n)).await;
+    let elapsed = start.elapsed();
+    let cpu_us_per_task = cpu.us_per_task(n);
+    publishing.await?;
+    consumer.stop().await?;
+    let sample =
+        Sample { per_s: n as f64 / elapsed.as_secs_f64(), cpu_us_per_task, ..Default::default() };
+    Ok((sample, waited))
 }
 
 fn spawn_publisher(

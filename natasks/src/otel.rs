@@ -64,7 +64,7 @@
 //! * Overhead, measured with no-op handlers at ~50,000 tasks/s on 2 cores shared with the
 //!   server (the benchmark's `e2e_c64_observed*` workloads; see the README): a task whose
 //!   trace is recorded costs about 7 µs more CPU, an unsampled one well under 1 µs plus
-//!   carrying `traceparent`, which alone costs raw async-nats 6–9% of its throughput (one
+//!   carrying `traceparent`, which alone costs raw async-nats 6–12% of its throughput (one
 //!   more header to write, store, deliver and parse). Sample with
 //!   `Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))` (the worker follows
 //!   the dispatcher's decision, which travels in `traceparent`), and for queues of many

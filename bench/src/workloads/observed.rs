@@ -35,7 +35,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use natasks::metrics::Metrics;
@@ -52,10 +52,7 @@ use opentelemetry_sdk::trace::{
 };
 use tracing_subscriber::prelude::*;
 
-use super::{
-    limit_for, spawn_publisher, Consumer, CpuTime, Dispatcher, Done, Env, Impl, Res, Sample, QUEUE,
-    TASK_NAME,
-};
+use super::{drive, Consumer, Dispatcher, Done, Env, Impl, Res, Sample, QUEUE, TASK_NAME};
 
 /// How an observed run traces.
 #[derive(Debug, Clone, Copy)]
@@ -261,14 +258,7 @@ pub async fn e2e_observed(
         });
 
         let dispatcher = Dispatcher::new(Impl::Natasks, env, &layout, &client);
-        let cpu = CpuTime::now();
-        let start = Instant::now();
-        let publishing = spawn_publisher(dispatcher, n, None, done.clone());
-        let waited = done.wait(limit_for(n)).await;
-        let elapsed = start.elapsed();
-        let cpu_us_per_task = cpu.us_per_task(n);
-        publishing.await?;
-        consumer.stop().await?;
+        let (sample, waited) = drive(dispatcher, consumer, n, &done).await?;
         if let Some(scraper) = scraper {
             scraper.abort();
         }
@@ -280,11 +270,7 @@ pub async fn e2e_observed(
             }
         }
         waited?;
-        Ok(Sample {
-            per_s: n as f64 / elapsed.as_secs_f64(),
-            cpu_us_per_task,
-            ..Default::default()
-        })
+        Ok(sample)
     })
     .await
 }
@@ -307,20 +293,9 @@ pub async fn e2e_traceparent(
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             );
         }
-        let cpu = CpuTime::now();
-        let start = Instant::now();
-        let publishing = spawn_publisher(dispatcher, n, None, done.clone());
-        let waited = done.wait(limit_for(n)).await;
-        let elapsed = start.elapsed();
-        let cpu_us_per_task = cpu.us_per_task(n);
-        publishing.await?;
-        consumer.stop().await?;
+        let (sample, waited) = drive(dispatcher, consumer, n, &done).await?;
         waited?;
-        Ok(Sample {
-            per_s: n as f64 / elapsed.as_secs_f64(),
-            cpu_us_per_task,
-            ..Default::default()
-        })
+        Ok(sample)
     })
     .await
 }
