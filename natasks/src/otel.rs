@@ -284,7 +284,8 @@ impl OtelPropagator {
     fn extract(&self, headers: &HeaderMap) -> Context {
         let cx = self.extract_headers(headers);
         if self.sampled_only && !cx.span().span_context().is_valid() {
-            return Context::new().with_remote_span_context(unsampled());
+            // Whatever else came (baggage, say) stays.
+            return cx.with_remote_span_context(unsampled());
         }
         cx
     }
@@ -307,15 +308,19 @@ impl OtelPropagator {
         self.with_propagator(|p| p.extract_with_context(&Context::new(), &extractor))
     }
 
-    /// Writes the context of `cx` into the task's headers, if it has a valid span context.
+    /// Writes the context of `cx` into the task's headers. What the propagator writes is
+    /// cleared first: a task dispatched again (one a handler received, say) still carries
+    /// the context it came with, which must not travel on.
     fn inject_context(&self, cx: &Context, task: &mut Task) {
         let span = cx.span();
         let span_context = span.span_context();
-        if !span_context.is_valid() || self.sampled_only && !span_context.is_sampled() {
-            return;
-        }
-        match self.kind {
+        let skip_span = self.sampled_only && !span_context.is_sampled();
+        match &self.kind {
             Kind::TraceContext(_) => {
+                task.remove_headers(&[TRACEPARENT, TRACESTATE]);
+                if !span_context.is_valid() || skip_span {
+                    return;
+                }
                 task.set_trusted_header(TRACEPARENT_NAME, encode_traceparent(span_context));
                 // An empty `tracestate` is not written, as Go's propagator does not write it.
                 let state = span_context.trace_state().header();
@@ -323,7 +328,17 @@ impl OtelPropagator {
                     task.set_header(TRACESTATE, state);
                 }
             }
-            _ => self.with_propagator(|p| p.inject_context(cx, &mut TaskInjector(task))),
+            _ => self.with_propagator(|p| {
+                let fields: Vec<&str> = p.fields().collect();
+                task.remove_headers(&fields);
+                if skip_span {
+                    // The rest of the context (baggage, say) still travels.
+                    let without_span = cx.with_remote_span_context(SpanContext::empty_context());
+                    p.inject_context(&without_span, &mut TaskInjector(task));
+                } else {
+                    p.inject_context(cx, &mut TaskInjector(task));
+                }
+            }),
         }
     }
 }
@@ -525,7 +540,9 @@ impl fmt::Debug for OtelPropagator {
 
 impl Propagator for OtelPropagator {
     /// Writes the current context (the `natasks.dispatch` span's, which is current during
-    /// the dispatch) into the task's headers. Writes nothing without a valid span context.
+    /// the dispatch) into the task's headers, replacing any the task already carried. W3C
+    /// trace context is written only for a valid span context (and, with
+    /// [`sampled_only`](OtelPropagator::sampled_only), a sampled one).
     fn inject(&self, task: &mut Task) {
         Context::map_current(|cx| self.inject_context(cx, task));
     }
@@ -636,6 +653,80 @@ mod tests {
         let cx = OtelPropagator::new().extract(&headers(&[("Traceparent", value)]));
         assert_eq!(cx.span().span_context().span_id(), SpanId::from(0xb7ad6b7169203331));
         assert!(cx.span().span_context().is_sampled());
+    }
+
+    fn remote(sampled: bool) -> Context {
+        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(0x1234),
+            SpanId::from(0x5678),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    fn header(task: &Task, name: &str) -> Option<String> {
+        task.header(name).map(str::to_owned)
+    }
+
+    /// A received task dispatched again must not carry on the context it came with.
+    #[test]
+    fn inject_replaces_the_context_a_task_came_with() {
+        let stale = || {
+            Task::new("t", "")
+                .with_header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .with_header("tracestate", "old=1")
+                .with_header("x-kept", "yes")
+        };
+        let cases = [
+            (
+                OtelPropagator::new(),
+                remote(true),
+                Some("00-00000000000000000000000000001234-0000000000005678-01"),
+            ),
+            (OtelPropagator::new(), Context::new(), None),
+            (OtelPropagator::new().sampled_only(), remote(false), None),
+        ];
+        for (propagator, cx, traceparent) in cases {
+            let mut task = stale();
+            propagator.inject_context(&cx, &mut task);
+            assert_eq!(header(&task, "traceparent").as_deref(), traceparent, "{propagator:?}");
+            assert_eq!(header(&task, "tracestate"), None, "{propagator:?}");
+            assert_eq!(header(&task, "x-kept").as_deref(), Some("yes"));
+        }
+    }
+
+    /// With `sampled_only` an unsampled dispatch leaves out the span, not the rest of the
+    /// context: baggage still travels, and the worker keeps it.
+    #[test]
+    fn sampled_only_still_carries_baggage() {
+        use opentelemetry::baggage::BaggageExt as _;
+        use opentelemetry::propagation::TextMapCompositePropagator;
+        use opentelemetry_sdk::propagation::BaggagePropagator;
+        let propagator = || {
+            OtelPropagator::with(TextMapCompositePropagator::new(vec![
+                Box::new(TraceContextPropagator::new()),
+                Box::new(BaggagePropagator::new()),
+            ]))
+            .sampled_only()
+        };
+        let cx = remote(false).with_baggage([KeyValue::new("tenant", "acme")]);
+        let mut task = Task::new("t", "");
+        propagator().inject_context(&cx, &mut task);
+        assert_eq!(header(&task, "traceparent"), None);
+        assert_eq!(header(&task, "baggage").as_deref(), Some("tenant=acme"));
+
+        let received = propagator().extract(task.headers());
+        assert_eq!(
+            received.baggage().get("tenant").map(|v| v.to_string()).as_deref(),
+            Some("acme")
+        );
+        let span = received.span();
+        assert!(span.span_context().is_valid() && !span.span_context().is_sampled());
     }
 
     #[test]

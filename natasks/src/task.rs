@@ -140,6 +140,24 @@ impl Task {
         self.headers_mut().insert(name, async_nats::HeaderValue::from(value));
     }
 
+    /// Removes the headers named in `names`, in any case.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn remove_headers(&mut self, names: &[&str]) {
+        let matches = |name: &str| names.iter().any(|n| n.eq_ignore_ascii_case(name));
+        if !self.headers().iter().any(|(name, _)| matches(name.as_ref())) {
+            return;
+        }
+        let mut kept = HeaderMap::new();
+        for (name, values) in self.headers().iter() {
+            if !matches(name.as_ref()) {
+                for value in values {
+                    kept.append(name.clone(), value.clone());
+                }
+            }
+        }
+        self.headers = Some(Arc::new(kept));
+    }
+
     pub(crate) fn invalid_header(&self) -> Option<&InvalidName> {
         self.invalid_header.as_ref()
     }
