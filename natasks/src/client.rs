@@ -122,13 +122,14 @@ impl Client {
                 // Only natasks runs until the task is stored, so the span's context needs
                 // to be current only while the task is prepared (the propagator writes it
                 // into the headers), not on every poll of the publish.
+                let publisher = &self.inner.publisher;
+                let started = publisher.clock();
                 let prepared = {
                     let _current = cx.clone().attach();
-                    self.inner.publisher.prepare(dispatch)
+                    publisher.prepare(dispatch)
                 };
-                let publisher = &self.inner.publisher;
                 async {
-                    let stored = publisher.send(prepared).await;
+                    let stored = publisher.send(prepared, started).await;
                     if let Ok(sequence) = stored {
                         crate::otel::set_sequence(&cx, sequence);
                     }
@@ -187,13 +188,23 @@ fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
 impl Publisher {
     /// Prepares and publishes `dispatch`; the stored message's stream sequence.
     async fn publish(&self, dispatch: Dispatch) -> Result<u64, DispatchError> {
+        let started = self.clock();
         let prepared = self.prepare(dispatch);
-        self.send(prepared).await
+        self.send(prepared, started).await
     }
 
-    /// Publishes a prepared dispatch and tells the observers how it went.
-    async fn send(&self, prepared: Result<Prepared, Rejected>) -> Result<u64, DispatchError> {
-        let started = (!self.observers.is_empty()).then(Instant::now);
+    /// The start of a dispatch, if observers want its duration.
+    fn clock(&self) -> Option<Instant> {
+        (!self.observers.is_empty()).then(Instant::now)
+    }
+
+    /// Publishes a prepared dispatch and tells the observers how it went, timed from
+    /// `started` (taken before it was prepared).
+    async fn send(
+        &self,
+        prepared: Result<Prepared, Rejected>,
+        started: Option<Instant>,
+    ) -> Result<u64, DispatchError> {
         let (result, about) = match prepared {
             Ok(Prepared { subject, message, about }) => {
                 (self.store(subject, message, &about).await, about)

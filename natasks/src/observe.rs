@@ -34,7 +34,9 @@ use crate::error::DispatchError;
 use crate::worker::DeadLetterReason;
 
 /// Receives an event for every dispatch and processing attempt. Methods default to doing
-/// nothing; they run inline on the hot path, so keep them cheap.
+/// nothing; they run inline on the hot path, so keep them cheap. Events carry what they
+/// report: do not rely on natasks' OpenTelemetry or `tracing` span being current when
+/// they arrive.
 pub trait Observer: Send + Sync + 'static {
     /// A dispatch finished (stored, refused or failed).
     fn dispatched(&self, event: &Dispatched<'_>) {
