@@ -47,8 +47,8 @@ use natasks::otel::{tracing_opentelemetry, OtelPropagator};
 use natasks::{Client, HandlerError, Task, Worker};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    InMemorySpanExporter, Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData,
-    SpanExporter,
+    BatchConfigBuilder, BatchSpanProcessor, InMemorySpanExporter, Sampler, SamplingResult,
+    SdkTracerProvider, ShouldSample, SpanData, SpanExporter,
 };
 use tracing_subscriber::prelude::*;
 
@@ -102,8 +102,17 @@ struct Observability {
     provider: SdkTracerProvider,
 }
 
+/// The batch processor's queue. The SDK's default (2,048 spans) holds about 20 ms of spans
+/// when every trace is recorded at this rate, and the processor silently drops what does
+/// not fit, which would make recording look cheaper than it is; a service at this rate
+/// would raise it too. Runs that record every trace check that nothing was dropped.
+const SPAN_QUEUE: usize = 16_384;
+
+/// Spans the discarding exporter has received.
+static EXPORTED: AtomicU64 = AtomicU64::new(0);
+
 /// A span exporter that drops what it gets, standing in for a production exporter (OTLP
-/// over the network) without keeping every span in memory.
+/// over the network) without keeping every span in memory; it counts them.
 #[derive(Debug, Default)]
 struct DiscardingExporter;
 
@@ -112,9 +121,17 @@ impl SpanExporter for DiscardingExporter {
         &self,
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        EXPORTED.fetch_add(batch.len() as u64, Ordering::Relaxed);
         drop(std::hint::black_box(batch));
         std::future::ready(Ok(()))
     }
+}
+
+/// A batch processor for `exporter` with a queue of [`SPAN_QUEUE`] spans.
+fn batch(exporter: impl SpanExporter + 'static) -> BatchSpanProcessor {
+    BatchSpanProcessor::builder(exporter)
+        .with_batch_config(BatchConfigBuilder::default().with_max_queue_size(SPAN_QUEUE).build())
+        .build()
 }
 
 fn observability() -> &'static Observability {
@@ -132,8 +149,10 @@ fn observability() -> &'static Observability {
         let memory = std::env::var("OBS_EXPORTER").as_deref() == Ok("memory");
         let exporter = memory.then(InMemorySpanExporter::default);
         let provider = match &exporter {
-            Some(exporter) => SdkTracerProvider::builder().with_batch_exporter(exporter.clone()),
-            None => SdkTracerProvider::builder().with_batch_exporter(DiscardingExporter),
+            Some(exporter) => {
+                SdkTracerProvider::builder().with_span_processor(batch(exporter.clone()))
+            }
+            None => SdkTracerProvider::builder().with_span_processor(batch(DiscardingExporter)),
         }
         .with_sampler(sampler)
         .build();
@@ -201,9 +220,9 @@ pub async fn e2e_observed(
     concurrency: usize,
 ) -> Res<Sample> {
     let obs = observability();
-    let sample =
+    let sample_ratio: f64 =
         std::env::var("OBS_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(setup.sample);
-    RATIO.store(f64::to_bits(sample), Ordering::Relaxed);
+    RATIO.store(f64::to_bits(sample_ratio), Ordering::Relaxed);
     env.with_stream(|layout, plain_client| async move {
         let done = Done::new(n, None);
         let mut client = Client::builder(env.publish.clone())
@@ -263,13 +282,25 @@ pub async fn e2e_observed(
             scraper.abort();
         }
         OBSERVING.store(false, Ordering::Relaxed);
+        let mut exported = 0;
         if observed {
             obs.provider.force_flush()?;
+            exported = EXPORTED.swap(0, Ordering::Relaxed);
             if let Some(exporter) = &obs.exporter {
+                exported = exporter.get_finished_spans()?.len() as u64;
                 exporter.reset();
             }
         }
         waited?;
+        // Every task has a dispatch and a process span when every trace is recorded.
+        let expected = 2 * n as u64;
+        if observed && sample_ratio >= 1.0 && mode() != "metrics" && exported < expected {
+            return Err(format!(
+                "the span processor dropped {} of {expected} spans; raise SPAN_QUEUE",
+                expected - exported
+            )
+            .into());
+        }
         Ok(sample)
     })
     .await
