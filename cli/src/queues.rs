@@ -1,8 +1,9 @@
 //! `natasks queues`: every queue with its counts.
 //!
 //! * `stored`: messages on `<prefix>.<queue>` (waiting, in flight or waiting for a retry).
-//! * `pending`: stored tasks not yet handed to a worker: the consumer's `num_pending` when the
-//!   queue has a worker consumer, else `stored`.
+//! * `pending`: stored tasks not yet handed to a worker: `stored` less `in_flight`. (The
+//!   consumer's `num_pending` is a counter the server keeps on the side, seen one too high
+//!   while tasks were in flight.)
 //! * `in_flight`: delivered and not yet acknowledged (the consumer's `num_ack_pending`).
 //! * `redelivered`: in flight and delivered more than once (`num_redelivered`).
 //! * `dlq`: messages on the dead-letter queue `<queue><dlq suffix>`.
@@ -55,7 +56,9 @@ pub async fn run(g: &Global) -> Result<()> {
         }
     }
 
-    let pending = |row: &Row| row.consumer.as_ref().map_or(row.stored, |c| c.num_pending);
+    let pending = |row: &Row| {
+        row.stored.saturating_sub(row.consumer.as_ref().map_or(0, |c| c.num_ack_pending as u64))
+    };
     if g.json {
         let list: Vec<_> = rows
             .iter()

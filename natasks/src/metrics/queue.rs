@@ -176,14 +176,18 @@ impl QueueMetrics {
             Some(name) => name.clone(),
             None => wire::consumer_name(&self.consumer_prefix, queue),
         };
-        let (pending, in_flight) = match stream.consumer_info(&consumer).await {
-            Ok(info) => (info.num_pending, info.num_ack_pending as u64),
+        let stored = subject_count(&stream, &subject).await?;
+        // A stored task either waits for its first delivery or is delivered and not yet
+        // settled (running, or waiting for a retry). Pending is counted from what is stored,
+        // not read from the consumer's `num_pending`: the server keeps that counter on the
+        // side, and it was seen one too high for as long as tasks stayed in flight.
+        let in_flight = match stream.consumer_info(&consumer).await {
+            Ok(info) => info.num_ack_pending as u64,
             // No worker yet: everything stored is waiting.
-            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
-                (subject_count(&stream, &subject).await?, 0)
-            }
+            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => 0,
             Err(err) => return Err(err.into()),
         };
+        let pending = stored.saturating_sub(in_flight);
         let dlq_depth = subject_count(&stream, &dlq).await?;
         let oldest_age = match stream.get_next_raw_message_by_subject(&subject).await {
             Ok(message) => {
