@@ -180,9 +180,6 @@ impl Worker {
     /// Processes tasks until `signal` completes or the shutdown handle is triggered, then
     /// shuts down gracefully: stops pulling, lets running handlers finish (up to the drain
     /// timeout) and hands every unfinished or buffered task back for prompt redelivery.
-    /// The last pull requests stay open on the server until they expire (`fetch_timeout`);
-    /// until then a background task hands back whatever they still deliver, as long as the
-    /// connection is open.
     ///
     /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
     /// consumer if needed and resumes. Returns an error only when the connection is closed

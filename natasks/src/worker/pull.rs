@@ -60,8 +60,6 @@ pub(super) struct Puller {
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
-    /// When the last pull request was sent: every request has ended `expires` after it.
-    last_request: Instant,
 }
 
 impl Puller {
@@ -86,7 +84,6 @@ impl Puller {
             outstanding: 0,
             buffer: VecDeque::with_capacity(batch),
             last_heard: Instant::now(),
-            last_request: Instant::now(),
         })
     }
 
@@ -196,32 +193,22 @@ impl Puller {
             .map_err(|e| PullError::Request(e.to_string()))?;
         self.outstanding += self.batch;
         self.last_heard = Instant::now();
-        self.last_request = self.last_heard;
         Ok(())
     }
 
     /// Stops pulling and hands every message already delivered to this worker back to the
-    /// broker for immediate redelivery. Returns how many were handed back by the time it
-    /// returns.
-    ///
-    /// Pull requests still open on the server can deliver until they expire, and a message
-    /// they send once the inbox is unsubscribed would wait out the ack wait. So while any
-    /// request is open, a task of its own keeps the inbox, hands back whatever still
-    /// arrives, and lets go once the last request has ended (at most `expires` after it
-    /// was sent); the caller does not wait for it.
+    /// broker for immediate redelivery. Returns how many were handed back.
     pub(super) async fn hand_back(mut self, limit: Duration) -> usize {
+        // Unsubscribe, then receive what the server sent before it saw the unsubscribe; the
+        // subscription ends when the server's answer to the following ping arrives.
         let mut handed_back = 0;
         for (_, message) in std::mem::take(&mut self.buffer) {
-            self.nak(message).await;
+            let message = self.wrap(message);
+            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(error = %err, "could not hand back a buffered task");
+            }
             handed_back += 1;
         }
-        if self.outstanding > 0 {
-            tokio::spawn(self.hand_back_until_requests_end());
-            return handed_back;
-        }
-        // No request open: unsubscribe, then receive what the server sent before it saw the
-        // unsubscribe; the subscription ends when the server's answer to the following ping
-        // arrives.
         if self.subscriber.drain().await.is_err() {
             return handed_back;
         }
@@ -230,35 +217,13 @@ impl Puller {
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
             if matches!(message.status, None | Some(StatusCode::OK)) {
-                self.nak(message).await;
+                let message = jetstream::Message { message, context: self.context.clone() };
+                if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                    tracing::warn!(error = %err, "could not hand back a buffered task");
+                }
                 handed_back += 1;
             }
         }
         handed_back
-    }
-
-    /// Hands back what the open requests still deliver, until they have all ended.
-    async fn hand_back_until_requests_end(mut self) {
-        // The server ends a request at its expiry with a status message; a heartbeat's
-        // worth of margin covers the trip.
-        let deadline = self.last_request + self.expires + self.heartbeat;
-        while self.outstanding > 0 {
-            let message = match tokio::time::timeout_at(deadline, self.subscriber.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) | Err(_) => break,
-            };
-            match self.receive(message) {
-                Ok(Some(message)) => self.nak(message).await,
-                Ok(None) => {}
-                Err(_) => break,
-            }
-        }
-        let _ = self.subscriber.unsubscribe().await;
-    }
-
-    async fn nak(&self, message: async_nats::Message) {
-        if let Err(err) = self.wrap(message).ack_with(AckKind::Nak(None)).await {
-            tracing::warn!(error = %err, "could not hand back a buffered task");
-        }
     }
 }
