@@ -180,6 +180,8 @@ impl Worker {
     /// Processes tasks until `signal` completes or the shutdown handle is triggered, then
     /// shuts down gracefully: stops pulling, lets running handlers finish (up to the drain
     /// timeout) and hands every unfinished or buffered task back for prompt redelivery.
+    /// (A task the server delivers at the very moment the worker unsubscribes comes back
+    /// after the ack wait instead; see the README's delivery guarantees.)
     ///
     /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
     /// consumer if needed and resumes. Returns an error only when the connection is closed
