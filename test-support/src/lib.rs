@@ -156,6 +156,23 @@ fn free_port() -> u16 {
     listener.local_addr().expect("failed to read local address of port-picking listener").port()
 }
 
+/// Pick `n` distinct free TCP ports on 127.0.0.1. The listeners are held until all are
+/// picked: released one by one, the system may hand out the same port twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .expect("failed to bind 127.0.0.1:0 to pick a free port")
+        })
+        .collect();
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr().expect("failed to read local address of a port-picking listener").port()
+        })
+        .collect()
+}
+
 /// Last `n` lines of the file at `path` (or a note why it can't be read).
 fn tail(path: &Path, n: usize) -> String {
     match std::fs::read(path) {
@@ -614,8 +631,10 @@ impl NatsCluster {
     /// created within 30 seconds.
     pub async fn start(size: usize) -> NatsCluster {
         assert!(size >= 1, "a cluster needs at least one server");
-        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        // Client and route ports in one pick, so that no two nodes are given the same port.
+        let mut ports = free_ports(2 * size);
+        let cluster_ports = ports.split_off(size);
+        let client_ports = ports;
         let routes = cluster_ports
             .iter()
             .map(|port| format!("nats://127.0.0.1:{port}"))
