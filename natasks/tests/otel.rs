@@ -81,6 +81,11 @@ async fn wait_for_spans(name: &str, queue: &str, n: usize) -> Vec<SpanData> {
     spans(name, queue)
 }
 
+/// A client that propagates W3C trace context.
+async fn traced_client(js: async_nats::jetstream::Context) -> Client {
+    Client::builder(js).propagator(OtelPropagator::new()).build().await.unwrap()
+}
+
 fn assert_attrs(span: &SpanData, pairs: &[(&str, &str)]) {
     for (key, value) in pairs {
         assert_eq!(attr(span, key).as_deref(), Some(*value), "attribute {key} of {}", span.name);
@@ -92,11 +97,7 @@ async fn processing_span_is_a_child_of_the_dispatch_span() {
     exporter();
     let server = NatsServer::start().await;
     // Client and worker on separate connections, as in two services.
-    let client = Client::builder(server.jetstream().await)
-        .propagator(OtelPropagator::new())
-        .build()
-        .await
-        .unwrap();
+    let client = traced_client(server.jetstream().await).await;
     let mut seen = Seen::new();
     let tx = seen.tx.clone();
     let worker = Worker::builder(server.jetstream().await, "traced")
@@ -197,8 +198,7 @@ async fn failed_attempts_have_error_status_and_stay_in_the_trace() {
     exporter();
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    let client =
-        Client::builder(js.clone()).propagator(OtelPropagator::new()).build().await.unwrap();
+    let client = traced_client(js.clone()).await;
     let worker = Worker::builder(js.clone(), "failing")
         .propagator(OtelPropagator::new())
         .max_retries(1)
@@ -240,11 +240,7 @@ async fn failed_attempts_have_error_status_and_stay_in_the_trace() {
 async fn failed_dispatch_has_error_status() {
     exporter();
     let server = NatsServer::start().await;
-    let client = Client::builder(server.jetstream().await)
-        .propagator(OtelPropagator::new())
-        .build()
-        .await
-        .unwrap();
+    let client = traced_client(server.jetstream().await).await;
     let err = client.dispatch(Task::new("t", ""), "bad.queue").await.unwrap_err();
     assert_eq!(err.kind(), natasks::DispatchErrorKind::InvalidTask);
     let dispatch = wait_for_spans("natasks.dispatch", "bad.queue", 1).await.remove(0);
