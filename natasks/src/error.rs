@@ -137,8 +137,11 @@ impl From<InvalidName> for DispatchError {
 pub enum RunErrorKind {
     /// The NATS connection was closed for good (drained, or out of reconnect attempts).
     ConnectionClosed,
-    /// `run_until` was called while the worker was already running.
+    /// `run_until` was called while the worker was already running (or still shutting
+    /// down after a call whose future was dropped).
     AlreadyRunning,
+    /// The Tokio runtime shut down while the worker ran.
+    RuntimeShutdown,
 }
 
 /// [`Worker::run_until`](crate::Worker::run_until) stopped with an error.

@@ -76,7 +76,9 @@ pub struct Dispatched<'a> {
 pub struct Started<'a> {
     /// The queue.
     pub queue: &'a str,
-    /// The task name (empty for a message without one).
+    /// The task name; `(unrouted)` for a message without one or naming a task no handler
+    /// is registered for (names come from the wire: one label for them all keeps metrics
+    /// bounded).
     pub task: &'a str,
     /// Delivery attempt, from 1.
     pub attempt: u64,
@@ -88,7 +90,9 @@ pub struct Started<'a> {
 pub struct Finished<'a> {
     /// The queue.
     pub queue: &'a str,
-    /// The task name (empty for a message without one).
+    /// The task name; `(unrouted)` for a message without one or naming a task no handler
+    /// is registered for (names come from the wire: one label for them all keeps metrics
+    /// bounded).
     pub task: &'a str,
     /// Delivery attempt, from 1.
     pub attempt: u64,

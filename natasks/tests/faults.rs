@@ -2,10 +2,10 @@
 //! unique ids and ends by checking that every dispatch that returned `Ok` was processed at
 //! least once, reporting duplicates.
 //!
-//! The worker process of the first scenario is this test binary itself: the test
-//! `fault_worker_process` runs a worker when `NATASKS_FAULT_WORKER_URL` is set (and
-//! returns at once otherwise), and the scenario starts it as a child process and kills it
-//! with SIGKILL.
+//! The worker process of the first scenario is this test binary itself: the ignored test
+//! `fault_worker_process` is the worker program (it needs `NATASKS_FAULT_WORKER_URL`, and
+//! fails without it), and the scenario starts it as a child process with `--ignored` and
+//! kills it with SIGKILL. It is ignored so that a plain run does not count it as a test.
 
 mod common;
 
@@ -241,14 +241,14 @@ async fn wait_queue_empty(js: &jetstream::Context, subject: &str) {
 // 1. A worker process is SIGKILLed mid-burst; a new worker process finishes the work.
 // ---------------------------------------------------------------------------------------
 
-/// The child worker program. Returns at once unless `NATASKS_FAULT_WORKER_URL` is set;
-/// then it runs a worker printing `started`/`processed <id> <attempt> <sequence>` lines
-/// until it is killed (or stops by itself after a minute).
+/// The child worker program, started by `worker_process_killed_mid_burst_loses_nothing`:
+/// runs a worker printing `started`/`processed <id> <attempt> <sequence>` lines until it is
+/// killed (or stops by itself after a minute).
 #[tokio::test]
+#[ignore = "the worker program of a fault scenario, started by it as a child process"]
 async fn fault_worker_process() {
-    let Ok(url) = std::env::var(WORKER_URL_ENV) else {
-        return;
-    };
+    let url = std::env::var(WORKER_URL_ENV)
+        .unwrap_or_else(|_| panic!("{WORKER_URL_ENV} is not set: this is a child process"));
     let queue = std::env::var(WORKER_QUEUE_ENV).expect("queue variable set with the URL");
     let client = async_nats::connect(&url).await.expect("child worker connects");
     let handler = |task: Task| async move {
@@ -301,7 +301,13 @@ impl ChildWorker {
     async fn start(url: &str, queue: &str, ledger: Shared, label: &'static str) -> ChildWorker {
         let exe = std::env::current_exe().expect("path of the test binary");
         let mut child = Command::new(exe)
-            .args(["fault_worker_process", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "fault_worker_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WORKER_URL_ENV, url)
             .env(WORKER_QUEUE_ENV, queue)
             .stdin(Stdio::null())
@@ -632,14 +638,14 @@ async fn graceful_shutdown_mid_burst_hands_work_to_the_other_worker() {
     a.stop().await.expect("graceful shutdown is not an error");
     let a_stopped = stopping.elapsed();
     tokio::time::timeout(DEADLINE, dispatcher).await.expect("dispatcher finished").unwrap();
-    let mut straggler = false;
+    // A keeps its inbox until its open pull requests have ended, so no task reaches an
+    // inbox nobody reads; the rest is handed to B at once, not after the ack wait.
     if let Err(unprocessed) = try_wait_all_processed(&ledger, Duration::from_secs(10)).await {
-        // Where are they? Delivered and unacknowledged means they wait for the ack wait.
         let stream = js.get_stream("NATASKS").await.unwrap();
         let mut consumer: jetstream::consumer::PullConsumer =
             stream.get_consumer("natasks-drain").await.unwrap();
         let info = consumer.info().await.unwrap().clone();
-        let state = format!(
+        panic!(
             "graceful-shutdown: {unprocessed}; consumer: num_pending={} num_ack_pending={} \
              num_waiting={} num_redelivered={}; B is running {}",
             info.num_pending,
@@ -648,23 +654,13 @@ async fn graceful_shutdown_mid_burst_hands_work_to_the_other_worker() {
             info.num_redelivered,
             !b.join.is_finished()
         );
-        // The one known way for a task to miss the hand-back: A's pull request delivered it
-        // just as A unsubscribed its inbox, and it reached no one. It is not lost: it comes
-        // back after the ack wait. More than one such task, or any other state, is a defect.
-        let one_in_flight = info.num_ack_pending == 1 && info.num_pending == 0;
-        assert!(ledger.lock().unwrap().lost().len() == 1 && one_in_flight, "{state}");
-        println!("{state}: delivered as A unsubscribed; waiting for the ack wait");
-        straggler = true;
-        wait_all_processed(&ledger, LONG_ACK_WAIT + DEADLINE, "graceful-shutdown").await;
     }
     let took = stopping.elapsed();
     wait_queue_empty(&js, "natasks.drain").await;
     b.stop().await.unwrap();
 
     println!("graceful-shutdown: A stopped in {a_stopped:?}; all tasks done {took:?} after");
-    if !straggler {
-        assert!(took < LONG_ACK_WAIT / 2, "handed-back tasks waited for the ack wait ({took:?})");
-    }
+    assert!(took < LONG_ACK_WAIT / 2, "handed-back tasks waited for the ack wait ({took:?})");
     let ledger = ledger.lock().unwrap();
     assert!(ledger.by_worker.get("b").copied().unwrap_or(0) > 0, "B processed nothing");
     assert_eq!(ledger.duplicates(), 0, "a task was processed twice: {:?}", ledger.processed);

@@ -12,8 +12,10 @@ use common::*;
 use natasks::{Client, HandlerError, RunErrorKind, Task, Worker};
 use tokio::sync::{oneshot, watch, Notify};
 
-/// How long a stopped worker may take to return from `run` when nothing is running.
-const PROMPT: Duration = Duration::from_secs(5);
+/// How long a stopped worker may take to return from `run` when nothing is running: it
+/// keeps its inbox until its open pull request has expired (`fetch_timeout`), so that no
+/// task reaches an inbox nobody reads.
+const PROMPT: Duration = Duration::from_secs(natasks::DEFAULT_FETCH_TIMEOUT.as_secs() + 2);
 
 /// Consumer info of the queue's durable consumer.
 async fn consumer_info(js: &jetstream::Context, queue: &str) -> jetstream::consumer::Info {
@@ -196,8 +198,11 @@ async fn drain_timeout_hands_unfinished_work_back_promptly() {
     wait_stream_empty(&js).await;
 }
 
+/// A worker holds only the tasks it runs: with one slot and `fetch_batch(20)`, the other
+/// 19 stay on the server while it works, and after a graceful stop another worker takes
+/// them at once, each on its first delivery.
 #[tokio::test]
-async fn buffered_messages_are_handed_back_at_shutdown() {
+async fn unstarted_tasks_stay_on_the_server_across_a_graceful_stop() {
     const TASKS: usize = 20;
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
@@ -231,12 +236,12 @@ async fn buffered_messages_are_handed_back_at_shutdown() {
         .unwrap();
     let a = spawn(a);
     started.recv().await;
-    // Every task was delivered to A: one is running, the rest sit in its pull buffer.
-    eventually(DEADLINE, "all tasks delivered to worker A", || async {
-        let info = consumer_info(&js, "q").await;
-        info.num_pending == 0 && info.num_ack_pending > 1
-    })
-    .await;
+    let info = consumer_info(&js, "q").await;
+    assert_eq!(
+        (info.num_ack_pending, info.num_pending),
+        (1, TASKS as u64 - 1),
+        "A holds only the task it runs"
+    );
 
     let mut seen_b = Seen::new();
     let b = Worker::builder(js.clone(), "q")
@@ -250,9 +255,9 @@ async fn buffered_messages_are_handed_back_at_shutdown() {
 
     let start = Instant::now();
     a.stop().await.expect("shutdown is not an error");
-    let mut processed = std::collections::HashSet::new();
+    let mut processed = std::collections::HashMap::new();
     while let Some(id) = done_a.recv_within(Duration::ZERO).await {
-        processed.insert(id);
+        processed.insert(id, 1);
     }
     let a_count = processed.len();
     assert!(a_count >= 1, "A's running handler should have finished during the drain");
@@ -260,19 +265,19 @@ async fn buffered_messages_are_handed_back_at_shutdown() {
     while processed.len() < TASKS {
         let left = deadline.saturating_duration_since(Instant::now());
         match seen_b.recv_within(left).await {
-            Some((id, _attempt)) => {
-                processed.insert(id);
+            Some((id, attempt)) => {
+                assert!(processed.insert(id.clone(), attempt).is_none(), "{id} ran twice");
             }
             None => panic!(
-                "only {} of {TASKS} tasks processed within {PROMPT:?} of A's shutdown \
-                 (buffered tasks not handed back wait for the 30 s ack wait)",
+                "only {} of {TASKS} tasks processed within {PROMPT:?} of A's shutdown",
                 processed.len()
             ),
         }
     }
     println!("A processed {a_count}; B got the rest {:?} after A's shutdown", start.elapsed());
     for i in 0..TASKS {
-        assert!(processed.contains(&format!("task-{i}")), "task-{i} never processed");
+        let attempt = processed.get(&format!("task-{i}"));
+        assert_eq!(attempt, Some(&1), "task-{i}: a graceful stop must cost no attempt");
     }
     b.stop().await.unwrap();
     wait_stream_empty(&js).await;
@@ -598,11 +603,6 @@ async fn shutdown_outcomes_are_sent_before_run_returns() {
         .await
         .unwrap()
         .expect("worker A started a task");
-    eventually(DEADLINE, "all tasks delivered to worker A", || async {
-        let info = consumer_info(&js, "q").await;
-        info.num_pending == 0 && info.num_ack_pending > 1
-    })
-    .await;
 
     let mut seen_b = Seen::new();
     let b = Worker::builder(js.clone(), "q")
@@ -621,12 +621,13 @@ async fn shutdown_outcomes_are_sent_before_run_returns() {
         .unwrap()
         .expect("worker A's thread panicked")
         .expect("shutdown is not an error");
-    let mut processed = std::collections::HashSet::from([first]);
+    let mut processed = std::collections::HashSet::from([first.clone()]);
     let deadline = start + PROMPT;
     while processed.len() < TASKS {
         let left = deadline.saturating_duration_since(Instant::now());
         match seen_b.recv_within(left).await {
             Some((id, _)) => {
+                assert_ne!(id, first, "A's finished task ran again: its ack never left A");
                 processed.insert(id);
             }
             None => panic!(
@@ -640,9 +641,9 @@ async fn shutdown_outcomes_are_sent_before_run_returns() {
     wait_stream_empty(&js).await;
 }
 
-/// A worker asks the server for no more tasks than it has free slots (plus the configured
-/// prefetch): a task must not sit in the worker's buffer behind slow handlers until its ack
-/// wait runs out and it is delivered a second time.
+/// A task must not sit in the worker behind slow handlers until its ack wait runs out and it
+/// is delivered a second time (the worker asks for no more tasks than it has free slots:
+/// `correctness::worker_holds_no_more_tasks_than_free_slots` checks that directly).
 #[tokio::test]
 async fn slow_handlers_do_not_strand_buffered_tasks_past_the_ack_wait() {
     let server = NatsServer::start().await;

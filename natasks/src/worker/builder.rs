@@ -131,8 +131,13 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many messages one pull request asks for (at least `concurrency` are asked for).
-    /// Default: 1. Range: 1 to 65,536.
+    /// Accepted for parity with the Go library's option. Default: 1. Range: 1 to 65,536.
+    ///
+    /// The worker never asks the server for more tasks than it has free slots, whatever
+    /// this value: a task it held without a slot would wait behind slow handlers and, at a
+    /// shutdown or reconnect, go back to the broker with an attempt spent. Requests are
+    /// topped up to the free slots as they free up, so a busy worker sends about one
+    /// request per half of its `concurrency`.
     pub fn fetch_batch(mut self, n: usize) -> Self {
         self.fetch_batch = n;
         self
@@ -140,6 +145,11 @@ impl WorkerBuilder {
 
     /// How long a pull request waits for messages before it is renewed. Default: 5 s.
     /// Minimum: 1 s.
+    ///
+    /// A graceful shutdown of an idle worker takes up to this long: the worker keeps its
+    /// inbox until the request it already sent has ended, and runs what it still brings,
+    /// so that no task reaches an inbox nobody reads (it would come back only after the ack
+    /// wait, with an attempt spent).
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout;
         self
@@ -307,7 +317,6 @@ impl WorkerBuilder {
                 ),
             ));
         }
-        let slots = self.concurrency.max(self.fetch_batch);
         let max_ack_pending = match self.max_ack_pending {
             Some(n) if n < self.concurrency as i64 => {
                 return Err(SetupError::invalid_option(
@@ -359,7 +368,6 @@ impl WorkerBuilder {
         Ok(Settings {
             consumer,
             concurrency: self.concurrency,
-            pull_batch: slots,
             fetch_timeout: self.fetch_timeout,
             idle_wait: self.idle_wait.max(Duration::from_millis(10)),
             task_timeout: (!self.task_timeout.is_zero()).then_some(self.task_timeout),
@@ -379,7 +387,6 @@ impl WorkerBuilder {
 pub(crate) struct Settings {
     pub(crate) consumer: String,
     pub(crate) concurrency: usize,
-    pub(crate) pull_batch: usize,
     pub(crate) fetch_timeout: Duration,
     pub(crate) idle_wait: Duration,
     pub(crate) task_timeout: Option<Duration>,

@@ -109,7 +109,9 @@ pub struct Worker {
     inner: Arc<WorkerInner>,
     consumer: consumer::PullConsumer,
     shutdown: CancellationToken,
-    running: AtomicBool,
+    /// Set while a run (including its shutdown) is under way; cleared by the run itself, so
+    /// it stays set while a run whose caller went away is still shutting down.
+    running: Arc<AtomicBool>,
 }
 
 /// Triggers a graceful shutdown of a [`Worker`] from elsewhere.
@@ -148,7 +150,7 @@ impl Worker {
             inner: Arc::new(inner),
             consumer,
             shutdown: CancellationToken::new(),
-            running: AtomicBool::new(false),
+            running: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -186,6 +188,11 @@ impl Worker {
     /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
     /// consumer if needed and resumes. Returns an error only when the connection is closed
     /// for good. A worker that has stopped stays stopped.
+    ///
+    /// Cancel-safe: dropping the returned future (a timeout, a `select!`) shuts the worker
+    /// down gracefully in the background, as the signal would; a later call waits for
+    /// nothing and returns `Ok` once that shutdown has finished (until then it reports
+    /// [`RunErrorKind::AlreadyRunning`]).
     pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<(), RunError> {
         if self.running.swap(true, Ordering::SeqCst) {
             return Err(RunError::new(
@@ -194,16 +201,38 @@ impl Worker {
             ));
         }
         let run = run::run(self.inner.clone(), self.consumer.clone(), self.shutdown.clone());
-        tokio::pin!(run);
-        let result = tokio::select! {
-            result = &mut run => result,
+        let running = RunningFlag(self.running.clone());
+        let mut run = tokio::spawn(async move {
+            let _running = running;
+            run.await
+        });
+        // Dropped with this future unless disarmed: the run then shuts down on its own.
+        let stop_if_dropped = self.shutdown.clone().drop_guard();
+        let joined = tokio::select! {
+            joined = &mut run => joined,
             () = signal => {
                 self.shutdown.cancel();
                 run.await
             }
         };
-        self.running.store(false, Ordering::SeqCst);
-        result
+        stop_if_dropped.disarm();
+        match joined {
+            Ok(result) => result,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => Err(RunError::new(
+                RunErrorKind::RuntimeShutdown,
+                format!("worker for queue {:?} stopped with the runtime: {err}", self.inner.queue),
+            )),
+        }
+    }
+}
+
+/// Clears the running flag when a run ends, however it ends.
+struct RunningFlag(Arc<AtomicBool>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::pull::Leased;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
 use crate::middleware::Next;
@@ -35,12 +36,18 @@ enum Settle {
     Discard,
 }
 
+/// The label observers (and so metrics) get for a task name no handler is registered for:
+/// names come from the wire, and a producer putting ids into them must not grow a series
+/// per name.
+pub(crate) const UNROUTED_TASK: &str = "(unrouted)";
+
 pub(super) async fn process(
     inner: Arc<WorkerInner>,
-    mut message: Message,
+    leased: Leased,
     _slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
+    let Leased { mut message, since: leased_at } = leased;
     let (attempt, sequence) = match message.info() {
         Ok(info) => (u64::try_from(info.delivered).unwrap_or(1).max(1), info.stream_sequence),
         Err(err) => {
@@ -56,6 +63,10 @@ pub(super) async fn process(
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
+    let label = match task_name {
+        Some(name) if inner.routes.contains_key(name) => name,
+        _ => UNROUTED_TASK,
+    };
     let message_id = message_id(&headers);
     #[cfg(feature = "opentelemetry")]
     let otel = inner.propagator.as_deref().and_then(|p| p.as_otel()).map(|otel| {
@@ -78,10 +89,13 @@ pub(super) async fn process(
     if let Some(id) = message_id {
         span.record("message_id", id);
     }
-    observers.started(&Started { queue: &inner.queue, task: name, attempt });
+    observers.started(&Started { queue: &inner.queue, task: label, attempt });
     let settle = async {
-        match decide(&inner, &message, &headers, task_name, attempt, sequence, &abandon).await {
-            Some(settle) => apply(&inner, &message, &headers, attempt, sequence, settle).await,
+        let lease = Lease { since: leased_at, abandon: &abandon };
+        match decide(&inner, &message, &headers, task_name, attempt, sequence, &lease).await {
+            Some(settle) => {
+                apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
+            }
             None => {
                 nak(&message, None).await;
                 Outcome::HandedBack
@@ -108,7 +122,7 @@ pub(super) async fn process(
     }
     observers.finished(&Finished {
         queue: &inner.queue,
-        task: name,
+        task: label,
         attempt,
         elapsed: received.map(|at| at.elapsed()).unwrap_or_default(),
         outcome,
@@ -133,6 +147,13 @@ fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing
     )
 }
 
+/// The task's lease: when it began (delivery or last renewal), and the signal that
+/// shutdown gave up waiting for the task.
+struct Lease<'a> {
+    since: tokio::time::Instant,
+    abandon: &'a CancellationToken,
+}
+
 /// Runs the handler if the delivery can be routed; `None` when shutdown abandoned it.
 async fn decide(
     inner: &WorkerInner,
@@ -141,7 +162,7 @@ async fn decide(
     task_name: Option<&str>,
     attempt: u64,
     sequence: u64,
-    abandon: &CancellationToken,
+    lease: &Lease<'_>,
 ) -> Option<Settle> {
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
@@ -176,7 +197,13 @@ async fn decide(
         Delivery::new(inner.queue.clone(), attempt, sequence),
     );
     if let Some(propagator) = &inner.propagator {
-        propagator.extract(&mut task);
+        // A propagator is user code: a panic in it fails the attempt like a handler's.
+        let extracted =
+            std::panic::catch_unwind(AssertUnwindSafe(|| propagator.extract(&mut task)));
+        if let Err(panic) = extracted {
+            let error = format!("propagator panicked: {}", panic_message(&*panic));
+            return Some(failed(inner, attempt, HandlerError::msg(error)));
+        }
     }
     let run =
         AssertUnwindSafe(Next::new(inner.layers.clone(), handler.clone()).run(task)).catch_unwind();
@@ -190,9 +217,7 @@ async fn decide(
     // Most handlers finish on their first poll; only the others need a lease timer.
     let result = match timed.as_mut().now_or_never() {
         Some(result) => result,
-        None => {
-            renew_lease_until(message, timed, inner.settings.progress_interval, abandon).await?
-        }
+        None => renew_lease_until(message, timed, inner.settings.progress_interval, lease).await?,
     };
     let error = match result {
         Some(Ok(Ok(()))) => return Some(Settle::Ack),
@@ -209,20 +234,21 @@ async fn decide(
 }
 
 /// Drives a handler that did not finish on its first poll, renewing its lease every
-/// `period`; `None` when shutdown abandons it.
+/// `period` from when the lease began (not from when the handler started); `None` when
+/// shutdown abandons it.
 async fn renew_lease_until<F: Future>(
     message: &Message,
     mut work: Pin<&mut F>,
     period: Duration,
-    abandon: &CancellationToken,
+    lease: &Lease<'_>,
 ) -> Option<F::Output> {
-    let progress = tokio::time::sleep(period);
+    let progress = tokio::time::sleep_until(lease.since + period);
     tokio::pin!(progress);
     loop {
         tokio::select! {
             biased;
             result = work.as_mut() => return Some(result),
-            () = abandon.cancelled() => return None,
+            () = lease.abandon.cancelled() => return None,
             () = &mut progress => {
                 progress.as_mut().reset(tokio::time::Instant::now() + period);
                 if let Err(err) = message.ack_with(AckKind::Progress).await {
@@ -303,6 +329,7 @@ async fn apply(
     attempt: u64,
     sequence: u64,
     settle: Settle,
+    lease: &Lease<'_>,
 ) -> Outcome {
     match settle {
         Settle::Ack => {
@@ -322,23 +349,39 @@ async fn apply(
             Outcome::Retried(delay)
         }
         Settle::DeadLetter(reason, error) => {
-            match publish_dead_letter(inner, message, headers, attempt, sequence, reason, &error)
-                .await
-            {
-                Ok(()) => {
-                    tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
-                    span_event(inner, "task dead-lettered", &error);
-                    ack(message, AckKind::Ack).await;
-                    Outcome::DeadLettered(reason)
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "could not publish the dead letter; the task will be redelivered");
-                    span_event(inner, "could not publish the dead letter", &err.to_string());
-                    let delay = Some(inner.settings.idle_wait.max(Duration::from_secs(1)));
-                    nak(message, delay).await;
-                    Outcome::Retried(delay)
+            let publish =
+                || publish_dead_letter(inner, message, headers, attempt, sequence, reason, &error);
+            if let Err(err) = publish().await {
+                // Until the dead letter is stored, the worker keeps the task (renewing its
+                // lease) and tries again: handing it back would spend a delivery, and the
+                // redelivery could no longer tell why the task was given up.
+                ack(message, AckKind::Progress).await;
+                let retries = async {
+                    let mut err = err;
+                    let mut wait = inner.settings.idle_wait.max(Duration::from_millis(100));
+                    loop {
+                        tracing::error!(error = %err, retry_in = ?wait, "could not publish the dead letter; the worker keeps the task and tries again");
+                        span_event(inner, "could not publish the dead letter", &err.to_string());
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(inner.settings.progress_interval);
+                        match publish().await {
+                            Ok(()) => return,
+                            Err(again) => err = again,
+                        }
+                    }
+                };
+                tokio::pin!(retries);
+                let renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
+                let period = inner.settings.progress_interval;
+                if renew_lease_until(message, retries, period, &renewing).await.is_none() {
+                    nak(message, None).await;
+                    return Outcome::HandedBack;
                 }
             }
+            tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
+            span_event(inner, "task dead-lettered", &error);
+            ack(message, AckKind::Ack).await;
+            Outcome::DeadLettered(reason)
         }
     }
 }

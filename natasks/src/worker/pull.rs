@@ -1,9 +1,15 @@
-//! The pull side of the worker: pull requests on an inbox the worker owns.
+//! The pull side of the worker: pull requests on an inbox the worker owns, never for more
+//! tasks than the worker has free slots.
 //!
-//! Owning the inbox is what makes shutdown lossless. When the worker stops, it drains the
-//! inbox subscription: the server stops delivering to it once the unsubscribe is processed,
-//! and every message delivered before that still arrives, so each one can be handed back at
-//! once instead of waiting out the ack wait on a forgotten pull request.
+//! Asking only for what can start at once is what makes a task's attempts count runs: a
+//! task the worker holds but cannot start would have to be handed back at shutdown or
+//! reconnect, and the broker counts that delivery as an attempt. With requests sized to the
+//! free slots, every delivered task starts at once, no task waits in the worker behind slow
+//! handlers (where its lease could run out), and a graceful shutdown hands nothing back.
+//!
+//! Owning the inbox is what makes shutdown lossless: the worker stops asking, keeps the
+//! inbox until the requests it already sent have ended (running what they bring; it has
+//! the slots for it), and only then unsubscribes.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -12,7 +18,7 @@ use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::time::Instant;
 
 /// Why pulling stopped; the caller recovers (reconnect, re-create the consumer) and pulls
@@ -41,22 +47,27 @@ impl std::fmt::Display for PullError {
     }
 }
 
-/// Pulls messages for one durable consumer, keeping up to `batch` messages requested.
-///
-/// Messages that arrive while every slot is busy wait in a buffer; [`keep_alive`]
-/// (Self::keep_alive) renews their leases, so a task never runs out its ack wait (and is
-/// delivered a second time elsewhere) while it waits behind slow handlers.
+/// A delivered task and when its lease began (its delivery, or its last renewal).
+pub(super) struct Leased {
+    pub(super) message: jetstream::Message,
+    pub(super) since: Instant,
+}
+
+/// Pulls messages for one durable consumer, never requesting more than the free slots.
 pub(super) struct Puller {
     consumer: PullConsumer,
     context: jetstream::Context,
     inbox: String,
     subscriber: Subscriber,
-    batch: usize,
     expires: Duration,
     heartbeat: Duration,
     /// Messages requested and not yet delivered (nor expired).
     outstanding: usize,
-    /// Delivered messages not yet handed to a slot, with when their lease was last renewed.
+    /// When the last pull request was sent: every request has ended by `expires` after it.
+    last_request: Instant,
+    /// Delivered messages not yet started, with when their lease began. Empty in the steady
+    /// state; holds messages only when the server delivered more than was asked for
+    /// (requests the worker gave up on after a silence that were in fact still open).
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
@@ -66,36 +77,38 @@ impl Puller {
     pub(super) async fn open(
         consumer: PullConsumer,
         context: jetstream::Context,
-        batch: usize,
         expires: Duration,
     ) -> Result<Self, PullError> {
         let client = context.client();
         let inbox = client.new_inbox();
         let subscriber =
             client.subscribe(inbox.clone()).await.map_err(|e| PullError::Request(e.to_string()))?;
+        let now = Instant::now();
         Ok(Self {
             consumer,
             context,
             inbox,
             subscriber,
-            batch,
             expires,
             heartbeat: expires / 4,
             outstanding: 0,
-            buffer: VecDeque::with_capacity(batch),
-            last_heard: Instant::now(),
+            last_request: now,
+            buffer: VecDeque::new(),
+            last_heard: now,
         })
     }
 
-    /// The next message. Keeps requests topped up: a new request for `batch` messages goes
-    /// out whenever at most half a batch is still requested or buffered.
-    pub(super) async fn next(&mut self) -> Result<jetstream::Message, PullError> {
+    /// The next message, for a worker with `free` free slots (counting the one the message
+    /// will take). Tops requests up to `free` whenever at least half of them are unasked
+    /// for, so a busy worker sends a request per half-batch, not per task.
+    pub(super) async fn next(&mut self, free: usize) -> Result<Leased, PullError> {
         loop {
-            if self.outstanding + self.buffer.len() <= self.batch / 2 {
-                self.request().await?;
+            let held = self.outstanding + self.buffer.len();
+            if held < free && (held == 0 || free - held >= free.div_ceil(2)) {
+                self.request(free - held).await?;
             }
-            if let Some((_, message)) = self.buffer.pop_front() {
-                return Ok(self.wrap(message));
+            if let Some((since, message)) = self.buffer.pop_front() {
+                return Ok(self.lease(message, since));
             }
             let deadline = self.last_heard + self.heartbeat * 2 + Duration::from_millis(500);
             let message = tokio::select! {
@@ -108,31 +121,77 @@ impl Puller {
                 }
             };
             if let Some(message) = self.receive(message)? {
-                return Ok(self.wrap(message));
+                return Ok(self.lease(message, Instant::now()));
             }
         }
     }
 
-    /// Moves what has arrived into the buffer and renews the lease of every buffered
-    /// message that waited `period` or longer. Called while all slots are busy.
-    pub(super) async fn keep_alive(&mut self, period: Duration) -> Result<(), PullError> {
-        while let Some(Some(message)) = self.subscriber.next().now_or_never() {
-            if let Some(message) = self.receive(message)? {
-                self.buffer.push_back((Instant::now(), message));
+    /// While every slot is busy: takes in what the server delivers beyond what was asked
+    /// for, stamped on arrival, and renews the lease of every such message `period` after
+    /// its lease began, so none runs out its ack wait while it waits. Returns when a lease
+    /// was renewed or a message arrived; cancel-safe.
+    pub(super) async fn tend(&mut self, period: Duration) -> Result<(), PullError> {
+        let due = self.buffer.iter().map(|(since, _)| *since + period).min();
+        let renew = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-        }
-        let now = Instant::now();
-        for (renewed, message) in &mut self.buffer {
-            if now.duration_since(*renewed) >= period {
-                let message =
-                    jetstream::Message { message: message.clone(), context: self.context.clone() };
-                if let Err(err) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %err, "could not renew the lease of a waiting task");
+        };
+        tokio::select! {
+            message = self.subscriber.next() => {
+                let message = message.ok_or(PullError::Closed)?;
+                if let Some(message) = self.receive(message)? {
+                    self.buffer.push_back((Instant::now(), message));
                 }
-                *renewed = now;
+            }
+            () = renew => {
+                let now = Instant::now();
+                for (since, message) in &mut self.buffer {
+                    if now.duration_since(*since) >= period {
+                        let message = jetstream::Message {
+                            message: message.clone(),
+                            context: self.context.clone(),
+                        };
+                        if let Err(err) = message.ack_with(AckKind::Progress).await {
+                            tracing::warn!(error = %err, "could not renew the lease of a waiting task");
+                        }
+                        *since = now;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// At shutdown: the next message the requests already sent still bring, or `None` once
+    /// they have all been answered or have expired, or at `limit`. Sends no new request.
+    pub(super) async fn next_requested(&mut self, limit: Instant) -> Option<Leased> {
+        if let Some((since, message)) = self.buffer.pop_front() {
+            return Some(self.lease(message, since));
+        }
+        // Every request has expired by then; the margin covers the server's clock and the
+        // expiry notice on its way.
+        let expired = self.last_request + self.expires + Duration::from_millis(500);
+        let deadline = expired.min(limit);
+        while self.outstanding > 0 {
+            let message = tokio::time::timeout_at(deadline, self.subscriber.next()).await;
+            match message {
+                Ok(Some(message)) => match self.receive(message) {
+                    Ok(Some(message)) => return Some(self.lease(message, Instant::now())),
+                    Ok(None) => {}
+                    Err(_) => return None,
+                },
+                Ok(None) | Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Keeps a message that cannot start now (no free slot); it is handed back by
+    /// [`hand_back`](Self::hand_back) if it does not start before.
+    pub(super) fn keep(&mut self, leased: Leased) {
+        self.buffer.push_front((leased.since, leased.message.message));
     }
 
     /// Accounts for one message on the inbox; `Some` for a task.
@@ -176,13 +235,13 @@ impl Puller {
         }
     }
 
-    fn wrap(&self, message: async_nats::Message) -> jetstream::Message {
-        jetstream::Message { message, context: self.context.clone() }
+    fn lease(&self, message: async_nats::Message, since: Instant) -> Leased {
+        Leased { message: jetstream::Message { message, context: self.context.clone() }, since }
     }
 
-    async fn request(&mut self) -> Result<(), PullError> {
+    async fn request(&mut self, batch: usize) -> Result<(), PullError> {
         let config = BatchConfig {
-            batch: self.batch,
+            batch,
             expires: Some(self.expires),
             idle_heartbeat: self.heartbeat,
             ..Default::default()
@@ -191,22 +250,20 @@ impl Puller {
             .request_batch(config, self.inbox.clone().into())
             .await
             .map_err(|e| PullError::Request(e.to_string()))?;
-        self.outstanding += self.batch;
-        self.last_heard = Instant::now();
+        self.outstanding += batch;
+        self.last_request = Instant::now();
+        self.last_heard = self.last_request;
         Ok(())
     }
 
-    /// Stops pulling and hands every message already delivered to this worker back to the
-    /// broker for immediate redelivery. Returns how many were handed back.
+    /// Stops pulling and hands every message delivered to this worker and not started back
+    /// to the broker for immediate redelivery. Returns how many were handed back.
     pub(super) async fn hand_back(mut self, limit: Duration) -> usize {
         // Unsubscribe, then receive what the server sent before it saw the unsubscribe; the
         // subscription ends when the server's answer to the following ping arrives.
         let mut handed_back = 0;
         for (_, message) in std::mem::take(&mut self.buffer) {
-            let message = self.wrap(message);
-            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                tracing::warn!(error = %err, "could not hand back a buffered task");
-            }
+            nak(self.lease(message, Instant::now()).message).await;
             handed_back += 1;
         }
         if self.subscriber.drain().await.is_err() {
@@ -217,13 +274,16 @@ impl Puller {
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
             if matches!(message.status, None | Some(StatusCode::OK)) {
-                let message = jetstream::Message { message, context: self.context.clone() };
-                if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                    tracing::warn!(error = %err, "could not hand back a buffered task");
-                }
+                nak(self.lease(message, Instant::now()).message).await;
                 handed_back += 1;
             }
         }
         handed_back
+    }
+}
+
+async fn nak(message: jetstream::Message) {
+    if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::warn!(error = %err, "could not hand back a buffered task");
     }
 }

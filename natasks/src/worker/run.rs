@@ -46,9 +46,7 @@ pub(super) async fn run(
                 Err(err) => break Err(err),
             },
         };
-        let opened =
-            Puller::open(current, inner.js.clone(), settings.pull_batch, settings.fetch_timeout)
-                .await;
+        let opened = Puller::open(current, inner.js.clone(), settings.fetch_timeout).await;
         let mut puller = match opened {
             Ok(puller) => puller,
             Err(err) => {
@@ -66,19 +64,16 @@ pub(super) async fn run(
                     Wait::Reopen => break Exit::Reopen,
                 },
             };
+            // The slot this task will take is free too.
+            let free = slots.available_permits() + 1;
             let next = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Exit::Shutdown,
-                next = puller.next() => next,
+                next = puller.next(free) => next,
             };
             match next {
-                Ok(message) => {
-                    tracker.spawn(process::process(
-                        inner.clone(),
-                        message,
-                        permit,
-                        abandon.clone(),
-                    ));
+                Ok(leased) => {
+                    tracker.spawn(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 Err(err) => {
                     let connected = inner.js.client().connection_state() == State::Connected;
@@ -93,6 +88,27 @@ pub(super) async fn run(
         };
         match exit {
             Exit::Shutdown => {
+                // The requests already sent asked for tasks this worker has slots for: run
+                // what they still bring rather than hand it back (the broker would count
+                // that delivery as an attempt), then let go of the inbox. At most until the
+                // requests expire (`fetch_timeout`), and no longer than the drain timeout.
+                let limit = tokio::time::Instant::now() + settings.drain_timeout;
+                while let Some(leased) = puller.next_requested(limit).await {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tracker.spawn(process::process(
+                                inner.clone(),
+                                leased,
+                                permit,
+                                abandon.clone(),
+                            ));
+                        }
+                        Err(_) => {
+                            puller.keep(leased);
+                            break;
+                        }
+                    }
+                }
                 let handed_back = puller.hand_back(FLUSH_LIMIT).await;
                 if handed_back > 0 {
                     tracing::debug!(queue = %inner.queue, handed_back, "buffered tasks handed back");
@@ -137,7 +153,8 @@ enum Wait {
     Reopen,
 }
 
-/// Waits for a free slot; meanwhile keeps the leases of buffered tasks alive.
+/// Waits for a free slot. No task is requested meanwhile; should the server deliver one
+/// anyway, its lease is kept alive until it starts.
 async fn wait_for_slot(
     inner: &WorkerInner,
     slots: &Arc<Semaphore>,
@@ -152,8 +169,8 @@ async fn wait_for_slot(
             permit = slots.clone().acquire_owned() => {
                 return Wait::Slot(permit.expect("the slot semaphore is never closed"));
             }
-            () = tokio::time::sleep(period) => {
-                if let Err(err) = puller.keep_alive(period).await {
+            tended = puller.tend(period) => {
+                if let Err(err) = tended {
                     tracing::warn!(queue = %inner.queue, error = %err, "pulling interrupted; recovering");
                     return Wait::Reopen;
                 }
