@@ -180,10 +180,11 @@ impl Worker {
     }
 
     /// Processes tasks until `signal` completes or the shutdown handle is triggered, then
-    /// shuts down gracefully: stops pulling, lets running handlers finish (up to the drain
-    /// timeout) and hands every unfinished or buffered task back for prompt redelivery.
-    /// (A task the server delivers at the very moment the worker unsubscribes comes back
-    /// after the ack wait instead; see the README's delivery guarantees.)
+    /// shuts down gracefully: stops asking for tasks, runs what the requests already sent
+    /// still bring (waiting at most `fetch_timeout` for them to end, and no longer than the
+    /// drain timeout), lets running handlers finish (up to the drain timeout) and hands
+    /// every unfinished task back for prompt redelivery. Tasks it never started stayed on
+    /// the server, so a graceful stop costs them no attempt.
     ///
     /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
     /// consumer if needed and resumes. Returns an error only when the connection is closed
