@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, context::CreateStreamErrorKind, stream};
 
 use crate::error::{SetupError, SetupErrorKind};
 use crate::wire;
@@ -84,7 +84,8 @@ impl StreamSettings {
         ]
     }
 
-    fn config(&self) -> stream::Config {
+    /// The stream natasks creates; message schedules only where the server stores them.
+    fn config(&self, schedules: bool) -> stream::Config {
         stream::Config {
             name: self.name.clone(),
             subjects: self.subjects().to_vec(),
@@ -93,47 +94,61 @@ impl StreamSettings {
             discard: stream::DiscardPolicy::Old,
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window.unwrap_or_default(),
-            allow_message_schedules: true,
+            allow_message_schedules: schedules,
             ..Default::default()
         }
     }
 
-    /// Creates the stream, or adopts an existing one: it must capture `<prefix>.*`; the
-    /// schedule subjects and the schedules flag are added when missing. Other settings of an
-    /// existing stream are left as the operator made them.
+    /// Creates the stream, or adopts an existing one: it must capture `<prefix>.*`. On a
+    /// server that stores message schedules (nats-server 2.12+), the schedule subjects and
+    /// the schedules flag are added when missing; an older server cannot store them, so its
+    /// stream is adopted as it is, without delayed dispatch. Other settings of an existing
+    /// stream are left as the operator made them.
     pub(crate) async fn ensure(&self, js: &jetstream::Context) -> Result<StreamState, SetupError> {
-        // Two processes may race to create the stream; the loser adopts the winner's.
-        for _ in 0..2 {
-            match js.get_stream(&self.name).await {
-                Ok(existing) => return self.adopt(js, existing).await,
-                Err(err) if is_not_found(&err) => match js.create_stream(self.config()).await {
-                    Ok(mut created) => {
-                        let info = created.info().await.map_err(|err| {
-                            SetupError::jetstream(format!("read stream {:?}", self.name), err)
-                        })?;
-                        let schedules = info.config.allow_message_schedules;
-                        return Ok(StreamState { schedules, stream: created });
-                    }
-                    Err(err) => {
-                        tracing::debug!(stream = %self.name, error = %err, "create stream failed, retrying as adopt");
-                        continue;
-                    }
-                },
-                Err(err) => {
-                    return Err(SetupError::jetstream(format!("read stream {:?}", self.name), err))
-                }
+        let support = schedule_support(&js.client().server_info().version);
+        match js.get_stream(&self.name).await {
+            Ok(existing) => return self.adopt(js, existing, support).await,
+            Err(err) if is_not_found(&err) => {}
+            Err(err) => {
+                return Err(SetupError::jetstream(format!("read stream {:?}", self.name), err))
             }
         }
-        Err(SetupError::new(
-            SetupErrorKind::JetStream,
-            format!("stream {:?} could neither be created nor read", self.name),
-        ))
+        let create_error =
+            match js.create_stream(self.config(support != Support::Unsupported)).await {
+                Ok(mut created) => {
+                    let info = created.info().await.map_err(|err| {
+                        SetupError::jetstream(format!("read stream {:?}", self.name), err)
+                    })?;
+                    let schedules = info.config.allow_message_schedules;
+                    return Ok(StreamState { schedules, stream: created });
+                }
+                Err(err) => err,
+            };
+        // Another process may have created it meanwhile (or only the reply was lost).
+        tracing::debug!(stream = %self.name, error = %create_error, "create stream failed, trying to adopt it");
+        match js.get_stream(&self.name).await {
+            Ok(existing) => self.adopt(js, existing, support).await,
+            Err(_) => {
+                let message = if create_error.kind() == CreateStreamErrorKind::TimedOut {
+                    format!(
+                        "stream {name:?} does not exist and creating it got no answer; that \
+                         needs permission to publish to `$JS.API.STREAM.CREATE.{name}`: have an \
+                         administrator create it first",
+                        name = self.name
+                    )
+                } else {
+                    format!("create stream {:?}", self.name)
+                };
+                Err(SetupError::jetstream(message, create_error))
+            }
+        }
     }
 
     async fn adopt(
         &self,
         js: &jetstream::Context,
         stream: stream::Stream,
+        support: Support,
     ) -> Result<StreamState, SetupError> {
         let mut config = stream.cached_info().config.clone();
         let [queues, schedules] = self.subjects();
@@ -155,14 +170,54 @@ impl StreamSettings {
         if config.subjects.contains(&schedules) && config.allow_message_schedules {
             return Ok(StreamState { schedules: true, stream });
         }
+        if support == Support::Unsupported {
+            // Nothing to enable: the server would not store it (and never echoes the flag).
+            tracing::debug!(stream = %self.name, "server stores no message schedules; stream adopted as is");
+            return Ok(StreamState { schedules: false, stream });
+        }
         if !config.subjects.contains(&schedules) {
             config.subjects.push(schedules);
         }
         config.allow_message_schedules = true;
         let info = js.update_stream(config).await.map_err(|err| {
-            SetupError::jetstream(format!("add schedule subjects to stream {:?}", self.name), err)
+            let message = if err.kind() == CreateStreamErrorKind::TimedOut {
+                format!(
+                    "stream {name:?} has no message schedules and adding them got no answer; \
+                     that needs permission to publish to `$JS.API.STREAM.UPDATE.{name}`: have \
+                     an administrator start a natasks client or worker once to add them",
+                    name = self.name
+                )
+            } else {
+                format!("add message schedules to stream {:?}", self.name)
+            };
+            SetupError::jetstream(message, err)
         })?;
         Ok(StreamState { schedules: info.config.allow_message_schedules, stream })
+    }
+}
+
+/// Whether the server stores message schedules, judged by the version it announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Support {
+    /// nats-server 2.12 or newer.
+    Supported,
+    /// Older: it accepts the stream flag but silently drops it.
+    Unsupported,
+    /// The version cannot be read: enable schedules and trust the config the server echoes.
+    Unknown,
+}
+
+/// Message schedules arrived in nats-server 2.12 (JetStream API level 2). The version comes
+/// from the server's INFO, which needs no permission, unlike `$JS.API.INFO`.
+fn schedule_support(version: &str) -> Support {
+    let mut numbers = version.split('.').map(|part| {
+        let digits = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
+        part[..digits].parse::<u32>().ok()
+    });
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) >= (2, 12) => Support::Supported,
+        (Some(_), Some(_)) => Support::Unsupported,
+        _ => Support::Unknown,
     }
 }
 
@@ -187,5 +242,22 @@ mod tests {
         let bad = StreamSettings { replicas: 0, ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("`replicas`"));
         assert!(StreamSettings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn schedules_need_nats_server_2_12() {
+        for (version, support) in [
+            ("2.9.10", Support::Unsupported),
+            ("2.10.22", Support::Unsupported),
+            ("2.11.11", Support::Unsupported),
+            ("2.12.0", Support::Supported),
+            ("2.12.0-RC.1", Support::Supported),
+            ("2.15.1", Support::Supported),
+            ("3.0.0", Support::Supported),
+            ("", Support::Unknown),
+            ("v2", Support::Unknown),
+        ] {
+            assert_eq!(schedule_support(version), support, "{version}");
+        }
     }
 }

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::Duration;
 
+use async_nats::jetstream::stream;
 use async_nats::{jetstream, ConnectErrorKind, ConnectOptions};
 use common::*;
-use natasks::{Client, DispatchErrorKind, HandlerError, Task, Worker};
+use natasks::{Client, DispatchErrorKind, HandlerError, SetupError, SetupErrorKind, Task, Worker};
 use natasks_test_support::TlsCerts;
 
 /// Dispatches a task to `queue` and checks a worker on another connection processes it.
@@ -157,9 +158,14 @@ async fn user(server: &NatsServer, name: &str) -> jetstream::Context {
 async fn least_privilege_dispatcher_and_worker_run() {
     let server = NatsServer::builder().config_file(LEAST_PRIVILEGE).start().await;
     let admin = user(&server, "admin").await;
-    // Only the admin may create the stream.
-    let err = Client::new(user(&server, "dispatcher").await).await.err();
-    assert!(err.is_some(), "the dispatcher must not be able to create the stream");
+    // Only the admin may create the stream; the error names the permission.
+    let err = Client::new(user(&server, "dispatcher").await)
+        .await
+        .err()
+        .expect("the dispatcher must not be able to create the stream");
+    assert_eq!(err.kind(), SetupErrorKind::JetStream, "{err}");
+    assert!(err.to_string().contains("`$JS.API.STREAM.CREATE.NATASKS`"), "unclear error: {err}");
+    assert!(admin.get_stream("NATASKS").await.is_err(), "the dispatcher created the stream");
     Client::new(admin.clone()).await.expect("admin creates the stream");
 
     let client = Client::new(user(&server, "dispatcher").await).await.expect("dispatcher");
@@ -230,4 +236,121 @@ async fn dispatch_without_publish_permission_names_the_permission() {
     let err = client.dispatch(Task::new("jobs.ok", "x"), "jobs").await.expect_err("no permission");
     assert_eq!(err.kind(), DispatchErrorKind::Timeout, "{err}");
     assert!(err.to_string().to_lowercase().contains("permission"), "unclear error: {err}");
+}
+
+/// A stream as an operator (or natasks on nats-server 2.11) makes it: the queue subjects, no
+/// schedule subjects, no schedules flag.
+async fn stream_without_schedules(admin: &jetstream::Context) {
+    admin
+        .create_stream(stream::Config {
+            name: "NATASKS".into(),
+            subjects: vec!["natasks.*".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .expect("admin creates the stream");
+}
+
+/// What a least-privilege dispatcher and worker can do on a server without message schedules:
+/// start, dispatch and process a task; a delayed dispatch is refused, publishing nothing.
+async fn least_privilege_without_schedules(server: &NatsServer, admin: &jetstream::Context) {
+    let before = admin.get_stream("NATASKS").await.unwrap().cached_info().config.clone();
+    let client = Client::new(user(server, "dispatcher").await)
+        .await
+        .expect("the dispatcher starts without STREAM.UPDATE permission");
+    let mut seen = Seen::new();
+    let worker = Worker::builder(user(server, "worker").await, "jobs")
+        .handle("jobs.ok", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .expect("the worker builds without STREAM.UPDATE permission");
+    let running = spawn(worker);
+
+    client.dispatch(Task::new("jobs.ok", "now"), "jobs").await.expect("immediate dispatch");
+    assert_eq!(seen.recv().await.payload().as_ref(), b"now");
+    eventually(DEADLINE, "the task to be acked", || async { stream_messages(admin).await == 0 })
+        .await;
+
+    let err = client
+        .dispatch_in(Task::new("jobs.ok", "later"), "jobs", Duration::from_secs(1))
+        .await
+        .expect_err("delayed dispatch needs schedules");
+    assert_eq!(err.kind(), DispatchErrorKind::SchedulesUnsupported, "{err}");
+    assert!(err.to_string().contains("2.11"), "the error names the server version: {err}");
+    assert_eq!(stream_messages(admin).await, 0, "the refused dispatch published nothing");
+    running.stop().await.unwrap();
+
+    let after = admin.get_stream("NATASKS").await.unwrap().cached_info().config.clone();
+    assert_eq!(after.subjects, before.subjects, "the stream was changed");
+}
+
+fn old_server() -> std::path::PathBuf {
+    old_server_binary().expect(
+        "the old nats-server (2.11) is not installed; run scripts/install-nats-server to install it",
+    )
+}
+
+/// nats-server 2.11 never echoes the schedules flag: natasks must not try to update the
+/// stream on every start, which least-privilege users may not do.
+#[tokio::test]
+async fn least_privilege_runs_on_a_server_without_schedules() {
+    let server =
+        NatsServer::builder().binary(old_server()).config_file(LEAST_PRIVILEGE).start().await;
+    let admin = user(&server, "admin").await;
+    Client::new(admin.clone()).await.expect("admin creates the stream");
+    least_privilege_without_schedules(&server, &admin).await;
+}
+
+#[tokio::test]
+async fn least_privilege_adopts_a_stream_without_schedule_subjects_on_an_old_server() {
+    let server =
+        NatsServer::builder().binary(old_server()).config_file(LEAST_PRIVILEGE).start().await;
+    let admin = user(&server, "admin").await;
+    stream_without_schedules(&admin).await;
+    least_privilege_without_schedules(&server, &admin).await;
+}
+
+/// On a server with schedules, a stream without them must be updated once, which needs
+/// STREAM.UPDATE: a least-privilege user's error says so.
+#[tokio::test]
+async fn missing_schedules_name_the_update_permission() {
+    let server = NatsServer::builder().config_file(LEAST_PRIVILEGE).start().await;
+    let admin = user(&server, "admin").await;
+    stream_without_schedules(&admin).await;
+
+    let check = |who: &str, err: SetupError| {
+        assert_eq!(err.kind(), SetupErrorKind::JetStream, "{who}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("`$JS.API.STREAM.UPDATE.NATASKS`"), "{who}: unclear error: {text}");
+        assert!(text.contains("schedules"), "{who}: the error names the action: {text}");
+    };
+    let err = Client::new(user(&server, "dispatcher").await).await.err().expect("no update right");
+    check("dispatcher", err);
+    let err = Worker::builder(user(&server, "worker").await, "jobs")
+        .handle("jobs.ok", |_t: Task| async { Ok::<_, HandlerError>(()) })
+        .build()
+        .await
+        .err()
+        .expect("no update right");
+    check("worker", err);
+    let config = admin.get_stream("NATASKS").await.unwrap().cached_info().config.clone();
+    assert!(!config.allow_message_schedules, "nothing was changed");
+
+    // Once the administrator added them, both start and delayed dispatch works.
+    Client::new(admin.clone()).await.expect("admin adds schedules");
+    let client = Client::new(user(&server, "dispatcher").await).await.expect("dispatcher");
+    let mut seen = Seen::new();
+    let worker = Worker::builder(user(&server, "worker").await, "jobs")
+        .handle("jobs.ok", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .expect("worker");
+    let running = spawn(worker);
+    client
+        .dispatch_in(Task::new("jobs.ok", "later"), "jobs", Duration::from_millis(500))
+        .await
+        .expect("delayed dispatch");
+    assert_eq!(seen.recv().await.payload().as_ref(), b"later");
+    running.stop().await.unwrap();
 }
