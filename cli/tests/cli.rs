@@ -273,11 +273,51 @@ async fn delayed_dispatch_is_listed_and_cancelled() {
     assert_eq!(ids, [list[0]["id"].as_str().unwrap()]);
     assert_ne!(ids[0], id);
     assert_eq!(stored(&js, &format!("natasks.__natasks_schedule.{id}")).await, 0);
-    assert_eq!(stored(&js, "natasks.reports").await, 0, "cancelling must not deliver the task");
+    assert_eq!(stored(&js, "natasks.reports").await, 0, "nothing is due yet");
 
     let again = natasks(&url, &["schedules", "cancel", &id]).await;
     assert_eq!(again.code, 1, "{again:?}");
     assert!(again.stderr.contains("no pending schedule"), "{again:?}");
+}
+
+/// A cancelled schedule must never fire. A second schedule on the same queue, due a second
+/// later, shows the scheduler has passed the cancelled one's due time.
+#[tokio::test]
+async fn a_cancelled_schedule_is_never_delivered() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    let dispatch = |payload: &'static str, delay: &'static str| {
+        let url = url.clone();
+        async move {
+            let args =
+                ["dispatch", "reports", "reports.build", "--payload", payload, "--in", delay];
+            natasks(&url, &args).await.ok();
+        }
+    };
+    dispatch(r#"{"n":"cancelled"}"#, "2s").await;
+    dispatch(r#"{"n":"control"}"#, "3s").await;
+    let list = natasks(&url, &["schedules", "list", "--json"]).await.ok().json();
+    let list = list.as_array().unwrap().clone();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let first = list.iter().min_by_key(|s| s["seq"].as_u64().unwrap()).unwrap();
+    let id = first["id"].as_str().unwrap();
+    // Succeeds only while the schedule is pending: a fired `@at` schedule is gone.
+    let run = natasks(&url, &["schedules", "cancel", id]).await.ok();
+    assert_eq!(run.stdout.trim(), format!("cancelled schedule {id}"));
+
+    eventually("the control schedule fires", || async {
+        stored(&js, "natasks.reports").await >= 1
+    })
+    .await;
+    let delivered: Vec<String> = messages_on(&js, "natasks.reports")
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(delivered, [r#"{"n":"control"}"#], "the cancelled task was delivered");
+    let list = natasks(&url, &["schedules", "list", "--json"]).await.ok().json();
+    assert_eq!(list, serde_json::json!([]), "no schedule is left");
 }
 
 #[tokio::test]
@@ -467,12 +507,14 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     let url = server.url();
     let js = server.jetstream().await;
     natasks_stream(&js).await;
-    const N: u64 = 300;
+    // Enough that the requeue is far from done when the interrupt lands.
+    const N: u64 = 1000;
     for i in 0..N {
         dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
     }
 
-    // Interrupt a bulk requeue part-way: every task is either still dead or back, once.
+    // Interrupt a bulk requeue as soon as it has started: every task is either still dead or
+    // back, once.
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
         .args(["dlq", "requeue", "bulk", "--all"])
         .env("NATS_URL", &url)
@@ -483,7 +525,7 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
         .spawn()
         .unwrap();
     let pid = child.id().unwrap();
-    eventually("some tasks requeued", || async { stored(&js, "natasks.bulk").await >= 5 }).await;
+    eventually("the requeue to start", || async { stored(&js, "natasks.bulk").await >= 1 }).await;
     let kill =
         std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     assert!(kill.success());
@@ -492,13 +534,31 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let back = stored(&js, "natasks.bulk").await;
     let dead = stored(&js, "natasks.bulk-dlq").await;
-    assert_eq!(back + dead, N, "lost or doubled: {back} back, {dead} dead\n{stdout}\n{stderr}");
-    if dead > 0 {
-        // Stopped early: says so, with the count, and exits 1.
-        assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
-        assert!(stderr.contains(&format!("interrupted after requeueing {back}")), "{stderr}");
-        assert_eq!(stdout.trim(), format!("requeued {back} dead letter(s) from bulk-dlq"));
-    }
+    assert!(
+        back > 0 && dead > 0,
+        "the interrupt must land mid-way: {back} back, {dead} dead\n{stdout}\n{stderr}"
+    );
+    // Stopped early: says so, with the count, and exits 1.
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("interrupted after requeueing {back};")), "{stderr}");
+    assert_eq!(stdout.trim(), format!("requeued {back} dead letter(s) from bulk-dlq"));
+    // None lost, none doubled: each task is on exactly one side.
+    let payloads = |subject: &'static str| {
+        let js = js.clone();
+        async move {
+            messages_on(&js, subject)
+                .await
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut everywhere = payloads("natasks.bulk").await;
+    everywhere.extend(payloads("natasks.bulk-dlq").await);
+    everywhere.sort();
+    let mut all: Vec<String> = (0..N).map(|i| format!(r#"{{"i":{i}}}"#)).collect();
+    all.sort();
+    assert_eq!(everywhere, all, "a task was lost or doubled: {back} back, {dead} dead");
 
     // The re-run finishes the job, with progress lines on (non-terminal) stderr.
     let run = natasks(&url, &["dlq", "requeue", "bulk", "--all"]).await.ok();
@@ -510,14 +570,9 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     );
     assert_eq!(stored(&js, "natasks.bulk").await, N);
     assert_eq!(stored(&js, "natasks.bulk-dlq").await, 0);
-    let mut payloads: Vec<String> = messages_on(&js, "natasks.bulk")
-        .await
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-        .collect();
-    payloads.sort();
-    payloads.dedup();
-    assert_eq!(payloads.len() as u64, N, "a task was doubled or lost");
+    let mut back = payloads("natasks.bulk").await;
+    back.sort();
+    assert_eq!(back, all, "a task was doubled or lost");
 }
 
 #[tokio::test]
@@ -635,8 +690,10 @@ async fn credentials_flags_reach_the_server() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stderr.starts_with(&format!("error: cannot connect to {url}: ")), "{run:?}");
     assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains("authorization violation"), "{run:?}");
     let run = natasks(&url, &["--user", "ops", "--password", "wrong", "queues"]).await;
     assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("authorization violation"), "refused for another reason: {run:?}");
 
     let auth = ["--user", "ops", "--password", "s3cret"];
     let dispatch = [&auth[..], &["dispatch", "emails", "emails.send", "--json"]].concat();
@@ -652,4 +709,5 @@ async fn credentials_flags_reach_the_server() {
     natasks(&url, &["--token", "t0ken", "dispatch", "emails", "emails.send"]).await.ok();
     let run = natasks(&url, &["--token", "nope", "queues"]).await;
     assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("authorization violation"), "refused for another reason: {run:?}");
 }

@@ -43,6 +43,7 @@ async fn observers_see_dispatches_attempts_and_outcomes() {
     let js = server.jetstream().await;
     let recorder = Recorder::default();
     let client = Client::builder(js.clone()).observer(recorder.clone()).build().await.unwrap();
+    let js_check = js.clone();
     let worker = Worker::builder(js, "q")
         .max_retries(1)
         .observer(recorder.clone())
@@ -56,15 +57,22 @@ async fn observers_see_dispatches_attempts_and_outcomes() {
     client.dispatch(Task::new("ok", ""), "q").await.unwrap();
     client.dispatch(Task::new("bad", ""), "q").await.unwrap();
     assert!(client.dispatch(Task::new("", ""), "q").await.is_err());
+    // Every delivery settled and acknowledged: nothing is left to deliver again, so the
+    // events recorded until the worker stops are all there will be.
     eventually(DEADLINE, "every delivery settled", || {
         let recorder = recorder.clone();
-        async move { recorder.events().iter().filter(|e| e.starts_with("finished")).count() == 3 }
+        async move { recorder.events().iter().filter(|e| e.starts_with("finished")).count() >= 3 }
+    })
+    .await;
+    eventually(DEADLINE, "the queue to drain", || async {
+        stored(&js_check, "natasks.q").await == 0
     })
     .await;
     running.stop().await.unwrap();
 
     let events = recorder.events();
-    for expected in [
+    let dead = format!("finished q bad 2 dead-lettered:{}", DeadLetterReason::RetriesExhausted);
+    let expected = [
         "dispatched q ok ok",
         "dispatched q bad ok",
         "dispatched q  error",
@@ -73,11 +81,26 @@ async fn observers_see_dispatches_attempts_and_outcomes() {
         "started q bad 1",
         "finished q bad 1 retried",
         "started q bad 2",
-        &format!("finished q bad 2 dead-lettered:{}", DeadLetterReason::RetriesExhausted),
-    ] {
-        assert!(events.iter().any(|e| e == expected), "missing {expected:?} in {events:#?}");
-    }
-    let started = events.iter().filter(|e| e.starts_with("started")).count();
-    let finished = events.iter().filter(|e| e.starts_with("finished")).count();
-    assert_eq!(started, finished, "every start is paired with a finish: {events:#?}");
+        &dead,
+    ];
+    // Dispatches and the worker run concurrently, so only the multiset is fixed: each event
+    // exactly once, nothing else.
+    let mut sorted = events.clone();
+    sorted.sort();
+    let mut want: Vec<String> = expected.iter().map(|e| e.to_string()).collect();
+    want.sort();
+    assert_eq!(sorted, want, "events differ from the expected ones; in order: {events:#?}");
+    // One task's attempts follow each other.
+    let bad: Vec<&str> = events
+        .iter()
+        .map(String::as_str)
+        .filter(|e| e.contains(" q bad ") && !e.starts_with("dispatched"))
+        .collect();
+    assert_eq!(bad, ["started q bad 1", "finished q bad 1 retried", "started q bad 2", &dead]);
+    let ok: Vec<&str> = events
+        .iter()
+        .map(String::as_str)
+        .filter(|e| e.contains(" q ok ") && !e.starts_with("dispatched"))
+        .collect();
+    assert_eq!(ok, ["started q ok 1", "finished q ok 1 succeeded"]);
 }
