@@ -1,6 +1,7 @@
 //! `natasks dispatch`: publish a task with the library's client.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use serde_json::json;
@@ -50,13 +51,13 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         task = task.with_message_id(id.clone());
     }
     let due = match (&args.delay, &args.at) {
-        (Some(delay), _) => Some(OffsetDateTime::now_utc() + output::parse_duration(delay)?),
-        (None, Some(at)) => Some(OffsetDateTime::parse(at, &Rfc3339).map_err(|err| {
+        (Some(delay), _) => Due::In(output::parse_duration(delay)?),
+        (None, Some(at)) => Due::At(OffsetDateTime::parse(at, &Rfc3339).map_err(|err| {
             Error::msg(format!(
                 "invalid --at {at:?}: {err} (use RFC 3339, e.g. 2030-01-02T03:04:05Z)"
             ))
         })?),
-        (None, None) => None,
+        (None, None) => Due::Now,
     };
 
     let js = conn::connect(g).await?;
@@ -68,10 +69,29 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         .context(|| format!("cannot use stream {:?}", g.stream))?;
     let queue = natasks::wire::validate_queue(&args.queue).unwrap_or(&args.queue).to_owned();
     let what = || format!("cannot dispatch {:?} to queue {queue:?}", args.task);
-    match due {
-        Some(at) => client.dispatch_at(task, &args.queue, at).await.context(what)?,
-        None => client.dispatch(task, &args.queue).await.context(what)?,
+    // The library checks the due time (a schedule cannot name one after the year 9999).
+    let dispatched = match due {
+        Due::Now => client.dispatch(task, &args.queue).await,
+        Due::In(delay) => client.dispatch_in(task, &args.queue, delay).await,
+        Due::At(at) => client.dispatch_at(task, &args.queue, at).await,
+    };
+    match dispatched {
+        Err(err) if err.kind() == natasks::DispatchErrorKind::InvalidDueTime => {
+            let flag = match (&args.delay, &args.at) {
+                (Some(delay), _) => format!("--in {delay:?}"),
+                (None, at) => format!("--at {:?}", at.as_deref().unwrap_or_default()),
+            };
+            return Err(Error::msg(format!("invalid {flag}: {}", crate::one_line(&err))));
+        }
+        dispatched => dispatched.context(what)?,
     }
+    let due = match due {
+        Due::Now => None,
+        Due::In(delay) => time::Duration::try_from(delay)
+            .ok()
+            .and_then(|delay| OffsetDateTime::now_utc().checked_add(delay)),
+        Due::At(at) => Some(at),
+    };
     let due = due.filter(|at| *at > OffsetDateTime::now_utc());
     if g.json {
         output::json(&json!({
@@ -86,6 +106,13 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         println!("dispatched {} to queue {queue}", args.task);
     }
     Ok(())
+}
+
+/// When the task is due, as given on the command line.
+enum Due {
+    Now,
+    In(Duration),
+    At(OffsetDateTime),
 }
 
 fn payload(args: &DispatchArgs) -> Result<Vec<u8>> {

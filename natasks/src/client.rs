@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::FutureExt;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -16,6 +15,7 @@ use crate::middleware::{
     dispatch_layer, Dispatch, DispatchFinal, DispatchLayer, DispatchNext, Propagator,
 };
 use crate::observe::{Dispatched, Observer, Observers};
+use crate::schedule::{self, DueTime};
 use crate::stream::StreamSettings;
 use crate::task::Task;
 use crate::wire;
@@ -73,12 +73,20 @@ impl Client {
 
     /// Publishes `task` to `queue` (an empty queue name means `default`) and waits for the
     /// server to confirm it is stored.
+    ///
+    /// A task a handler received can be dispatched again (to forward it, or with
+    /// [`dispatch_in`](Self::dispatch_in) to look at it again later): that is a new message,
+    /// without the message id and the server's `Nats-*` headers the task arrived with (see
+    /// [`Task`]), so it is not dropped as a duplicate of the original.
     pub async fn dispatch(&self, task: Task, queue: &str) -> Result<(), DispatchError> {
         self.run(Dispatch { task, queue: queue.to_owned(), due: None }).await
     }
 
     /// Publishes `task` to be delivered to `queue` after `delay` (immediately when the delay
     /// is zero). Uses JetStream message schedules: needs nats-server 2.12 or newer.
+    ///
+    /// A delay that puts the due time after the year 9999 (UTC), which a schedule cannot
+    /// name, fails with [`DispatchErrorKind::InvalidDueTime`] and publishes nothing.
     pub async fn dispatch_in(
         &self,
         task: Task,
@@ -88,18 +96,23 @@ impl Client {
         if delay.is_zero() {
             return self.dispatch(task, queue).await;
         }
-        self.dispatch_at(task, queue, OffsetDateTime::now_utc() + delay).await
+        let due = schedule::due_in(delay)?;
+        self.run(Dispatch { task, queue: queue.to_owned(), due: Some(due) }).await
     }
 
     /// Publishes `task` to be delivered to `queue` at `at` (immediately when `at` is not in
-    /// the future). Accepts an [`OffsetDateTime`] or a [`std::time::SystemTime`].
+    /// the future). Accepts an [`OffsetDateTime`] or a [`std::time::SystemTime`] (see
+    /// [`DueTime`]).
+    ///
+    /// A time after the year 9999 (UTC), which a schedule cannot name, fails with
+    /// [`DispatchErrorKind::InvalidDueTime`] and publishes nothing.
     pub async fn dispatch_at(
         &self,
         task: Task,
         queue: &str,
-        at: impl Into<OffsetDateTime>,
+        at: impl DueTime,
     ) -> Result<(), DispatchError> {
-        let at = at.into();
+        let at = at.into_due_time()?;
         let due = (at > OffsetDateTime::now_utc()).then_some(at);
         self.run(Dispatch { task, queue: queue.to_owned(), due }).await
     }
@@ -173,7 +186,7 @@ fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
         "natasks.dispatch",
         queue = dispatch.queue.as_str(),
         task = dispatch.task.name(),
-        message_id = dispatch.task.message_id(),
+        message_id = dispatch.task.dispatch_id(),
         delayed = dispatch.due.is_some(),
         stream_sequence = tracing::field::Empty,
         "messaging.system" = "nats",
@@ -245,18 +258,21 @@ impl Publisher {
     /// prepared before the first await, so the publish future holds only what the publish
     /// needs: dispatch futures are many and small this way.
     fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, Rejected> {
-        if let Err(error) = self.check(&mut dispatch) {
-            let queue = match wire::validate_queue(&dispatch.queue) {
-                Ok(name) if name != dispatch.queue => name.to_owned(),
-                _ => dispatch.queue,
-            };
-            let about = About {
-                queue,
-                task: dispatch.task.name().to_owned(),
-                delayed: dispatch.due.is_some(),
-            };
-            return Err(Rejected { error, about });
-        }
+        let schedule = match self.check(&mut dispatch) {
+            Ok(schedule) => schedule,
+            Err(error) => {
+                let queue = match wire::validate_queue(&dispatch.queue) {
+                    Ok(name) if name != dispatch.queue => name.to_owned(),
+                    _ => dispatch.queue,
+                };
+                let about = About {
+                    queue,
+                    task: dispatch.task.name().to_owned(),
+                    delayed: dispatch.due.is_some(),
+                };
+                return Err(Rejected { error, about });
+            }
+        };
         let queue =
             if dispatch.queue.is_empty() { wire::DEFAULT_QUEUE.to_owned() } else { dispatch.queue };
         let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
@@ -266,14 +282,10 @@ impl Publisher {
             headers.insert(wire::NATS_MSG_ID, id.as_str());
         }
         let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
-        let subject = match dispatch.due {
+        let subject = match schedule {
             None => target,
-            Some(at) => {
-                let at = at
-                    .to_offset(time::UtcOffset::UTC)
-                    .format(&Rfc3339)
-                    .expect("a UTC time always formats as RFC 3339");
-                headers.insert(wire::NATS_SCHEDULE, format!("@at {at}").as_str());
+            Some(schedule) => {
+                headers.insert(wire::NATS_SCHEDULE, schedule.as_str());
                 headers.insert(wire::NATS_SCHEDULE_TARGET, target.as_str());
                 if let Some(id) = &message_id {
                     headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
@@ -287,7 +299,8 @@ impl Publisher {
     }
 
     /// Everything that can refuse a dispatch before it is published; runs the propagator.
-    fn check(&self, dispatch: &mut Dispatch) -> Result<(), DispatchError> {
+    /// Returns the `Nats-Schedule` header value of a delayed dispatch.
+    fn check(&self, dispatch: &mut Dispatch) -> Result<Option<String>, DispatchError> {
         wire::validate_queue(&dispatch.queue)?;
         wire::validate_task_name(dispatch.task.name())?;
         if let Some(propagator) = &self.propagator {
@@ -296,7 +309,7 @@ impl Publisher {
         if let Some(invalid) = dispatch.task.invalid_header() {
             return Err(invalid.clone().into());
         }
-        if let Some(id) = dispatch.task.message_id() {
+        if let Some(id) = dispatch.task.dispatch_id() {
             wire::validate_header(wire::NATS_MSG_ID, id)?;
         }
         if dispatch.due.is_some() && !self.schedules {
@@ -308,7 +321,7 @@ impl Publisher {
                 ),
             ));
         }
-        Ok(())
+        dispatch.due.map(schedule::at_expression).transpose()
     }
 }
 

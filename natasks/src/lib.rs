@@ -52,6 +52,7 @@ pub mod observe;
 #[cfg(feature = "opentelemetry")]
 pub mod otel;
 mod retry;
+mod schedule;
 mod stream;
 mod task;
 pub mod wire;
@@ -65,6 +66,7 @@ pub use error::{
 pub use handler::{Handler, Json};
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;
+pub use schedule::DueTime;
 pub use task::{DecodeError, Delivery, Extensions, Task};
 pub use worker::{
     DeadLetterReason, ShutdownHandle, Unroutable, Worker, WorkerBuilder, DEFAULT_ACK_WAIT,

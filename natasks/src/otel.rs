@@ -217,7 +217,7 @@ impl OtelPropagator {
                 KeyValue::new("natasks.task", shared(task.name())),
                 KeyValue::new("delayed", delayed),
             ]);
-            if let Some(id) = task.message_id() {
+            if let Some(id) = task.dispatch_id() {
                 attributes.push(KeyValue::new("message_id", id.to_owned()));
             }
             attributes

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -29,6 +30,18 @@ use crate::wire;
 /// assert_eq!(email.to, "a@example.com");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # Dispatching a received task again
+///
+/// A handler may dispatch the task it received, to forward it to another queue or to put it
+/// back for later with [`Client::dispatch_in`](crate::Client::dispatch_in). The new dispatch
+/// is a new message: it carries the payload and the task's headers (including any set since it
+/// was received, and informational ones such as the dead-letter headers), with
+/// `Natasks-Task` and `Natasks-Queue` written afresh. It leaves behind the headers that
+/// described the message it arrived in: the server's `Nats-*` headers (message id, schedule,
+/// expectations) and `Natasks-Message-Id`. It has no message id, so JetStream cannot drop it
+/// as a duplicate of the original, unless one is set again with
+/// [`with_message_id`](Self::with_message_id).
 #[derive(Clone)]
 pub struct Task {
     name: String,
@@ -36,7 +49,13 @@ pub struct Task {
     /// Shared with the worker's copy of a received message, copied on first write; `None`
     /// until a header is set.
     headers: Option<Arc<HeaderMap>>,
+    /// The id dispatch publishes with: only one set with `with_message_id`.
     message_id: Option<String>,
+    /// On a received task, the id it was dispatched with; never published again.
+    received_id: Option<String>,
+    /// On a received task, the headers it arrived with, to leave the per-message ones
+    /// behind when it is dispatched again.
+    arrived_with: Option<Arc<HeaderMap>>,
     delivery: Option<Delivery>,
     extensions: Extensions,
     /// The first header that could not be set; reported by dispatch.
@@ -51,6 +70,8 @@ impl Task {
             payload: payload.into(),
             headers: None,
             message_id: None,
+            received_id: None,
+            arrived_with: None,
             delivery: None,
             extensions: Extensions::default(),
             invalid_header: None,
@@ -85,8 +106,12 @@ impl Task {
         })
     }
 
-    /// The first value of header `key`, if any.
+    /// The first value of header `key`, if any. A key that is not a valid header name (see
+    /// [`set_header`](Self::set_header)) finds nothing.
     pub fn header(&self, key: &str) -> Option<&str> {
+        if !wire::is_header_name(key) {
+            return None;
+        }
         self.headers().get(key).map(|value| value.as_str())
     }
 
@@ -100,8 +125,11 @@ impl Task {
         Arc::make_mut(self.headers.get_or_insert_with(Default::default))
     }
 
-    /// Sets header `key` to `value`, replacing earlier values. Names and values are checked
-    /// at dispatch: a value with CR or LF is refused there.
+    /// Sets header `key` to `value`, replacing earlier values.
+    ///
+    /// A name must be printable ASCII (`!` to `~`) without `:`, and a value must not contain
+    /// CR or LF. An invalid header is not set: dispatch refuses the task with an error
+    /// naming it, and publishes nothing.
     pub fn set_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
         if self.checked(key, value.as_ref()) {
             self.headers_mut().insert(key, value.as_ref());
@@ -109,7 +137,7 @@ impl Task {
         self
     }
 
-    /// Appends a value to header `key`.
+    /// Appends a value to header `key`. Checked as in [`set_header`](Self::set_header).
     pub fn add_header(&mut self, key: &str, value: impl AsRef<str>) -> &mut Self {
         if self.checked(key, value.as_ref()) {
             self.headers_mut().append(key, value.as_ref());
@@ -147,14 +175,7 @@ impl Task {
         if !self.headers().iter().any(|(name, _)| matches(name.as_ref())) {
             return;
         }
-        let mut kept = HeaderMap::new();
-        for (name, values) in self.headers().iter() {
-            if !matches(name.as_ref()) {
-                for value in values {
-                    kept.append(name.clone(), value.clone());
-                }
-            }
-        }
+        let kept = retained(self.headers(), |name, _| !matches(name.as_ref()));
         self.headers = Some(Arc::new(kept));
     }
 
@@ -171,14 +192,27 @@ impl Task {
 
     /// Sets the JetStream message id (`Nats-Msg-Id`): a second dispatch with the same id
     /// within the stream's duplicate window is acknowledged but not stored again.
+    ///
+    /// A received task dispatched again is published without the id it arrived with; set
+    /// one here to make that dispatch deduplicated too.
     #[must_use]
     pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
         self.message_id = Some(id.into());
         self
     }
 
-    /// The message id, if one was set (on a received task: the id it was dispatched with).
+    /// The message id: the one set with [`with_message_id`](Self::with_message_id), else on
+    /// a received task the id it was dispatched with.
+    ///
+    /// Dispatching a received task again does not reuse the id it was dispatched with (see
+    /// [`Task`]), even though this method reports it.
     pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref().or(self.received_id.as_deref())
+    }
+
+    /// The message id a dispatch of this task publishes: only one set with
+    /// [`with_message_id`](Self::with_message_id).
+    pub(crate) fn dispatch_id(&self) -> Option<&str> {
         self.message_id.as_deref()
     }
 
@@ -197,12 +231,22 @@ impl Task {
         &mut self.extensions
     }
 
-    /// Name, payload, headers and message id, for publishing.
+    /// Name, payload, headers and message id, for publishing. A received task leaves the
+    /// per-message headers it arrived with behind (see [`Task`]).
     pub(crate) fn into_parts(self) -> (String, Bytes, HeaderMap, Option<String>) {
-        let headers = self.headers.map(Arc::unwrap_or_clone).unwrap_or_default();
+        let headers = match (self.headers, &self.arrived_with) {
+            (Some(headers), Some(arrived)) => retained(&headers, |name, values| {
+                let name_str: &str = name.as_ref();
+                // Kept if set since the task arrived.
+                !wire::is_message_header(name_str)
+                    || !values.iter().eq(arrived.get_all(name.clone()))
+            }),
+            (headers, _) => headers.map(Arc::unwrap_or_clone).unwrap_or_default(),
+        };
         (self.name, self.payload, headers, self.message_id)
     }
 
+    /// A task as a worker received it; `message_id` is the id it was dispatched with.
     pub(crate) fn received(
         name: String,
         payload: Bytes,
@@ -213,8 +257,10 @@ impl Task {
         Self {
             name,
             payload,
+            arrived_with: Some(headers.clone()),
             headers: Some(headers),
-            message_id,
+            message_id: None,
+            received_id: message_id,
             delivery: Some(delivery),
             extensions: Extensions::default(),
             invalid_header: None,
@@ -228,9 +274,23 @@ impl fmt::Debug for Task {
             .field("name", &self.name)
             .field("payload_len", &self.payload.len())
             .field("message_id", &self.message_id)
+            .field("received_id", &self.received_id)
             .field("delivery", &self.delivery)
             .finish_non_exhaustive()
     }
+}
+
+/// A copy of `headers` with the headers `keep` accepts.
+fn retained(headers: &HeaderMap, keep: impl Fn(&HeaderName, &[HeaderValue]) -> bool) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        if keep(name, values) {
+            for value in values {
+                kept.append(name.clone(), value.clone());
+            }
+        }
+    }
+    kept
 }
 
 /// Where and how often a received task was delivered.
@@ -335,6 +395,68 @@ mod tests {
         assert_eq!(task.header("A"), Some("1"));
         assert_eq!(task.decode::<Email>().unwrap(), Email { to: "x".into() });
         assert!(task.delivery().is_none());
+    }
+
+    #[test]
+    fn invalid_header_names_are_not_set_nor_looked_up() {
+        let mut task = Task::new("t", "x").with_header("Größe", "1");
+        task.add_header("X:Y", "2").set_header("Ä", "3");
+        assert_eq!(task.header("Größe"), None);
+        assert_eq!(task.header(""), None);
+        let err = task.invalid_header().expect("the first invalid header is kept");
+        assert!(err.to_string().starts_with("header name \"Größe\""), "{err}");
+    }
+
+    fn received(headers: &[(&str, &str)], id: Option<&str>) -> Task {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, *value);
+        }
+        let delivery = Delivery::new("q".into(), 1, 7);
+        Task::received("t".into(), Bytes::new(), Arc::new(map), id.map(str::to_owned), delivery)
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<String> {
+        let mut names: Vec<String> = headers.iter().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn received_task_dispatched_again_is_a_new_message() {
+        let arrived = [
+            ("Natasks-Task", "t"),
+            ("Natasks-Message-Id", "m-1"),
+            ("Nats-Msg-Id", "m-1"),
+            ("Nats-Scheduler", "natasks.__natasks_schedule.x"),
+            ("Nats-Schedule-Next", "purge"),
+            ("X-Tenant", "t1"),
+            ("Natasks-Last-Error", "boom"),
+        ];
+        let task = received(&arrived, Some("m-1"));
+        assert_eq!(task.message_id(), Some("m-1"), "the id it was dispatched with");
+        assert_eq!(task.header("Nats-Scheduler"), Some("natasks.__natasks_schedule.x"));
+        let (_, _, headers, id) = task.clone().into_parts();
+        assert_eq!(id, None);
+        assert_eq!(names(&headers), ["Natasks-Last-Error", "Natasks-Task", "X-Tenant"]);
+
+        // An id set again is used; headers set since it arrived are kept.
+        let mut again = task.with_message_id("m-2");
+        again.set_header("Nats-TTL", "1h").set_header("Nats-Msg-Id", "explicit");
+        assert_eq!(again.message_id(), Some("m-2"));
+        let (_, _, headers, id) = again.into_parts();
+        assert_eq!(id.as_deref(), Some("m-2"));
+        assert_eq!(headers.get("Nats-TTL").map(|v| v.as_str()), Some("1h"));
+        assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("explicit"));
+        assert_eq!(headers.get("Nats-Scheduler"), None);
+    }
+
+    #[test]
+    fn new_task_keeps_every_header() {
+        let task = Task::new("t", "x").with_header("Nats-TTL", "1h").with_message_id("m");
+        let (_, _, headers, id) = task.into_parts();
+        assert_eq!(id.as_deref(), Some("m"));
+        assert_eq!(headers.get("Nats-TTL").map(|v| v.as_str()), Some("1h"));
     }
 
     #[test]

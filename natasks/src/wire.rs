@@ -106,12 +106,16 @@ pub(crate) fn validate_task_name(name: &str) -> Result<(), InvalidName> {
 }
 
 /// Checks a header name and value can be written on the wire.
+///
+/// A name must be non-empty printable ASCII (letters, digits and punctuation, `!` to `~`)
+/// without `:`, as NATS headers require; async-nats panics on any other name, so natasks
+/// refuses it first. A value may hold any text but CR and LF.
 pub(crate) fn validate_header(name: &str, value: &str) -> Result<(), InvalidName> {
-    if name.is_empty() || name.chars().any(|c| c == ':' || c.is_whitespace() || c.is_control()) {
+    if !is_header_name(name) {
         return Err(InvalidName {
             what: "header name",
             value: name.to_owned(),
-            problem: "must be non-empty, without `:`, whitespace or control characters",
+            problem: "must be non-empty printable ASCII (`!` to `~`) without `:`",
         });
     }
     if value.contains(['\r', '\n']) {
@@ -122,6 +126,21 @@ pub(crate) fn validate_header(name: &str, value: &str) -> Result<(), InvalidName
         });
     }
     Ok(())
+}
+
+/// Whether `name` can be a header name: what async-nats accepts (it panics on anything
+/// else), and not empty.
+pub(crate) fn is_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+}
+
+/// Whether header `name` describes one stored message rather than the task: the server's
+/// `Nats-*` headers (message id, schedule, expectations) and natasks' `Natasks-Message-Id`.
+/// A received task dispatched again leaves the ones it arrived with behind.
+pub(crate) fn is_message_header(name: &str) -> bool {
+    let prefix = "Nats-";
+    name.get(..prefix.len()).is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+        || name.eq_ignore_ascii_case(HEADER_MESSAGE_ID)
 }
 
 /// Makes an arbitrary error text safe for a header value: one line, at most `max` bytes.
@@ -176,6 +195,25 @@ mod tests {
         assert!(validate_header("X-Bad", "a\r\nb").is_err());
         assert!(validate_header("Bad Name", "v").is_err());
         assert!(validate_header("", "v").is_err());
+        assert!(validate_header("X-Ok_1.~!", "Größe 1").is_ok());
+        for bad in ["Größe", "Ä", "X:Colon", "X\tTab", "X\u{7f}", "X\0"] {
+            let err = validate_header(bad, "v").unwrap_err();
+            assert!(err.to_string().starts_with("header name"), "{bad:?}: {err}");
+            // Each would make async-nats panic.
+            assert!(bad.parse::<HeaderName>().is_err(), "{bad:?}");
+        }
+        assert!("X-Ok_1.~!".parse::<HeaderName>().is_ok());
+    }
+
+    #[test]
+    fn message_headers() {
+        for name in ["Nats-Msg-Id", "Nats-Scheduler", "nats-expected-stream", "Natasks-Message-Id"]
+        {
+            assert!(is_message_header(name), "{name}");
+        }
+        for name in ["Natasks-Task", "Natasks-Last-Error", "X-Nats-Id", "Nats", "traceparent"] {
+            assert!(!is_message_header(name), "{name}");
+        }
     }
 
     #[test]
