@@ -71,7 +71,7 @@ pub use task::{DecodeError, Delivery, Extensions, Task};
 pub use worker::{
     DeadLetterReason, ShutdownHandle, Unroutable, Worker, WorkerBuilder, DEFAULT_ACK_WAIT,
     DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT,
-    DEFAULT_MAX_ACK_PENDING,
+    DEFAULT_MAX_ACK_PENDING, MAX_FETCH_TIMEOUT, MAX_WAIT,
 };
 
 /// The README's code blocks, compiled as doc-tests so the README cannot drift from the API.

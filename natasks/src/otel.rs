@@ -282,7 +282,15 @@ impl OtelPropagator {
     /// The context in `headers`: W3C trace context is read by hand in its usual form (no
     /// allocation, no formatting machinery), anything else by the propagator.
     fn extract(&self, headers: &HeaderMap) -> Context {
-        let cx = self.extract_headers(headers);
+        // The headers come from the wire and the propagator may be the user's: a panic on
+        // odd input loses the trace context, not the task.
+        let extracted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.extract_headers(headers)
+        }));
+        let cx = extracted.unwrap_or_else(|_| {
+            tracing::warn!("the trace propagator panicked on a task's headers; the task runs without its trace context");
+            Context::new()
+        });
         if self.sampled_only && !cx.span().span_context().is_valid() {
             // Whatever else came (baggage, say) stays.
             return cx.with_remote_span_context(unsampled());

@@ -253,9 +253,9 @@ authorization {
     };
     let admin = jetstream::new(connect("admin").await);
     let client = Client::new(admin.clone()).await.unwrap();
-    let worker_js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(connect("worker").await);
+    // The default publish timeout (5 s) is longer than the ack wait (3 s): the lease must be
+    // renewed while the first dead-letter publish waits for its acknowledgement too.
+    let worker_js = jetstream::new(connect("worker").await);
     let runs = runs();
     let handler = {
         let runs = runs.clone();
@@ -270,6 +270,7 @@ authorization {
     };
     let worker = Worker::builder(worker_js, "fail")
         .max_retries(0)
+        .concurrency(2)
         .ack_wait(Duration::from_secs(3))
         .handle("t", handler)
         .build()
@@ -394,4 +395,77 @@ async fn unknown_task_names_share_one_label() {
     labels.sort();
     labels.dedup();
     assert_eq!(labels, vec!["(unrouted)", "known"], "{events:?}");
+}
+
+/// A dead letter must fit the server's `max_payload`: for a task near the limit, the last
+/// error is cut to fit. A dead letter that could never be stored used to be retried while
+/// the worker kept the task, holding its slot for good.
+#[tokio::test]
+async fn dead_letter_of_a_task_near_max_payload_is_stored() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let max_payload = js.client().server_info().max_payload;
+    let runs = runs();
+    let handler = {
+        let runs = runs.clone();
+        move |task: Task| {
+            let runs = runs.clone();
+            async move {
+                let attempt = task.delivery().map(|d| d.attempt).unwrap_or_default();
+                runs.lock().unwrap().push((task.payload().len().to_string(), attempt, "w"));
+                if task.payload().len() > 1000 {
+                    return Err(HandlerError::dead_letter(std::io::Error::other("e".repeat(1500))));
+                }
+                Ok(())
+            }
+        }
+    };
+    let worker = Worker::builder(js.clone(), "big")
+        .concurrency(1)
+        .ack_wait(Duration::from_secs(60))
+        .handle("t", handler)
+        .build()
+        .await
+        .unwrap();
+    let worker = spawn(worker);
+    let big = vec![b'x'; max_payload - 300];
+    client.dispatch(Task::new("t", big), "big").await.unwrap();
+    client.dispatch(Task::new("t", "small"), "big").await.unwrap();
+    let dead = first_on(&js, "natasks.big-dlq").await;
+    eventually(DEADLINE, "the small task to run after the big one", || async {
+        runs.lock().unwrap().len() >= 2
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_eq!(dead.payload.len(), max_payload - 300);
+    let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header("Natasks-Dead-Letter-Reason").as_deref(), Some("rejected"));
+    let error = header("Natasks-Last-Error").unwrap_or_default();
+    assert!(error.len() < 1500 && error.chars().all(|c| c == 'e'), "last error {error:?}");
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 2, "each task ran once: {runs:?}");
+}
+
+/// Durations are added to clocks and sent to the server as signed nanoseconds: the builder
+/// refuses values that would overflow either, naming the setting, instead of a panic at
+/// shutdown ("wait forever" as `Duration::MAX`).
+#[tokio::test]
+async fn huge_durations_are_refused_at_build() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let builders = [
+        ("drain_timeout", Worker::builder(js.clone(), "d").drain_timeout(Duration::MAX)),
+        ("fetch_timeout", Worker::builder(js.clone(), "d").fetch_timeout(Duration::MAX)),
+        ("ack_wait", Worker::builder(js.clone(), "d").ack_wait(Duration::MAX)),
+        ("task_timeout", Worker::builder(js.clone(), "d").task_timeout(Duration::MAX)),
+        ("idle_wait", Worker::builder(js.clone(), "d").idle_wait(Duration::MAX)),
+    ];
+    for (setting, builder) in builders {
+        let result =
+            builder.handle("t", |_t: Task| async { Ok::<(), HandlerError>(()) }).build().await;
+        let err = result.err().unwrap_or_else(|| panic!("{setting}: Duration::MAX accepted"));
+        assert_eq!(err.kind(), natasks::SetupErrorKind::InvalidOption, "{setting}: {err}");
+        assert!(err.to_string().contains(setting), "{setting}: {err}");
+    }
 }

@@ -431,3 +431,56 @@ async fn sampled_only_propagates_sampled_traces_and_keeps_the_rest_unsampled() {
     assert_attrs(&process[0], &[("natasks.task", "sampled")]);
     assert_eq!(process[0].parent_span_id, dispatch.span_context.span_id());
 }
+
+/// A trace propagator that panics on any input.
+#[derive(Debug)]
+struct PanickingPropagator;
+
+impl opentelemetry::propagation::TextMapPropagator for PanickingPropagator {
+    fn inject_context(
+        &self,
+        _cx: &opentelemetry::Context,
+        _injector: &mut dyn opentelemetry::propagation::Injector,
+    ) {
+    }
+
+    fn extract_with_context(
+        &self,
+        _cx: &opentelemetry::Context,
+        _extractor: &dyn opentelemetry::propagation::Extractor,
+    ) -> opentelemetry::Context {
+        panic!("odd trace header");
+    }
+
+    fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
+        opentelemetry::propagation::text_map_propagator::FieldIter::new(&[])
+    }
+}
+
+/// The trace propagator reads headers from the wire, before the handler's panic guard: a
+/// propagator that panics on odd input used to kill the attempt with no ack or nak, so the
+/// task came back every ack wait, forever. It now runs without its trace context.
+#[tokio::test]
+async fn a_panicking_trace_propagator_loses_the_trace_not_the_task() {
+    exporter();
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "otel-panic")
+        .ack_wait(Duration::from_secs(60))
+        .propagator(OtelPropagator::with(PanickingPropagator))
+        .handle("t", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let worker = spawn(worker);
+    client.dispatch(Task::new("t", "x"), "otel-panic").await.unwrap();
+    let task = seen.recv().await;
+    assert_eq!(task.delivery().map(|d| d.attempt), Some(1));
+    eventually(DEADLINE, "the task acknowledged", || async {
+        stored(&js, "natasks.otel-panic").await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+}

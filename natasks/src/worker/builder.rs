@@ -30,6 +30,12 @@ pub const DEFAULT_IDLE_WAIT: Duration = Duration::from_millis(250);
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Default server-side limit of unacknowledged messages (raised to fit the concurrency).
 pub const DEFAULT_MAX_ACK_PENDING: i64 = 128;
+/// Longest accepted `fetch_timeout`: a pull request's lifetime, and how long an idle worker
+/// may take to stop.
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest accepted `ack_wait`, `task_timeout`, `drain_timeout` and `idle_wait` (365 days):
+/// the server keeps durations in signed nanoseconds, and a worker adds them to clocks.
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Configures a [`Worker`]. Created by [`Worker::builder`]; every setter documents its
 /// default, and [`build`](Self::build) validates them all.
@@ -298,11 +304,26 @@ impl WorkerBuilder {
                 format!("{} is outside 1..=65536", self.fetch_batch),
             ));
         }
-        if self.fetch_timeout < Duration::from_secs(1) {
+        if self.fetch_timeout < Duration::from_secs(1) || self.fetch_timeout > MAX_FETCH_TIMEOUT {
             return Err(SetupError::invalid_option(
                 "fetch_timeout",
-                format!("{:?} is below the minimum of 1s", self.fetch_timeout),
+                format!("{:?} is outside 1s..=1h", self.fetch_timeout),
             ));
+        }
+        let waits = [
+            ("ack_wait", Some(self.ack_wait)),
+            ("task_timeout", Some(self.task_timeout)),
+            ("drain_timeout", self.drain_timeout),
+            ("idle_wait", Some(self.idle_wait)),
+            ("progress_interval", self.progress_interval),
+        ];
+        for (setting, wait) in waits {
+            if let Some(wait) = wait.filter(|wait| *wait > MAX_WAIT) {
+                return Err(SetupError::invalid_option(
+                    setting,
+                    format!("{wait:?} is above the maximum of 365 days"),
+                ));
+            }
         }
         if self.ack_wait.is_zero() {
             return Err(SetupError::invalid_option("ack_wait", "must be positive"));

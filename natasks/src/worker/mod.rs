@@ -7,6 +7,7 @@
 //! wait.
 
 mod builder;
+mod dead_letter;
 mod process;
 mod pull;
 mod run;
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use builder::{
     WorkerBuilder, DEFAULT_ACK_WAIT, DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH,
-    DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT, DEFAULT_MAX_ACK_PENDING,
+    DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT, DEFAULT_MAX_ACK_PENDING, MAX_FETCH_TIMEOUT, MAX_WAIT,
 };
 
 use crate::error::{RunError, RunErrorKind, SetupError};

@@ -13,6 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::dead_letter;
 use super::pull::Leased;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
@@ -149,9 +150,9 @@ fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing
 
 /// The task's lease: when it began (delivery or last renewal), and the signal that
 /// shutdown gave up waiting for the task.
-struct Lease<'a> {
-    since: tokio::time::Instant,
-    abandon: &'a CancellationToken,
+pub(super) struct Lease<'a> {
+    pub(super) since: tokio::time::Instant,
+    pub(super) abandon: &'a CancellationToken,
 }
 
 /// Runs the handler if the delivery can be routed; `None` when shutdown abandoned it.
@@ -236,7 +237,7 @@ async fn decide(
 /// Drives a handler that did not finish on its first poll, renewing its lease every
 /// `period` from when the lease began (not from when the handler started); `None` when
 /// shutdown abandons it.
-async fn renew_lease_until<F: Future>(
+pub(super) async fn renew_lease_until<F: Future>(
     message: &Message,
     mut work: Pin<&mut F>,
     period: Duration,
@@ -312,7 +313,7 @@ fn unroutable(
 }
 
 /// Records a failure on the attempt's OpenTelemetry span (current while it runs).
-fn span_event(inner: &WorkerInner, name: &'static str, error: &str) {
+pub(super) fn span_event(inner: &WorkerInner, name: &'static str, error: &str) {
     #[cfg(feature = "opentelemetry")]
     if inner.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
         crate::otel::add_current_event(name, error);
@@ -349,90 +350,19 @@ async fn apply(
             Outcome::Retried(delay)
         }
         Settle::DeadLetter(reason, error) => {
-            let publish =
-                || publish_dead_letter(inner, message, headers, attempt, sequence, reason, &error);
-            if let Err(err) = publish().await {
-                // Until the dead letter is stored, the worker keeps the task (renewing its
-                // lease) and tries again: handing it back would spend a delivery, and the
-                // redelivery could no longer tell why the task was given up.
-                ack(message, AckKind::Progress).await;
-                let retries = async {
-                    let mut err = err;
-                    let mut wait = inner.settings.idle_wait.max(Duration::from_millis(100));
-                    loop {
-                        tracing::error!(error = %err, retry_in = ?wait, "could not publish the dead letter; the worker keeps the task and tries again");
-                        span_event(inner, "could not publish the dead letter", &err.to_string());
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(inner.settings.progress_interval);
-                        match publish().await {
-                            Ok(()) => return,
-                            Err(again) => err = again,
-                        }
-                    }
-                };
-                tokio::pin!(retries);
-                let renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
-                let period = inner.settings.progress_interval;
-                if renew_lease_until(message, retries, period, &renewing).await.is_none() {
-                    nak(message, None).await;
-                    return Outcome::HandedBack;
-                }
-            }
-            tracing::warn!(%reason, %error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
-            span_event(inner, "task dead-lettered", &error);
-            ack(message, AckKind::Ack).await;
-            Outcome::DeadLettered(reason)
+            dead_letter::settle(inner, message, headers, attempt, sequence, reason, &error, lease)
+                .await
         }
     }
 }
 
-async fn publish_dead_letter(
-    inner: &WorkerInner,
-    message: &Message,
-    original: &HeaderMap,
-    attempt: u64,
-    sequence: u64,
-    reason: DeadLetterReason,
-    error: &str,
-) -> Result<(), async_nats::Error> {
-    let mut headers = HeaderMap::new();
-    for (name, values) in original.iter() {
-        // Server-managed headers (message id, schedule, rollup) must not follow the task.
-        let name_str: &str = name.as_ref();
-        if name_str.starts_with("Nats-") {
-            continue;
-        }
-        for value in values {
-            headers.append(name.clone(), value.as_str());
-        }
-    }
-    if let Some(id) = original.get(wire::NATS_MSG_ID) {
-        headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
-    }
-    headers.insert(wire::HEADER_QUEUE, inner.settings.dlq_queue.as_str());
-    headers.insert(wire::HEADER_ORIGINAL_QUEUE, inner.queue.as_str());
-    headers.insert(wire::HEADER_ATTEMPTS, attempt.to_string().as_str());
-    headers.insert(wire::HEADER_LAST_ERROR, wire::header_safe(error, 2048).as_str());
-    headers.insert(wire::HEADER_DEAD_LETTER_REASON, reason.as_str());
-    // A worker that dies between this publish and the ack redelivers the task; the id makes
-    // the second dead letter a duplicate the stream drops.
-    let id = format!("natasks-dlq-{}-{sequence}", inner.stream.name);
-    headers.insert(wire::NATS_MSG_ID, id.as_str());
-    inner
-        .js
-        .publish_with_headers(inner.dlq_subject.clone(), headers, message.payload.clone())
-        .await?
-        .await?;
-    Ok(())
-}
-
-async fn ack(message: &Message, kind: AckKind) {
+pub(super) async fn ack(message: &Message, kind: AckKind) {
     if let Err(err) = message.ack_with(kind).await {
         tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
     }
 }
 
-async fn nak(message: &Message, delay: Option<Duration>) {
+pub(super) async fn nak(message: &Message, delay: Option<Duration>) {
     ack(message, AckKind::Nak(delay)).await;
 }
 

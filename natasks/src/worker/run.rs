@@ -94,20 +94,23 @@ pub(super) async fn run(
                 // requests expire (`fetch_timeout`), and no longer than the drain timeout.
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;
                 while let Some(leased) = puller.next_requested(limit).await {
-                    match slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            tracker.spawn(process::process(
-                                inner.clone(),
-                                leased,
-                                permit,
-                                abandon.clone(),
-                            ));
-                        }
+                    let (leased, permit) = match slots.clone().try_acquire_owned() {
+                        Ok(permit) => (leased, permit),
+                        // The server delivered more than was asked for: the task waits for a
+                        // slot, its lease kept, as long as the drain allows.
                         Err(_) => {
                             puller.keep(leased);
-                            break;
+                            let Some(permit) =
+                                slot_before(&inner, &slots, &mut puller, limit).await
+                            else {
+                                break;
+                            };
+                            // The kept task comes first.
+                            let Some(leased) = puller.next_requested(limit).await else { break };
+                            (leased, permit)
                         }
-                    }
+                    };
+                    tracker.spawn(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 let handed_back = puller.hand_back(FLUSH_LIMIT).await;
                 if handed_back > 0 {
@@ -174,6 +177,25 @@ async fn wait_for_slot(
                     tracing::warn!(queue = %inner.queue, error = %err, "pulling interrupted; recovering");
                     return Wait::Reopen;
                 }
+            }
+        }
+    }
+}
+
+/// At shutdown: a free slot before `limit`, keeping the leases of waiting tasks alive.
+async fn slot_before(
+    inner: &WorkerInner,
+    slots: &Arc<Semaphore>,
+    puller: &mut Puller,
+    limit: tokio::time::Instant,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        tokio::select! {
+            biased;
+            permit = slots.clone().acquire_owned() => return permit.ok(),
+            () = tokio::time::sleep_until(limit) => return None,
+            tended = puller.tend(inner.settings.progress_interval) => {
+                tended.ok()?;
             }
         }
     }

@@ -1,0 +1,133 @@
+//! Dead letters: a copy of the task on the dead-letter queue, stored before the original is
+//! acknowledged, and never given up while it can still be stored.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
+
+use super::process::{ack, nak, renew_lease_until, span_event, Lease};
+use super::{DeadLetterReason, WorkerInner};
+use crate::observe::Outcome;
+use crate::wire;
+
+/// Longest `Natasks-Last-Error` value.
+const LAST_ERROR_MAX: usize = 2048;
+
+/// Stores the dead letter, then acknowledges the task.
+///
+/// Until the dead letter is stored, the worker keeps the task (renewing its lease, also
+/// while a publish waits for its acknowledgement) and tries again: handing it back would
+/// spend a delivery, and the redelivery could no longer tell why the task was given up. It
+/// hands the task back only when shutdown abandons it, or when the dead letter cannot fit
+/// the server's `max_payload` (after its last error was cut to fit).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn settle(
+    inner: &WorkerInner,
+    message: &Message,
+    headers: &HeaderMap,
+    attempt: u64,
+    sequence: u64,
+    reason: DeadLetterReason,
+    error: &str,
+    lease: &Lease<'_>,
+) -> Outcome {
+    let publish = || publish(inner, message, headers, attempt, sequence, reason, error);
+    let stored = async {
+        let mut wait = inner.settings.idle_wait.max(Duration::from_millis(100));
+        loop {
+            let err = match publish().await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded => return Err(err),
+                Err(err) => err,
+            };
+            tracing::error!(error = %err, retry_in = ?wait, "could not publish the dead letter; the worker keeps the task and tries again");
+            span_event(inner, "could not publish the dead letter", &err.to_string());
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(inner.settings.progress_interval);
+        }
+    };
+    tokio::pin!(stored);
+    // The handler may have run for most of a lease: renew it before the publish, which can
+    // wait for its acknowledgement longer than the ack wait.
+    ack(message, AckKind::Progress).await;
+    let renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
+    match renew_lease_until(message, stored, inner.settings.progress_interval, &renewing).await {
+        Some(Ok(())) => {
+            tracing::warn!(%reason, error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
+            span_event(inner, "task dead-lettered", error);
+            ack(message, AckKind::Ack).await;
+            Outcome::DeadLettered(reason)
+        }
+        Some(Err(err)) => {
+            let delay = Some(inner.settings.ack_wait);
+            tracing::error!(error = %err, retry_in = ?delay, "the dead letter does not fit the server's max_payload; the task is handed back");
+            span_event(inner, "the dead letter does not fit max_payload", &err.to_string());
+            nak(message, delay).await;
+            Outcome::Retried(delay)
+        }
+        None => {
+            nak(message, None).await;
+            Outcome::HandedBack
+        }
+    }
+}
+
+async fn publish(
+    inner: &WorkerInner,
+    message: &Message,
+    original: &HeaderMap,
+    attempt: u64,
+    sequence: u64,
+    reason: DeadLetterReason,
+    error: &str,
+) -> Result<(), PublishError> {
+    let mut headers = HeaderMap::new();
+    for (name, values) in original.iter() {
+        // Server-managed headers (message id, schedule, rollup) must not follow the task.
+        let name_str: &str = name.as_ref();
+        if name_str.starts_with("Nats-") {
+            continue;
+        }
+        for value in values {
+            headers.append(name.clone(), value.as_str());
+        }
+    }
+    if let Some(id) = original.get(wire::NATS_MSG_ID) {
+        headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
+    }
+    headers.insert(wire::HEADER_QUEUE, inner.settings.dlq_queue.as_str());
+    headers.insert(wire::HEADER_ORIGINAL_QUEUE, inner.queue.as_str());
+    headers.insert(wire::HEADER_ATTEMPTS, attempt.to_string().as_str());
+    headers.insert(wire::HEADER_DEAD_LETTER_REASON, reason.as_str());
+    // A worker that dies between this publish and the ack redelivers the task; the id makes
+    // the second dead letter a duplicate the stream drops.
+    let id = format!("natasks-dlq-{}-{sequence}", inner.stream.name);
+    headers.insert(wire::NATS_MSG_ID, id.as_str());
+    // The last error is cut to what still fits the server's max_payload: a task near the
+    // limit must not become a dead letter that can never be stored.
+    let max_payload = inner.js.client().server_info().max_payload;
+    let used = message.payload.len() + encoded_len(&headers);
+    let room = max_payload.saturating_sub(used + wire::HEADER_LAST_ERROR.len() + 4);
+    headers.insert(
+        wire::HEADER_LAST_ERROR,
+        wire::header_safe(error, LAST_ERROR_MAX.min(room)).as_str(),
+    );
+    inner
+        .js
+        .publish_with_headers(inner.dlq_subject.clone(), headers, message.payload.clone())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Bytes the headers take on the wire (`NATS/1.0\r\n`, `Name: value\r\n` each, `\r\n`).
+fn encoded_len(headers: &HeaderMap) -> usize {
+    let mut lines = 0;
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        lines += values.iter().map(|value| name.len() + value.as_str().len() + 4).sum::<usize>();
+    }
+    "NATS/1.0\r\n".len() + lines + 2
+}
