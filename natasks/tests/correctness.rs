@@ -222,7 +222,8 @@ async fn dropping_run_until_shuts_down_gracefully() {
 
 /// Issue item 2, last part: a dead letter that cannot be published at once used to be handed
 /// back; its redelivery was then past the allowed attempts and was dead-lettered as "no
-/// outcome", losing the handler's error. The worker now keeps the task and tries again.
+/// outcome", losing the handler's error (or, with retries left, ran again). The worker now
+/// keeps the task, renewing its lease, and tries again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_publish_failure_keeps_the_reason_and_error() {
     let deny = r#"
@@ -264,12 +265,15 @@ authorization {
             async move {
                 let attempt = task.delivery().map(|d| d.attempt).unwrap_or_default();
                 runs.lock().unwrap().push(("0".to_owned(), attempt, "w"));
-                Err::<(), _>(HandlerError::msg("the mail server said no"))
+                Err::<(), _>(HandlerError::dead_letter(std::io::Error::other(
+                    "the mail server said no",
+                )))
             }
         }
     };
+    // Unlimited retries and a free second slot: a lease that lapsed while the dead letter
+    // waited would show as a second run.
     let worker = Worker::builder(worker_js, "fail")
-        .max_retries(0)
         .concurrency(2)
         .ack_wait(Duration::from_secs(3))
         .handle("t", handler)
@@ -293,7 +297,7 @@ authorization {
     let dead = first_on(&admin, "natasks.fail-dlq").await;
     worker.stop().await.unwrap();
     let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned());
-    assert_eq!(header("Natasks-Dead-Letter-Reason").as_deref(), Some("retries-exhausted"));
+    assert_eq!(header("Natasks-Dead-Letter-Reason").as_deref(), Some("rejected"));
     assert_eq!(header("Natasks-Last-Error").as_deref(), Some("the mail server said no"));
     assert_eq!(header("Natasks-Attempts").as_deref(), Some("1"));
     assert_eq!(*runs.lock().unwrap(), vec![("0".to_owned(), 1, "w")], "the handler ran once");
