@@ -33,6 +33,8 @@ use async_nats::ConnectErrorKind;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+pub mod go;
+
 /// Version of the default server installed by `scripts/install-nats-server`.
 pub const SERVER_VERSION: &str = "2.15.1";
 
