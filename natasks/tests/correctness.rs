@@ -80,61 +80,74 @@ async fn rolling_restart_costs_no_attempt() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
-    dispatch_all(&client, "roll", TASKS).await;
-    let runs = runs();
-    let build = |label: &'static str| {
-        Worker::builder(js.clone(), "roll")
-            .concurrency(1)
-            .fetch_batch(TASKS)
-            .max_retries(0)
-            .handle("t", recording(runs.clone(), label, Duration::from_millis(300)))
-            .build()
-    };
-    for (label, after) in [("a", 1), ("b", 4)] {
-        let worker = spawn(build(label).await.unwrap());
-        eventually(DEADLINE, "the worker to start its tasks", || async {
-            runs.lock().unwrap().len() >= after
-        })
-        .await;
-        worker.stop().await.unwrap();
+    // Without prefetch the next workers take what the stopped one never started; with the
+    // issue's `fetch_batch(20)` the stopping worker runs its prefetched tasks first.
+    for (queue, fetch_batch) in [("roll", 1), ("roll-pre", TASKS)] {
+        dispatch_all(&client, queue, TASKS).await;
+        let runs = runs();
+        let build = |label: &'static str| {
+            Worker::builder(js.clone(), queue)
+                .concurrency(1)
+                .fetch_batch(fetch_batch)
+                .max_retries(0)
+                .handle("t", recording(runs.clone(), label, Duration::from_millis(300)))
+                .build()
+        };
+        for (label, after) in [("a", 1), ("b", 4)] {
+            let worker = spawn(build(label).await.unwrap());
+            eventually(DEADLINE, "the worker to start its tasks", || async {
+                runs.lock().unwrap().len() >= after
+            })
+            .await;
+            worker.stop().await.unwrap();
+        }
+        let last = spawn(build("c").await.unwrap());
+        eventually(DEADLINE, "every task to run", || async { runs.lock().unwrap().len() >= TASKS })
+            .await;
+        let subject = format!("natasks.{queue}");
+        eventually(DEADLINE, "the queue to empty", || async { stored(&js, &subject).await == 0 })
+            .await;
+        last.stop().await.unwrap();
+        let dlq = format!("natasks.{queue}-dlq");
+        assert_eq!(stored(&js, &dlq).await, 0, "fetch_batch({fetch_batch}): dead letters");
+        assert_each_once_first_attempt(&runs, TASKS);
+        if fetch_batch == 1 {
+            let by: Vec<&str> = runs.lock().unwrap().iter().map(|(_, _, w)| *w).collect();
+            assert!(by.contains(&"b") && by.contains(&"c"), "not a rolling deploy: {by:?}");
+        }
     }
-    let last = spawn(build("c").await.unwrap());
-    eventually(DEADLINE, "every task to run", || async { runs.lock().unwrap().len() >= TASKS })
-        .await;
-    eventually(DEADLINE, "the queue to empty", || async { stored(&js, "natasks.roll").await == 0 })
-        .await;
-    last.stop().await.unwrap();
-    assert_eq!(stored(&js, "natasks.roll-dlq").await, 0, "tasks were dead-lettered");
-    assert_each_once_first_attempt(&runs, TASKS);
 }
 
-/// Issue item 6: the worker asks for no more tasks than it has free slots, whatever
-/// `fetch_batch` says, so none waits in the worker behind slow handlers.
+/// Issue item 6: the worker asks for no more tasks than it has free slots plus the prefetch
+/// asked for (`fetch_batch` above `concurrency`), so no task waits in it uninvited.
 #[tokio::test]
-async fn worker_holds_no_more_tasks_than_free_slots() {
+async fn worker_holds_its_free_slots_and_prefetch_at_most() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
-    dispatch_all(&client, "held", 12).await;
-    let runs = runs();
-    let worker = Worker::builder(js.clone(), "held")
-        .concurrency(2)
-        .fetch_batch(50)
-        .handle("t", recording(runs.clone(), "a", Duration::from_millis(400)))
-        .build()
-        .await
-        .unwrap();
-    let worker = spawn(worker);
-    let mut most_held = 0;
-    let start = Instant::now();
-    while runs.lock().unwrap().len() < 12 {
-        assert!(start.elapsed() < DEADLINE, "tasks did not all run");
-        most_held = most_held.max(consumer_info(&js, "held").await.num_ack_pending);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for (queue, fetch_batch, most) in [("held", 1, 2), ("held-pre", 6, 6)] {
+        dispatch_all(&client, queue, 12).await;
+        let runs = runs();
+        let worker = Worker::builder(js.clone(), queue)
+            .concurrency(2)
+            .fetch_batch(fetch_batch)
+            .handle("t", recording(runs.clone(), "a", Duration::from_millis(300)))
+            .build()
+            .await
+            .unwrap();
+        let worker = spawn(worker);
+        let mut most_held = 0;
+        let start = Instant::now();
+        while runs.lock().unwrap().len() < 12 {
+            assert!(start.elapsed() < DEADLINE, "tasks did not all run");
+            most_held = most_held.max(consumer_info(&js, queue).await.num_ack_pending);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker.stop().await.unwrap();
+        assert!(most_held <= most, "fetch_batch({fetch_batch}): held {most_held} tasks");
+        assert!(most_held >= most.min(2), "fetch_batch({fetch_batch}): held only {most_held}");
+        assert_each_once_first_attempt(&runs, 12);
     }
-    worker.stop().await.unwrap();
-    assert!(most_held <= 2, "the worker held {most_held} tasks with 2 slots");
-    assert_each_once_first_attempt(&runs, 12);
 }
 
 /// Issue item 5: two workers, one slot each, `fetch_batch(6)`, a 3 s ack wait renewed every

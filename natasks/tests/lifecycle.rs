@@ -198,9 +198,9 @@ async fn drain_timeout_hands_unfinished_work_back_promptly() {
     wait_stream_empty(&js).await;
 }
 
-/// A worker holds only the tasks it runs: with one slot and `fetch_batch(20)`, the other
-/// 19 stay on the server while it works, and after a graceful stop another worker takes
-/// them at once, each on its first delivery.
+/// Without prefetch (the default), a worker holds only the tasks it runs: with one slot, the
+/// other 19 stay on the server while it works, and after a graceful stop another worker
+/// takes them at once, each on its first delivery.
 #[tokio::test]
 async fn unstarted_tasks_stay_on_the_server_across_a_graceful_stop() {
     const TASKS: usize = 20;
@@ -228,7 +228,6 @@ async fn unstarted_tasks_stay_on_the_server_across_a_graceful_stop() {
     };
     let a = Worker::builder(js.clone(), "q")
         .concurrency(1)
-        .fetch_batch(TASKS)
         .ack_wait(Duration::from_secs(30))
         .handle("t", slow)
         .build()
@@ -586,7 +585,6 @@ async fn shutdown_outcomes_are_sent_before_run_returns() {
             };
             let worker = Worker::builder(js, "q")
                 .concurrency(1)
-                .fetch_batch(TASKS)
                 .ack_wait(Duration::from_secs(30))
                 .handle("t", slow)
                 .build()
@@ -677,4 +675,50 @@ async fn slow_handlers_do_not_strand_buffered_tasks_past_the_ack_wait() {
     done.sort();
     let expected: Vec<(String, u64)> = (0..8).map(|i| (i.to_string(), 1)).collect();
     assert_eq!(done, expected, "every task once, on its first delivery");
+}
+
+/// With prefetch (`fetch_batch` above `concurrency`), a graceful stop runs the prefetched
+/// tasks before it returns: none goes back to the server with an attempt spent.
+#[tokio::test]
+async fn a_graceful_stop_runs_prefetched_tasks() {
+    const TASKS: usize = 5;
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    for i in 0..TASKS {
+        client.dispatch(Task::new("t", format!("task-{i}")), "pre").await.unwrap();
+    }
+    let mut started = Seen::new();
+    let mut done = Seen::new();
+    let slow = {
+        let (started, done) = (started.tx.clone(), done.tx.clone());
+        move |task: Task| {
+            let (started, done) = (started.clone(), done.clone());
+            async move {
+                let attempt = task.delivery().map_or(0, |d| d.attempt);
+                let id = String::from_utf8_lossy(task.payload()).into_owned();
+                let _ = started.send(id.clone());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = done.send((id, attempt));
+                Ok::<(), Infallible>(())
+            }
+        }
+    };
+    let a = Worker::builder(js.clone(), "pre")
+        .concurrency(1)
+        .fetch_batch(TASKS)
+        .handle("t", slow)
+        .build()
+        .await
+        .unwrap();
+    let a = spawn(a);
+    started.recv().await;
+    let info = consumer_info(&js, "pre").await;
+    assert_eq!(info.num_ack_pending, TASKS, "A prefetched every task");
+    a.stop().await.unwrap();
+    let mut ran = done.take(TASKS, Duration::ZERO).await;
+    ran.sort();
+    let expected: Vec<(String, u64)> = (0..TASKS).map(|i| (format!("task-{i}"), 1)).collect();
+    assert_eq!(ran, expected, "A ran every prefetched task once, on its first attempt");
+    wait_stream_empty(&js).await;
 }

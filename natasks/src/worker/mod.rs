@@ -182,10 +182,10 @@ impl Worker {
 
     /// Processes tasks until `signal` completes or the shutdown handle is triggered, then
     /// shuts down gracefully: stops asking for tasks, runs what the requests already sent
-    /// still bring (waiting at most `fetch_timeout` for them to end, and no longer than the
-    /// drain timeout), lets running handlers finish (up to the drain timeout) and hands
-    /// every unfinished task back for prompt redelivery. Tasks it never started stayed on
-    /// the server, so a graceful stop costs them no attempt.
+    /// still bring (waiting at most `fetch_timeout` for them to end) and what it prefetched,
+    /// lets running handlers finish (all within the drain timeout) and hands every
+    /// unfinished task back for prompt redelivery. Tasks it never received stayed on the
+    /// server, so a graceful stop costs no task an attempt unless the drain times out.
     ///
     /// Connection loss pauses the worker; after NATS reconnects it re-creates the stream and
     /// consumer if needed and resumes. Returns an error only when the connection is closed

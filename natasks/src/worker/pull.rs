@@ -1,11 +1,12 @@
 //! The pull side of the worker: pull requests on an inbox the worker owns, never for more
-//! tasks than the worker has free slots.
+//! tasks than the worker has free slots plus the prefetch the user asked for.
 //!
 //! Asking only for what can start at once is what makes a task's attempts count runs: a
 //! task the worker holds but cannot start would have to be handed back at shutdown or
-//! reconnect, and the broker counts that delivery as an attempt. With requests sized to the
-//! free slots, every delivered task starts at once, no task waits in the worker behind slow
-//! handlers (where its lease could run out), and a graceful shutdown hands nothing back.
+//! reconnect, and the broker counts that delivery as an attempt. Without prefetch (the
+//! default), every delivered task starts at once, and a graceful shutdown hands nothing
+//! back. With prefetch (`fetch_batch` above `concurrency`), prefetched tasks wait in the
+//! worker with their leases renewed, and a graceful shutdown runs them before it stops.
 //!
 //! Owning the inbox is what makes shutdown lossless: the worker stops asking, keeps the
 //! inbox until the requests it already sent have ended (running what they bring; it has
@@ -61,13 +62,15 @@ pub(super) struct Puller {
     subscriber: Subscriber,
     expires: Duration,
     heartbeat: Duration,
+    /// Tasks held beyond the free slots.
+    prefetch: usize,
     /// Messages requested and not yet delivered (nor expired).
     outstanding: usize,
     /// When the last pull request was sent: every request has ended by `expires` after it.
     last_request: Instant,
-    /// Delivered messages not yet started, with when their lease began. Empty in the steady
-    /// state; holds messages only when the server delivered more than was asked for
-    /// (requests the worker gave up on after a silence that were in fact still open).
+    /// Delivered messages not yet started, with when their lease began: prefetched tasks,
+    /// and any the server delivered beyond what was asked for (requests the worker gave up
+    /// on after a silence that were in fact still open).
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
@@ -78,6 +81,7 @@ impl Puller {
         consumer: PullConsumer,
         context: jetstream::Context,
         expires: Duration,
+        prefetch: usize,
     ) -> Result<Self, PullError> {
         let client = context.client();
         let inbox = client.new_inbox();
@@ -91,6 +95,7 @@ impl Puller {
             subscriber,
             expires,
             heartbeat: expires / 4,
+            prefetch,
             outstanding: 0,
             last_request: now,
             buffer: VecDeque::new(),
@@ -98,15 +103,23 @@ impl Puller {
         })
     }
 
+    /// Asks for more tasks if at least half of what the worker may hold (`free` slots plus
+    /// the prefetch) is neither requested nor delivered: a busy worker sends a request per
+    /// half-batch, not per task.
+    pub(super) async fn top_up(&mut self, free: usize) -> Result<(), PullError> {
+        let capacity = free + self.prefetch;
+        let held = self.outstanding + self.buffer.len();
+        if held < capacity && (held == 0 || capacity - held >= capacity.div_ceil(2)) {
+            self.request(capacity - held).await?;
+        }
+        Ok(())
+    }
+
     /// The next message, for a worker with `free` free slots (counting the one the message
-    /// will take). Tops requests up to `free` whenever at least half of them are unasked
-    /// for, so a busy worker sends a request per half-batch, not per task.
+    /// will take).
     pub(super) async fn next(&mut self, free: usize) -> Result<Leased, PullError> {
         loop {
-            let held = self.outstanding + self.buffer.len();
-            if held < free && (held == 0 || free - held >= free.div_ceil(2)) {
-                self.request(free - held).await?;
-            }
+            self.top_up(free).await?;
             if let Some((since, message)) = self.buffer.pop_front() {
                 return Ok(self.lease(message, since));
             }
@@ -126,10 +139,10 @@ impl Puller {
         }
     }
 
-    /// While every slot is busy: takes in what the server delivers beyond what was asked
-    /// for, stamped on arrival, and renews the lease of every such message `period` after
-    /// its lease began, so none runs out its ack wait while it waits. Returns when a lease
-    /// was renewed or a message arrived; cancel-safe.
+    /// While every slot is busy: takes in what the server delivers (prefetched tasks, or
+    /// more than was asked for), stamped on arrival, and renews the lease of every waiting
+    /// message `period` after its lease began, so none runs out its ack wait while it
+    /// waits. Returns when a lease was renewed or a message arrived; cancel-safe.
     pub(super) async fn tend(&mut self, period: Duration) -> Result<(), PullError> {
         let due = self.buffer.iter().map(|(since, _)| *since + period).min();
         let renew = async {

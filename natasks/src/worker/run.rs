@@ -1,6 +1,9 @@
 //! The pull loop: fill free slots, survive reconnects, shut down without losing tasks.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_nats::client::FlushErrorKind;
 use async_nats::connection::State;
@@ -32,6 +35,8 @@ pub(super) async fn run(
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
     let mut consumer = Some(consumer);
+    // Set when shutdown begins: running handlers and prefetched tasks share it.
+    let mut drain_deadline = None;
     tracing::info!(queue = %inner.queue, consumer = %settings.consumer, concurrency = settings.concurrency, "worker started");
 
     let result = loop {
@@ -46,7 +51,9 @@ pub(super) async fn run(
                 Err(err) => break Err(err),
             },
         };
-        let opened = Puller::open(current, inner.js.clone(), settings.fetch_timeout).await;
+        let opened =
+            Puller::open(current, inner.js.clone(), settings.fetch_timeout, settings.prefetch)
+                .await;
         let mut puller = match opened {
             Ok(puller) => puller,
             Err(err) => {
@@ -73,7 +80,10 @@ pub(super) async fn run(
             };
             match next {
                 Ok(leased) => {
-                    tracker.spawn(process::process(inner.clone(), leased, permit, abandon.clone()));
+                    start(
+                        &tracker,
+                        process::process(inner.clone(), leased, permit, abandon.clone()),
+                    );
                 }
                 Err(err) => {
                     let connected = inner.js.client().connection_state() == State::Connected;
@@ -88,11 +98,13 @@ pub(super) async fn run(
         };
         match exit {
             Exit::Shutdown => {
-                // The requests already sent asked for tasks this worker has slots for: run
-                // what they still bring rather than hand it back (the broker would count
-                // that delivery as an attempt), then let go of the inbox. At most until the
-                // requests expire (`fetch_timeout`), and no longer than the drain timeout.
+                // The requests already sent asked for tasks this worker has slots (or
+                // prefetch) for: run them and what the requests still bring rather than
+                // hand them back (the broker would count that delivery as an attempt), then
+                // let go of the inbox. The requests end by `fetch_timeout`; all of this and
+                // the running handlers get the drain timeout.
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;
+                drain_deadline = Some(limit);
                 while let Some(leased) = puller.next_requested(limit).await {
                     let (leased, permit) = match slots.clone().try_acquire_owned() {
                         Ok(permit) => (leased, permit),
@@ -110,7 +122,10 @@ pub(super) async fn run(
                             (leased, permit)
                         }
                     };
-                    tracker.spawn(process::process(inner.clone(), leased, permit, abandon.clone()));
+                    start(
+                        &tracker,
+                        process::process(inner.clone(), leased, permit, abandon.clone()),
+                    );
                 }
                 let handed_back = puller.hand_back(FLUSH_LIMIT).await;
                 if handed_back > 0 {
@@ -128,7 +143,9 @@ pub(super) async fn run(
     };
 
     tracker.close();
-    if tokio::time::timeout(settings.drain_timeout, tracker.wait()).await.is_err() {
+    let drain_deadline =
+        drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.drain_timeout);
+    if tokio::time::timeout_at(drain_deadline, tracker.wait()).await.is_err() {
         tracing::warn!(
             queue = %inner.queue,
             running = tracker.len(),
@@ -150,14 +167,33 @@ pub(super) async fn run(
     result
 }
 
+/// Starts processing a task: its first poll happens here, in the pull loop, where most
+/// tasks finish (handler, outcome and all) without a task of their own, and so without
+/// crossing threads; a task whose handler awaits something continues in a task of its own.
+fn start(tracker: &TaskTracker, work: impl Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    // What the first poll registers with this waker is registered again, with the spawned
+    // task's waker, by the spawned task's first poll.
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(&mut cx))) {
+        Ok(Poll::Ready(())) => {}
+        Ok(Poll::Pending) => {
+            tracker.spawn(work);
+        }
+        // Handler panics are caught inside; this is an observer's or a middleware's. The
+        // task comes back after the ack wait, as it would from a crashed worker.
+        Err(_) => tracing::error!("processing a task panicked outside the handler"),
+    }
+}
+
 enum Wait {
     Slot(OwnedSemaphorePermit),
     Shutdown,
     Reopen,
 }
 
-/// Waits for a free slot. No task is requested meanwhile; should the server deliver one
-/// anyway, its lease is kept alive until it starts.
+/// Waits for a free slot. Only prefetched tasks are requested meanwhile; what arrives
+/// waits with its lease kept alive until it starts.
 async fn wait_for_slot(
     inner: &WorkerInner,
     slots: &Arc<Semaphore>,
@@ -165,6 +201,10 @@ async fn wait_for_slot(
     shutdown: &CancellationToken,
 ) -> Wait {
     let period = inner.settings.progress_interval;
+    if let Err(err) = puller.top_up(0).await {
+        tracing::warn!(queue = %inner.queue, error = %err, "pulling interrupted; recovering");
+        return Wait::Reopen;
+    }
     loop {
         tokio::select! {
             biased;
