@@ -285,10 +285,21 @@ fn round_to_second(at: OffsetDateTime) -> Option<OffsetDateTime> {
     }
 }
 
-/// A duration as Go's `time.ParseDuration` reads it: `90s`, `1500ms`, `7ns`.
+/// A duration as Go's `time.ParseDuration` reads it: `1h30m`, `90s` as `1m30s`, `1500ms`,
+/// `7ns`.
 fn go_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
+        let (h, m, s) = (d.as_secs() / 3600, d.as_secs() / 60 % 60, d.as_secs() % 60);
+        let mut out = String::new();
+        for (value, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+            if value > 0 {
+                out.push_str(&format!("{value}{unit}"));
+            }
+        }
+        if out.is_empty() {
+            out.push_str("0s");
+        }
+        out
     } else if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
@@ -340,7 +351,10 @@ mod tests {
 
     #[test]
     fn expressions() {
-        assert_eq!(Every::interval(Duration::from_secs(90)).expression(), "@every 90s");
+        assert_eq!(Every::interval(Duration::from_secs(90)).expression(), "@every 1m30s");
+        assert_eq!(Every::interval(Duration::from_secs(3600)).expression(), "@every 1h");
+        assert_eq!(Every::interval(Duration::from_secs(86_401)).expression(), "@every 24h1s");
+        assert_eq!(Every::interval(Duration::ZERO).expression(), "@every 0s");
         assert_eq!(Every::interval(Duration::from_millis(1500)).expression(), "@every 1500ms");
         assert_eq!(
             Every::interval(Duration::from_nanos(1_000_000_001)).expression(),
@@ -375,6 +389,7 @@ mod tests {
     fn read_back_from_headers() {
         for every in [
             Every::interval(Duration::from_secs(90)),
+            Every::interval(Duration::from_secs(7322)),
             Every::interval(Duration::from_millis(1500)),
             Every::daily(),
             Every::cron("0 30 2 * * mon").unwrap().time_zone("Europe/Berlin"),
