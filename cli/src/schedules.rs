@@ -264,7 +264,7 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
         }));
     } else {
         println!(
-            "{outcome} periodic schedule {}: {} to queue {queue} every {every}",
+            "{outcome} periodic schedule {}: {} to queue {queue}, {every}",
             args.id, args.task
         );
     }

@@ -86,7 +86,7 @@ async fn periodic_schedules_are_added_listed_and_removed() {
     let run = natasks(&url, &nightly).await.ok();
     assert_eq!(
         run.stdout.trim(),
-        "created periodic schedule nightly: reports.nightly to queue reports every 0 30 2 * * * (Europe/Berlin)"
+        "created periodic schedule nightly: reports.nightly to queue reports, 0 30 2 * * * (Europe/Berlin)"
     );
     let run = natasks(&url, &nightly).await.ok();
     assert!(run.stdout.starts_with("unchanged periodic schedule nightly"), "{run:?}");
