@@ -37,6 +37,7 @@ const WORKLOADS: &[&str] = &[
     "e2e_c64_traceparent",
     "e2e_io_c64",
     "delayed_burst",
+    "periodic_1000",
     "alloc_c64",
     "memory",
 ];
@@ -52,6 +53,8 @@ struct Options {
     tasks: usize,
     delayed_tasks: usize,
     delayed_lead: Duration,
+    periodic_schedules: usize,
+    periodic_window: Duration,
     memory_checkpoints: (usize, usize),
     workloads: Vec<String>,
 }
@@ -71,6 +74,8 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
         tasks: 20_000,
         delayed_tasks: 10_000,
         delayed_lead: Duration::from_secs(10),
+        periodic_schedules: 1_000,
+        periodic_window: Duration::from_secs(10),
         memory_checkpoints: (50_000, 500_000),
         workloads: Vec::new(),
     };
@@ -107,6 +112,8 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
                 options.tasks = 500;
                 options.delayed_tasks = 500;
                 options.delayed_lead = Duration::from_secs(3);
+                options.periodic_schedules = 100;
+                options.periodic_window = Duration::from_secs(3);
                 options.memory_checkpoints = (500, 2_000);
             }
             "-h" | "--help" => {
@@ -268,6 +275,9 @@ async fn run_one(
         "delayed_burst" => {
             workloads::delayed_burst(env, imp, options.delayed_tasks, options.delayed_lead).await
         }
+        "periodic_1000" => {
+            workloads::periodic(env, imp, options.periodic_schedules, options.periodic_window).await
+        }
         "alloc_c64" => workloads::alloc_c64(env, imp, n).await,
         other => Err(format!("unknown workload {other:?}").into()),
     }
@@ -343,6 +353,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "delayed_burst") {
         println!("  delayed_burst: tasks/s = tasks / (last processed - due); lateness in the line below (median p50/p99 over rounds, overall max)");
+    }
+    if rows.iter().any(|r| r.workload == "periodic_1000") {
+        println!("  periodic_1000: 1,000 schedules firing every second into one queue (64 slots); tasks/s = ticks processed per second over the window; lateness (processed - tick time) in the line below");
     }
     if rows.iter().any(|r| r.workload.starts_with("e2e_c64_observed")) {
         println!("  e2e_c64_observed*: both columns are natasks; \"natasks\" with the metrics observer, the OpenTelemetry propagator and a tracing subscriber with the OpenTelemetry layer, \"raw\" the same run without them; ratio = observed / plain. observed: 10% of traces sampled, every task carries trace context; _all: every trace sampled; _lean: 10% sampled, only sampled tasks carry trace context (sampled_only)");

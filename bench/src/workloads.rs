@@ -24,7 +24,9 @@ use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
 mod observed;
+mod periodic;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
+pub use periodic::periodic;
 
 type Res<T> = Result<T, BoxError>;
 

@@ -39,14 +39,8 @@ pub struct DispatchArgs {
 
 pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
     // Check everything given on the command line before connecting.
-    let payload = payload(&args)?;
-    let mut task = natasks::Task::new(args.task.clone(), payload);
-    for header in &args.headers {
-        let Some((key, value)) = header.split_once('=') else {
-            return Err(Error::msg(format!("invalid --header {header:?}: use KEY=VALUE")));
-        };
-        task = task.with_header(key.trim(), value);
-    }
+    let payload = payload(args.payload.as_deref(), args.payload_file.as_deref())?;
+    let mut task = with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
     if let Some(id) = &args.message_id {
         task = task.with_message_id(id.clone());
     }
@@ -115,9 +109,21 @@ enum Due {
     At(OffsetDateTime),
 }
 
-fn payload(args: &DispatchArgs) -> Result<Vec<u8>> {
-    let (bytes, flag) = match (&args.payload, &args.payload_file) {
-        (Some(text), _) => (text.clone().into_bytes(), "--payload".to_owned()),
+/// Adds `KEY=VALUE` headers given with `--header`.
+pub fn with_headers(mut task: natasks::Task, headers: &[String]) -> Result<natasks::Task> {
+    for header in headers {
+        let Some((key, value)) = header.split_once('=') else {
+            return Err(Error::msg(format!("invalid --header {header:?}: use KEY=VALUE")));
+        };
+        task = task.with_header(key.trim(), value);
+    }
+    Ok(task)
+}
+
+/// The JSON payload of `--payload` or `--payload-file`; empty without either.
+pub fn payload(payload: Option<&str>, payload_file: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    let (bytes, flag) = match (payload, payload_file) {
+        (Some(text), _) => (text.as_bytes().to_vec(), "--payload".to_owned()),
         (None, Some(path)) if path.as_os_str() == "-" => {
             let mut buf = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)

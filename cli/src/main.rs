@@ -1,7 +1,7 @@
 //! `natasks`: the operator command line for natasks queues.
 //!
-//! See queue depths, dispatch tasks, inspect and requeue dead letters, list and cancel
-//! delayed tasks. Every command talks to NATS directly; nothing runs in the background.
+//! See queue depths, dispatch tasks, inspect and requeue dead letters, declare and remove
+//! periodic schedules, list and cancel delayed tasks. Every command talks to NATS directly; nothing runs in the background.
 
 mod conn;
 mod dispatch;
@@ -62,8 +62,8 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
     text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
-/// Operate natasks queues on NATS JetStream: queue depths, dispatch, dead letters and
-/// delayed tasks.
+/// Operate natasks queues on NATS JetStream: queue depths, dispatch, dead letters, periodic
+/// schedules and delayed tasks.
 #[derive(Debug, Parser)]
 #[command(name = "natasks", version, about, max_term_width = 100)]
 pub struct Cli {
@@ -132,9 +132,8 @@ enum Command {
     /// Inspect, requeue and purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
-    /// List and cancel delayed tasks.
-    #[command(subcommand)]
-    Schedules(schedules::SchedulesCommand),
+    /// Periodic schedules and delayed tasks: list (the default), add, remove, cancel.
+    Schedules(schedules::SchedulesArgs),
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -143,7 +142,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Queues => queues::run(g).await,
         Command::Dispatch(args) => dispatch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
-        Command::Schedules(cmd) => schedules::run(g, cmd).await,
+        Command::Schedules(args) => schedules::run(g, args).await,
     }
 }
 

@@ -1,27 +1,51 @@
-//! `natasks schedules`: delayed tasks not yet due.
+//! `natasks schedules`: periodic schedules and delayed tasks not yet due.
 //!
-//! A delayed task is a message schedule on its own subject
+//! A periodic schedule lives on `<prefix>.__natasks_schedule.periodic.<id>` and is read and
+//! written through the library. A delayed task is a message schedule on its own subject
 //! `<prefix>.__natasks_schedule.<id>`; the id is the subject's last token.
+
+use std::path::PathBuf;
 
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::RawMessageErrorKind;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::{conn, output, Context as _, Error, Global, Result};
+use crate::{conn, dispatch, output, Context as _, Error, Global, Result};
 
 const NATS_SCHEDULE: &str = "Nats-Schedule";
 const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SchedulesArgs {
+    #[command(subcommand)]
+    command: Option<SchedulesCommand>,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only schedules targeting this queue.
+    #[arg(long)]
+    queue: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum SchedulesCommand {
-    /// List pending delayed tasks, soonest first.
-    List {
-        /// Only schedules targeting this queue.
-        #[arg(long)]
-        queue: Option<String>,
+    /// List periodic schedules (by id) and pending delayed tasks (soonest first). The
+    /// default.
+    List(ListArgs),
+    /// Declare or replace a periodic schedule (needs nats-server 2.14+). Declaring the same
+    /// definition again changes nothing.
+    Add(AddArgs),
+    /// Remove a periodic schedule by its id.
+    Remove {
+        /// The schedule id.
+        id: String,
     },
     /// Cancel a pending delayed task by its schedule id (from `schedules list`).
     Cancel {
@@ -30,10 +54,43 @@ pub enum SchedulesCommand {
     },
 }
 
-pub async fn run(g: &Global, cmd: SchedulesCommand) -> Result<()> {
-    match cmd {
-        SchedulesCommand::List { queue } => list(g, queue.as_deref()).await,
-        SchedulesCommand::Cancel { id } => cancel(g, &id).await,
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("when").required(true).args(["cron", "every"])))]
+pub struct AddArgs {
+    /// The schedule id: ASCII letters, digits, `-` and `_`.
+    id: String,
+    /// The queue the tasks go to.
+    queue: String,
+    /// The task name (selects the handler).
+    task: String,
+    /// A cron expression: 6 fields (second minute hour day-of-month month day-of-week), 5
+    /// (at second 0), or @hourly, @daily, @weekly, @monthly, @yearly.
+    #[arg(long, value_name = "EXPR")]
+    cron: Option<String>,
+    /// An interval, e.g. 30s, 5m, 1h (at least 1s).
+    #[arg(long, value_name = "DURATION", conflicts_with = "time_zone")]
+    every: Option<String>,
+    /// The IANA time zone of a cron schedule, e.g. Europe/Berlin (default UTC).
+    #[arg(long, value_name = "ZONE")]
+    time_zone: Option<String>,
+    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Read the JSON payload from a file (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    payload_file: Option<PathBuf>,
+    /// A header to add, as KEY=VALUE (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
+    headers: Vec<String>,
+}
+
+pub async fn run(g: &Global, args: SchedulesArgs) -> Result<()> {
+    match args.command {
+        None => list(g, args.list.queue.as_deref()).await,
+        Some(SchedulesCommand::List(list_args)) => list(g, list_args.queue.as_deref()).await,
+        Some(SchedulesCommand::Add(add_args)) => add(g, add_args).await,
+        Some(SchedulesCommand::Remove { id }) => remove(g, &id).await,
+        Some(SchedulesCommand::Cancel { id }) => cancel(g, &id).await,
     }
 }
 
@@ -41,7 +98,18 @@ fn prefix(g: &Global) -> String {
     format!("{}.{}.", g.subject_prefix, natasks::wire::SCHEDULE_TOKEN)
 }
 
-struct Schedule {
+/// A client on the stream the global flags name.
+async fn client(g: &Global) -> Result<natasks::Client> {
+    let js = conn::connect(g).await?;
+    natasks::Client::builder(js)
+        .stream_name(g.stream.clone())
+        .subject_prefix(g.subject_prefix.clone())
+        .build()
+        .await
+        .context(|| format!("cannot use stream {:?}", g.stream))
+}
+
+struct Delayed {
     id: String,
     seq: u64,
     task: Option<String>,
@@ -50,10 +118,10 @@ struct Schedule {
     created: OffsetDateTime,
 }
 
-fn parse(g: &Global, message: &StreamMessage) -> Schedule {
+fn parse(g: &Global, message: &StreamMessage) -> Delayed {
     let header = |name| message.headers.get(name).map(|v| v.as_str().to_owned());
     let queue_prefix = format!("{}.", g.subject_prefix);
-    Schedule {
+    Delayed {
         id: message.subject.rsplit('.').next().unwrap_or_default().to_owned(),
         seq: message.sequence,
         task: header(natasks::wire::HEADER_TASK),
@@ -70,8 +138,9 @@ fn parse(g: &Global, message: &StreamMessage) -> Schedule {
 async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
     let js = conn::connect(g).await?;
     let stream = conn::stream(g, &js).await?;
-    let wildcard = format!("{}>", prefix(g));
-    let mut schedules = Vec::new();
+    // Delayed tasks: one subject token after the schedule token (periodic schedules have two).
+    let wildcard = format!("{}*", prefix(g));
+    let mut delayed = Vec::new();
     let mut seq = 1;
     loop {
         let message = match stream.get_first_raw_message_by_subject(&wildcard, seq).await {
@@ -82,52 +151,141 @@ async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
         seq = message.sequence + 1;
         let schedule = parse(g, &message);
         if queue.is_none_or(|q| schedule.queue.as_deref() == Some(q)) {
-            schedules.push(schedule);
+            delayed.push(schedule);
         }
     }
-    schedules.sort_by_key(|s| (s.due, s.seq));
+    delayed.sort_by_key(|s| (s.due, s.seq));
+    let mut periodic = client(g)
+        .await?
+        .schedules()
+        .await
+        .context(|| "cannot read periodic schedules".to_owned())?;
+    periodic.retain(|s| queue.is_none_or(|q| s.queue == q));
+
     if g.json {
-        let list: Vec<_> = schedules
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "seq": s.seq,
-                    "task": s.task,
-                    "queue": s.queue,
-                    "due": s.due.map(output::time),
-                    "created": output::time(s.created),
-                })
+        let periodic = periodic.iter().map(|s| {
+            json!({
+                "kind": "periodic",
+                "id": s.id,
+                "schedule": s.every.expression(),
+                "time_zone": s.every.zone(),
+                "task": s.task.name(),
+                "queue": s.queue,
+                "next": s.next.map(output::time),
+                "declared": output::time(s.declared),
             })
-            .collect();
-        output::json(&json!(list));
+        });
+        let delayed = delayed.iter().map(|s| {
+            json!({
+                "kind": "delayed",
+                "id": s.id,
+                "seq": s.seq,
+                "task": s.task,
+                "queue": s.queue,
+                "due": s.due.map(output::time),
+                "created": output::time(s.created),
+            })
+        });
+        output::json(&json!(delayed.chain(periodic).collect::<Vec<_>>()));
         return Ok(());
     }
-    if schedules.is_empty() {
-        println!("no pending schedules");
+    if delayed.is_empty() && periodic.is_empty() {
+        println!("no periodic schedules and no pending delayed tasks");
         return Ok(());
     }
     let now = OffsetDateTime::now_utc();
-    let rows: Vec<Vec<String>> = schedules
-        .iter()
-        .map(|s| {
-            let due_in = s.due.map_or_else(
-                || "-".to_owned(),
-                |due| {
-                    let left: std::time::Duration = (due - now).try_into().unwrap_or_default();
-                    output::age(left)
-                },
-            );
-            vec![
-                s.id.clone(),
-                s.task.clone().unwrap_or_else(|| "-".to_owned()),
-                s.queue.clone().unwrap_or_else(|| "-".to_owned()),
-                s.due.map_or_else(|| "-".to_owned(), output::time),
-                due_in,
-            ]
+    let dash = || "-".to_owned();
+    let until = |at: Option<OffsetDateTime>| {
+        at.map_or_else(dash, |at| {
+            let left: std::time::Duration = (at - now).try_into().unwrap_or_default();
+            output::age(left)
         })
-        .collect();
-    output::table(&["ID", "TASK", "QUEUE", "DUE", "IN"], &rows);
+    };
+    let delayed_rows = delayed.iter().map(|s| {
+        vec![
+            s.id.clone(),
+            s.task.clone().unwrap_or_else(dash),
+            s.queue.clone().unwrap_or_else(dash),
+            "once".to_owned(),
+            s.due.map_or_else(dash, output::time),
+            until(s.due),
+        ]
+    });
+    let periodic_rows = periodic.iter().map(|s| {
+        vec![
+            s.id.clone(),
+            s.task.name().to_owned(),
+            s.queue.clone(),
+            s.every.to_string(),
+            s.next.map_or_else(dash, output::time),
+            until(s.next),
+        ]
+    });
+    let rows: Vec<Vec<String>> = delayed_rows.chain(periodic_rows).collect();
+    output::table(&["ID", "TASK", "QUEUE", "EVERY", "NEXT", "IN"], &rows);
+    Ok(())
+}
+
+async fn add(g: &Global, args: AddArgs) -> Result<()> {
+    // Check everything given on the command line before connecting.
+    let every = match (&args.cron, &args.every) {
+        (Some(expr), _) => natasks::Every::cron(expr)
+            .map_err(|err| Error::msg(format!("invalid --cron: {err}")))?,
+        (None, Some(text)) => natasks::Every::interval(output::parse_duration(text)?),
+        (None, None) => return Err(Error::msg("give --cron or --every")),
+    };
+    let every = match &args.time_zone {
+        Some(zone) => every.time_zone(zone.clone()),
+        None => every,
+    };
+    let payload = dispatch::payload(args.payload.as_deref(), args.payload_file.as_deref())?;
+    let task =
+        dispatch::with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
+
+    let client = client(g).await?;
+    let declared = client
+        .schedule(&args.id, every.clone(), task, &args.queue)
+        .await
+        .context(|| format!("cannot declare periodic schedule {:?}", args.id))?;
+    let outcome = match declared {
+        natasks::Declared::Created => "created",
+        natasks::Declared::Replaced => "replaced",
+        _ => "unchanged",
+    };
+    let queue = natasks::wire::validate_queue(&args.queue).unwrap_or(&args.queue).to_owned();
+    if g.json {
+        output::json(&json!({
+            "id": args.id,
+            "outcome": outcome,
+            "schedule": every.expression(),
+            "time_zone": every.zone(),
+            "queue": queue,
+            "task": args.task,
+        }));
+    } else {
+        println!(
+            "{outcome} periodic schedule {}: {} to queue {queue}, {every}",
+            args.id, args.task
+        );
+    }
+    Ok(())
+}
+
+async fn remove(g: &Global, id: &str) -> Result<()> {
+    natasks::wire::validate_schedule_id(id).map_err(|err| Error::msg(err.to_string()))?;
+    let removed = client(g)
+        .await?
+        .unschedule(id)
+        .await
+        .context(|| format!("cannot remove periodic schedule {id:?}"))?;
+    if !removed {
+        return Err(Error::msg(format!("no periodic schedule {id:?}")));
+    }
+    if g.json {
+        output::json(&json!({ "id": id, "removed": true }));
+    } else {
+        println!("removed periodic schedule {id}");
+    }
     Ok(())
 }
 
@@ -141,7 +299,10 @@ async fn cancel(g: &Global, id: &str) -> Result<()> {
     let response =
         stream.purge().filter(&subject).await.context(|| format!("cannot cancel schedule {id}"))?;
     if response.purged == 0 {
-        return Err(Error::msg(format!("no pending schedule {id:?} (already due, or cancelled?)")));
+        return Err(Error::msg(format!(
+            "no pending schedule {id:?} (already due, or cancelled? periodic schedules are \
+             removed with `schedules remove`)"
+        )));
     }
     if g.json {
         output::json(&json!({ "id": id, "cancelled": true }));

@@ -123,6 +123,12 @@ impl Client {
             == async_nats::connection::State::Connected
     }
 
+    /// The connection and the stream layout: the door through which periodic schedules
+    /// (`crate::periodic`) reach JetStream.
+    pub(crate) fn stream(&self) -> (&jetstream::Context, &StreamSettings) {
+        (&self.inner.publisher.js, &self.inner.publisher.stream)
+    }
+
     async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
         #[cfg(feature = "opentelemetry")]
         if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {

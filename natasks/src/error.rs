@@ -134,6 +134,68 @@ impl From<InvalidName> for DispatchError {
     }
 }
 
+/// What kind of [`ScheduleError`] occurred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ScheduleErrorKind {
+    /// The schedule id is empty, too long, or holds a character other than ASCII letters,
+    /// digits, `-` and `_`.
+    InvalidId,
+    /// The cron expression or interval is not one the server runs (wrong field count, a
+    /// value out of range, an unknown name, a date that never comes, an interval below 1 s,
+    /// a time zone on an interval).
+    InvalidSchedule,
+    /// The time zone is not a name the server can load (an IANA name such as
+    /// `Europe/Berlin`, or `UTC`).
+    InvalidTimeZone,
+    /// The task or queue is invalid (task name, queue name, headers, a message id).
+    InvalidTask,
+    /// The server runs no recurring schedules: cron and intervals need nats-server 2.14 or
+    /// newer.
+    Unsupported,
+    /// The server did not answer in time; the schedule may or may not have been changed.
+    /// Declaring it again is safe.
+    Timeout,
+    /// The server refused the request, or reading the schedules failed.
+    Rejected,
+}
+
+/// Declaring, reading or removing a periodic schedule failed. Nothing was changed unless the
+/// kind is [`ScheduleErrorKind::Timeout`], where the outcome is unknown.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ScheduleError {
+    kind: ScheduleErrorKind,
+    message: String,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl ScheduleError {
+    pub(crate) fn new(kind: ScheduleErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    pub(crate) fn with_source(
+        kind: ScheduleErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self { kind, message: message.into(), source: Some(source.into()) }
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> ScheduleErrorKind {
+        self.kind
+    }
+}
+
+impl From<InvalidName> for ScheduleError {
+    fn from(err: InvalidName) -> Self {
+        Self::new(ScheduleErrorKind::InvalidTask, err.to_string())
+    }
+}
+
 /// What kind of [`RunError`] occurred.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

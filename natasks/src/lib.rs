@@ -13,6 +13,9 @@
 //!   with up to `concurrency` tasks at once.
 //! * **Delayed tasks** are JetStream message schedules (nats-server 2.12+): the server
 //!   publishes the task into its queue when it is due.
+//! * **Periodic tasks** are recurring message schedules (nats-server 2.14+): on a cron
+//!   schedule or at an interval, the server itself dispatches a task into its queue, once
+//!   per tick however many instances declared the schedule ([`Client::schedule`]).
 //! * The **dead-letter queue** of `q` is the queue `q-dlq`, holding tasks that failed every
 //!   attempt, with headers saying why.
 //!
@@ -51,6 +54,7 @@ mod middleware;
 pub mod observe;
 #[cfg(feature = "opentelemetry")]
 pub mod otel;
+mod periodic;
 mod retry;
 mod schedule;
 mod stream;
@@ -61,11 +65,12 @@ mod worker;
 pub use client::{Client, ClientBuilder};
 pub use error::{
     no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
-    RunError, RunErrorKind, SetupError, SetupErrorKind,
+    RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError, SetupErrorKind,
 };
 pub use handler::{Handler, Json};
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;
+pub use periodic::{Declared, Every, Scheduled, Tick, MIN_INTERVAL};
 pub use schedule::DueTime;
 pub use task::{DecodeError, Delivery, Extensions, Task};
 pub use worker::{

@@ -196,9 +196,9 @@ impl StreamSettings {
     }
 }
 
-/// Whether the server stores message schedules, judged by the version it announced.
+/// Whether the server has a feature, judged by the version it announced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Support {
+pub(crate) enum Support {
     /// nats-server 2.12 or newer.
     Supported,
     /// Older: it accepts the stream flag but silently drops it.
@@ -209,13 +209,26 @@ enum Support {
 
 /// Message schedules arrived in nats-server 2.12 (JetStream API level 2). The version comes
 /// from the server's INFO, which needs no permission, unlike `$JS.API.INFO`.
-fn schedule_support(version: &str) -> Support {
+pub(crate) fn schedule_support(version: &str) -> Support {
+    version_support(version, (2, 12))
+}
+
+/// Recurring schedules (`@every`, cron, time zones) arrived in nats-server 2.14 (JetStream
+/// API level 4); 2.12 runs only `@at` schedules.
+pub(crate) fn recurring_schedule_support(version: &str) -> Support {
+    version_support(version, (2, 14))
+}
+
+/// Whether `version` is at least `major.minor`.
+fn version_support(version: &str, (need_major, need_minor): (u32, u32)) -> Support {
     let mut numbers = version.split('.').map(|part| {
         let digits = part.find(|c: char| !c.is_ascii_digit()).unwrap_or(part.len());
         part[..digits].parse::<u32>().ok()
     });
     match (numbers.next().flatten(), numbers.next().flatten()) {
-        (Some(major), Some(minor)) if (major, minor) >= (2, 12) => Support::Supported,
+        (Some(major), Some(minor)) if (major, minor) >= (need_major, need_minor) => {
+            Support::Supported
+        }
         (Some(_), Some(_)) => Support::Unsupported,
         _ => Support::Unknown,
     }
@@ -258,6 +271,19 @@ mod tests {
             ("v2", Support::Unknown),
         ] {
             assert_eq!(schedule_support(version), support, "{version}");
+        }
+    }
+
+    #[test]
+    fn recurring_schedules_need_nats_server_2_14() {
+        for (version, support) in [
+            ("2.11.11", Support::Unsupported),
+            ("2.12.8", Support::Unsupported),
+            ("2.14.0", Support::Supported),
+            ("2.15.1", Support::Supported),
+            ("", Support::Unknown),
+        ] {
+            assert_eq!(recurring_schedule_support(version), support, "{version}");
         }
     }
 }

@@ -33,9 +33,19 @@ pub const HEADER_DEAD_LETTER_REASON: &str = "Natasks-Dead-Letter-Reason";
 /// `Nats-Msg-Id` from the message a schedule produces.
 pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
 
+/// Periodic tasks: the id of the schedule that produced the task.
+pub const HEADER_PERIODIC: &str = "Natasks-Periodic";
+/// Periodic tasks: the schedule (the `Nats-Schedule` value, e.g. `@every 1m` or
+/// `0 30 2 * * *`) that produced the task.
+pub const HEADER_PERIODIC_SCHEDULE: &str = "Natasks-Periodic-Schedule";
+
 pub(crate) const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub(crate) const NATS_SCHEDULE: &str = "Nats-Schedule";
 pub(crate) const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+pub(crate) const NATS_SCHEDULE_TIME_ZONE: &str = "Nats-Schedule-Time-Zone";
+/// On a message a schedule produced: when the schedule fires next (RFC 3339), or `purge`.
+pub(crate) const NATS_SCHEDULE_NEXT: &str = "Nats-Schedule-Next";
+pub(crate) const NATS_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 
 /// [`HEADER_TASK`] as a header name: inserting or looking up a name built once allocates
 /// nothing, where a `&str` name is copied into a new one on every call.
@@ -47,6 +57,14 @@ pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_ME
 
 /// The subject token reserved for schedules; no queue may use it.
 pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";
+
+/// The subject token under [`SCHEDULE_TOKEN`] that holds periodic schedules: schedule `id`
+/// lives on `<prefix>.__natasks_schedule.periodic.<id>`. Delayed tasks use one token
+/// after [`SCHEDULE_TOKEN`], periodic schedules two, so the two never share a subject.
+pub const PERIODIC_TOKEN: &str = "periodic";
+
+/// The longest schedule id, in bytes.
+pub const MAX_SCHEDULE_ID: usize = 128;
 
 /// Subject of a queue.
 pub(crate) fn queue_subject(prefix: &str, queue: &str) -> String {
@@ -67,6 +85,40 @@ pub(crate) fn schedules_wildcard(prefix: &str) -> String {
 /// on the same subject replaces the first.
 pub(crate) fn schedule_subject(prefix: &str) -> String {
     format!("{prefix}.{SCHEDULE_TOKEN}.{}", nuid::next())
+}
+
+/// The subject of periodic schedule `id` (a valid id, see [`validate_schedule_id`]).
+pub(crate) fn periodic_subject(prefix: &str, id: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.{PERIODIC_TOKEN}.{id}")
+}
+
+/// The subject filter matching every periodic schedule.
+pub(crate) fn periodics_wildcard(prefix: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.{PERIODIC_TOKEN}.*")
+}
+
+/// The id of the periodic schedule on `subject`, if it is one (any subject prefix).
+pub(crate) fn periodic_id(subject: &str) -> Option<&str> {
+    let marker = format!(".{SCHEDULE_TOKEN}.{PERIODIC_TOKEN}.");
+    let at = subject.find(&marker)?;
+    let id = &subject[at + marker.len()..];
+    validate_schedule_id(id).is_ok().then_some(id)
+}
+
+/// Checks a periodic schedule id: 1 to 128 ASCII letters, digits, `-` and `_`, so that
+/// it is one subject token and reads the same in subjects, headers and the CLI.
+pub fn validate_schedule_id(id: &str) -> Result<(), InvalidName> {
+    let invalid = |problem| InvalidName { what: "schedule id", value: id.to_owned(), problem };
+    if id.is_empty() {
+        return Err(invalid("is empty"));
+    }
+    if id.len() > MAX_SCHEDULE_ID {
+        return Err(invalid("is longer than 128 characters"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(invalid("may hold only ASCII letters, digits, `-` and `_`"));
+    }
+    Ok(())
 }
 
 /// Returns the queue name to use (`default` for an empty name) or why it is unusable.
@@ -135,12 +187,20 @@ pub(crate) fn is_header_name(name: &str) -> bool {
 }
 
 /// Whether header `name` describes one stored message rather than the task: the server's
-/// `Nats-*` headers (message id, schedule, expectations) and natasks' `Natasks-Message-Id`.
-/// A received task dispatched again leaves the ones it arrived with behind.
+/// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id` and
+/// the `Natasks-Periodic*` headers of a periodic tick. A received task dispatched again
+/// leaves the ones it arrived with behind.
 pub(crate) fn is_message_header(name: &str) -> bool {
+    is_server_header(name)
+        || name.eq_ignore_ascii_case(HEADER_MESSAGE_ID)
+        || name.eq_ignore_ascii_case(HEADER_PERIODIC)
+        || name.eq_ignore_ascii_case(HEADER_PERIODIC_SCHEDULE)
+}
+
+/// Whether header `name` is one of the server's (`Nats-*`, in any case).
+pub(crate) fn is_server_header(name: &str) -> bool {
     let prefix = "Nats-";
     name.get(..prefix.len()).is_some_and(|start| start.eq_ignore_ascii_case(prefix))
-        || name.eq_ignore_ascii_case(HEADER_MESSAGE_ID)
 }
 
 /// Makes an arbitrary error text safe for a header value: one line, at most `max` bytes.
@@ -207,8 +267,14 @@ mod tests {
 
     #[test]
     fn message_headers() {
-        for name in ["Nats-Msg-Id", "Nats-Scheduler", "nats-expected-stream", "Natasks-Message-Id"]
-        {
+        for name in [
+            "Nats-Msg-Id",
+            "Nats-Scheduler",
+            "nats-expected-stream",
+            "Natasks-Message-Id",
+            "Natasks-Periodic",
+            "natasks-periodic-schedule",
+        ] {
             assert!(is_message_header(name), "{name}");
         }
         for name in ["Natasks-Task", "Natasks-Last-Error", "X-Nats-Id", "Nats", "traceparent"] {
@@ -229,5 +295,23 @@ mod tests {
         assert_eq!(schedules_wildcard("natasks"), "natasks.__natasks_schedule.>");
         assert!(schedule_subject("natasks").starts_with("natasks.__natasks_schedule."));
         assert_eq!(consumer_name("natasks", "emails"), "natasks-emails");
+        assert_eq!(
+            periodic_subject("natasks", "nightly-report"),
+            "natasks.__natasks_schedule.periodic.nightly-report"
+        );
+        assert_eq!(periodics_wildcard("natasks"), "natasks.__natasks_schedule.periodic.*");
+        assert_eq!(periodic_id("a.b.__natasks_schedule.periodic.x_1"), Some("x_1"));
+        assert_eq!(periodic_id("natasks.__natasks_schedule.AbC123"), None);
+    }
+
+    #[test]
+    fn schedule_ids() {
+        for good in ["nightly-report", "a", "A_1-b", &"x".repeat(128)] {
+            assert!(validate_schedule_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a.b", "a b", "a*", ">", "ü", "a/b", &"x".repeat(129)] {
+            let err = validate_schedule_id(bad).unwrap_err();
+            assert!(err.to_string().starts_with("schedule id"), "{bad}: {err}");
+        }
     }
 }

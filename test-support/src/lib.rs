@@ -9,7 +9,10 @@
 //!   ([`server_binary`], override with `NATS_SERVER_BIN`);
 //! * `tools/nats-server-2.11.11/bin/nats-server`: an old server without
 //!   message-schedule support ([`old_server_binary`], override with
-//!   `NATS_SERVER_OLD_BIN`).
+//!   `NATS_SERVER_OLD_BIN`);
+//! * `tools/nats-server-2.12.8/bin/nats-server`: a server that runs only one-off
+//!   `@at` schedules, no cron or intervals ([`at_only_server_binary`], override
+//!   with `NATS_SERVER_2_12_BIN`).
 //!
 //! ```no_run
 //! # async fn example() {
@@ -41,6 +44,10 @@ pub const SERVER_VERSION: &str = "2.15.1";
 /// Version of the old server (no message-schedule support) installed by
 /// `scripts/install-nats-server`.
 pub const OLD_SERVER_VERSION: &str = "2.11.11";
+
+/// Version of the server that runs only `@at` schedules (no cron, no `@every`),
+/// installed by `scripts/install-nats-server`.
+pub const AT_ONLY_SERVER_VERSION: &str = "2.12.8";
 
 /// How long [`NatsServer::start`] and [`NatsServer::restart`] wait for the
 /// server to accept clients.
@@ -148,6 +155,20 @@ pub fn old_server_binary() -> Option<PathBuf> {
         return is_executable(&path).then_some(path);
     }
     let installed = installed_binary(OLD_SERVER_VERSION);
+    is_executable(&installed).then_some(installed)
+}
+
+/// Locate the 2.12.8 `nats-server` binary, whose message schedules are `@at` only
+/// (recurring schedules arrived in 2.14).
+///
+/// Lookup order: the environment variable `NATS_SERVER_2_12_BIN`, then
+/// `<workspace>/tools/nats-server-2.12.8/bin/nats-server`. Returns `None` if
+/// neither exists (run `scripts/install-nats-server` to install it).
+pub fn at_only_server_binary() -> Option<PathBuf> {
+    if let Some(path) = env_path("NATS_SERVER_2_12_BIN") {
+        return is_executable(&path).then_some(path);
+    }
+    let installed = installed_binary(AT_ONLY_SERVER_VERSION);
     is_executable(&installed).then_some(installed)
 }
 
@@ -474,6 +495,26 @@ impl NatsServer {
             let _ = child.start_kill();
             if let Err(err) = child.wait().await {
                 panic!("failed to wait for killed nats-server: {err}");
+            }
+        }
+    }
+
+    /// Stop the server the way an operator does (SIGTERM: it finishes writing its state,
+    /// e.g. the stream's index and message-schedule state, and exits), waiting up to 10
+    /// seconds before killing it. The store directory is kept, so
+    /// [`restart`](Self::restart) recovers its data. Does nothing if the server is not
+    /// running.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        match tokio::time::timeout(READY_TIMEOUT, child.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("failed to wait for stopped nats-server: {err}"),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
             }
         }
     }

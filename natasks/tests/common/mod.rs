@@ -9,7 +9,7 @@ use natasks::{ShutdownHandle, Task, Worker};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use natasks_test_support::{old_server_binary, NatsServer};
+pub use natasks_test_support::{at_only_server_binary, old_server_binary, NatsServer};
 
 /// Default deadline for a condition to become true.
 pub const DEADLINE: Duration = Duration::from_secs(20);
