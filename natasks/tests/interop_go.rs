@@ -263,6 +263,32 @@ async fn rust_dispatch_dispatch_in_and_dispatch_at_reach_a_go_worker() {
         .is_some_and(|s| s.starts_with("natasks.__natasks_schedule.")));
 }
 
+/// Periodic tasks are fired by the server as ordinary tasks on `natasks.<queue>`: a Go
+/// worker processes them like any other.
+#[tokio::test]
+async fn periodic_ticks_reach_a_go_worker() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut worker = start_go_worker(&url, "ticks", &["--handle", "tick=ok"]).await;
+    let every = natasks::Every::interval(Duration::from_secs(1));
+    let task = Task::new("tick", "payload").with_header("X-Source", "cron");
+    client.schedule("go-ticks", every, task, "ticks").await.unwrap();
+    let events = worker.take(2, GO_DEADLINE, is_processed).await;
+    client.unschedule("go-ticks").await.unwrap();
+    worker.stop(GO_DEADLINE).await;
+    for event in &events {
+        assert_eq!(event["task"], "tick");
+        assert_eq!(event["attempt"], 1);
+        assert_eq!(event["outcome"], "succeeded");
+        assert_eq!(payload_text(event), "payload");
+        assert_eq!(go_header(event, "X-Source"), Some("cron"));
+        assert_eq!(go_header(event, "Natasks-Queue"), Some("ticks"));
+    }
+    assert_eq!(stored(&js, "natasks.ticks").await, 0, "every tick was acknowledged");
+}
+
 #[tokio::test]
 async fn two_hundred_pending_rust_delayed_tasks_reach_a_go_worker_on_time() {
     const TASKS: i64 = 200;
