@@ -486,3 +486,81 @@ async fn huge_durations_are_refused_at_build() {
         assert!(err.to_string().contains(setting), "{setting}: {err}");
     }
 }
+
+/// Handlers that compute without awaiting (here: block the thread) must still run in
+/// parallel up to `concurrency`: a task's first poll happens in the pull loop, and one slow
+/// first poll makes the worker give tasks their own task again. Run one at a time, these 8
+/// half-second handlers would take 4 s and outlive the 3 s ack wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn handlers_that_compute_without_awaiting_run_in_parallel() {
+    const TASKS: usize = 8;
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    dispatch_all(&client, "cpu", TASKS).await;
+    let runs = runs();
+    let handler = {
+        let runs = runs.clone();
+        move |task: Task| {
+            let runs = runs.clone();
+            async move {
+                let attempt = task.delivery().map(|d| d.attempt).unwrap_or_default();
+                std::thread::sleep(Duration::from_millis(500));
+                let id = String::from_utf8_lossy(task.payload()).into_owned();
+                runs.lock().unwrap().push((id, attempt, "w"));
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let worker = Worker::builder(js.clone(), "cpu")
+        .concurrency(TASKS)
+        .ack_wait(Duration::from_secs(3))
+        .handle("t", handler)
+        .build()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let worker = spawn(worker);
+    eventually(DEADLINE, "every task to run", || async { runs.lock().unwrap().len() >= TASKS })
+        .await;
+    let took = start.elapsed();
+    eventually(DEADLINE, "the queue to empty", || async { stored(&js, "natasks.cpu").await == 0 })
+        .await;
+    worker.stop().await.unwrap();
+    assert!(took < Duration::from_millis(2500), "8 blocking handlers took {took:?}");
+    assert_each_once_first_attempt(&runs, TASKS);
+}
+
+/// The drain deadline holds for prefetched tasks too: a stop does not start them past it.
+#[tokio::test]
+async fn a_stop_with_prefetch_keeps_to_the_drain_timeout() {
+    const TASKS: usize = 6;
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    dispatch_all(&client, "dl", TASKS).await;
+    let runs = runs();
+    let build = |label: &'static str| {
+        Worker::builder(js.clone(), "dl")
+            .concurrency(1)
+            .fetch_batch(TASKS)
+            .drain_timeout(Duration::from_millis(1500))
+            .handle("t", recording(runs.clone(), label, Duration::from_secs(1)))
+            .build()
+    };
+    let a = spawn(build("a").await.unwrap());
+    eventually(DEADLINE, "A to start a task", || async { !runs.lock().unwrap().is_empty() }).await;
+    let stopping = Instant::now();
+    a.stop().await.unwrap();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_millis(3000), "stop took {took:?} with a 1.5 s drain timeout");
+    // What A handed back (and the task it was cut off from) runs on B; nothing is lost.
+    let b = spawn(build("b").await.unwrap());
+    eventually(DEADLINE, "the queue to empty", || async { stored(&js, "natasks.dl").await == 0 })
+        .await;
+    b.stop().await.unwrap();
+    let runs = runs.lock().unwrap();
+    for i in 0..TASKS {
+        assert!(runs.iter().any(|(id, _, _)| *id == i.to_string()), "task {i} never ran: {runs:?}");
+    }
+}

@@ -147,8 +147,9 @@ impl WorkerBuilder {
     /// request. Prefetch removes that bound, at a price: prefetched tasks wait in the worker
     /// (their leases renewed), a graceful stop runs them before it returns (within
     /// `drain_timeout`; any left then are handed back, each with an attempt spent), and a
-    /// reconnect hands them back, each with an attempt spent. Two to four times
-    /// `concurrency` suits handlers that take microseconds.
+    /// reconnect hands them back, each with an attempt spent. With `max_retries(0)` such a
+    /// task is dead-lettered as `no-outcome` without running (the build logs a warning).
+    /// Two to four times `concurrency` suits handlers that take microseconds.
     pub fn fetch_batch(mut self, n: usize) -> Self {
         self.fetch_batch = n;
         self
@@ -390,6 +391,14 @@ impl WorkerBuilder {
                     "the retry delay must be positive",
                 ));
             }
+        }
+        if self.fetch_batch > self.concurrency && self.max_retries == 0 {
+            tracing::warn!(
+                queue,
+                fetch_batch = self.fetch_batch,
+                concurrency = self.concurrency,
+                "prefetch with max_retries(0): a prefetched task handed back (at a reconnect, or when the drain times out) is dead-lettered as no-outcome without running"
+            );
         }
         Ok(Settings {
             consumer,

@@ -374,7 +374,7 @@ fn message_id(headers: &HeaderMap) -> Option<&str> {
         .map(|v| v.as_str())
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
         .copied()

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use async_nats::client::FlushErrorKind;
 use async_nats::connection::State;
@@ -33,6 +34,7 @@ pub(super) async fn run(
     let settings = &inner.settings;
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let tracker = TaskTracker::new();
+    let mut starter = Starter::new(tracker.clone());
     let abandon = CancellationToken::new();
     let mut consumer = Some(consumer);
     // Set when shutdown begins: running handlers and prefetched tasks share it.
@@ -80,10 +82,7 @@ pub(super) async fn run(
             };
             match next {
                 Ok(leased) => {
-                    start(
-                        &tracker,
-                        process::process(inner.clone(), leased, permit, abandon.clone()),
-                    );
+                    starter.start(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 Err(err) => {
                     let connected = inner.js.client().connection_state() == State::Connected;
@@ -106,6 +105,10 @@ pub(super) async fn run(
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;
                 drain_deadline = Some(limit);
                 while let Some(leased) = puller.next_requested(limit).await {
+                    if tokio::time::Instant::now() >= limit {
+                        puller.keep(leased);
+                        break;
+                    }
                     let (leased, permit) = match slots.clone().try_acquire_owned() {
                         Ok(permit) => (leased, permit),
                         // The server delivered more than was asked for: the task waits for a
@@ -122,10 +125,7 @@ pub(super) async fn run(
                             (leased, permit)
                         }
                     };
-                    start(
-                        &tracker,
-                        process::process(inner.clone(), leased, permit, abandon.clone()),
-                    );
+                    starter.start(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 let handed_back = puller.hand_back(FLUSH_LIMIT).await;
                 if handed_back > 0 {
@@ -167,22 +167,69 @@ pub(super) async fn run(
     result
 }
 
-/// Starts processing a task: its first poll happens here, in the pull loop, where most
-/// tasks finish (handler, outcome and all) without a task of their own, and so without
-/// crossing threads; a task whose handler awaits something continues in a task of its own.
-fn start(tracker: &TaskTracker, work: impl Future<Output = ()> + Send + 'static) {
-    let mut work = Box::pin(work);
-    // What the first poll registers with this waker is registered again, with the spawned
-    // task's waker, by the spawned task's first poll.
-    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-    match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(&mut cx))) {
-        Ok(Poll::Ready(())) => {}
-        Ok(Poll::Pending) => {
-            tracker.spawn(work);
+/// Two first polls in a row that take longer than this (a handler computing without
+/// awaiting; one alone may be the thread losing its CPU) stop first polls in the pull loop
+/// for [`INLINE_PAUSE`].
+const INLINE_BUDGET: Duration = Duration::from_micros(500);
+/// How long tasks get a task of their own from the start after a slow first poll.
+const INLINE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Starts tasks' processing.
+///
+/// A task's first poll happens in the pull loop, where most tasks finish (handler, outcome
+/// and all) without a task of their own, and so without crossing threads; a task whose
+/// handler awaits something continues in a task of its own. A handler that computes
+/// without awaiting would hold up the pull loop (and the tasks after it, which then run one
+/// at a time): after two first polls in a row over [`INLINE_BUDGET`], every task gets a
+/// task of its own from the start, in parallel, for [`INLINE_PAUSE`].
+struct Starter {
+    tracker: TaskTracker,
+    spawn_only_until: Option<Instant>,
+    /// The last first poll went over the budget.
+    slow: bool,
+}
+
+impl Starter {
+    fn new(tracker: TaskTracker) -> Self {
+        Self { tracker, spawn_only_until: None, slow: false }
+    }
+
+    fn start(&mut self, work: impl Future<Output = ()> + Send + 'static) {
+        if let Some(until) = self.spawn_only_until {
+            if Instant::now() < until {
+                self.tracker.spawn(work);
+                return;
+            }
+            self.spawn_only_until = None;
         }
-        // Handler panics are caught inside; this is an observer's or a middleware's. The
-        // task comes back after the ack wait, as it would from a crashed worker.
-        Err(_) => tracing::error!("processing a task panicked outside the handler"),
+        let mut work = Box::pin(work);
+        // What the first poll registers with this waker is registered again, with the
+        // spawned task's waker, by the spawned task's first poll.
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let started = Instant::now();
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(&mut cx)));
+        let took = started.elapsed();
+        let slow = took > INLINE_BUDGET;
+        if slow && self.slow {
+            tracing::debug!(
+                ?took,
+                "handlers compute without awaiting; tasks get their own task for a while"
+            );
+            self.spawn_only_until = Some(Instant::now() + INLINE_PAUSE);
+        }
+        self.slow = slow;
+        match polled {
+            Ok(Poll::Ready(())) => {}
+            Ok(Poll::Pending) => {
+                self.tracker.spawn(work);
+            }
+            // Handler panics are caught inside; this is an observer's or a middleware's.
+            // The task comes back after the ack wait, as it would from a crashed worker.
+            Err(panic) => tracing::error!(
+                panic = process::panic_message(&*panic),
+                "processing a task panicked outside the handler; it comes back after the ack wait"
+            ),
+        }
     }
 }
 
@@ -232,8 +279,8 @@ async fn slot_before(
     loop {
         tokio::select! {
             biased;
-            permit = slots.clone().acquire_owned() => return permit.ok(),
             () = tokio::time::sleep_until(limit) => return None,
+            permit = slots.clone().acquire_owned() => return permit.ok(),
             tended = puller.tend(inner.settings.progress_interval) => {
                 tended.ok()?;
             }
