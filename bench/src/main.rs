@@ -517,6 +517,9 @@ fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
             natasks.process_allocs, raw.process_allocs, natasks.process_bytes, raw.process_bytes
         ));
     }
+    if let Ok(batch) = std::env::var("RAW_FETCH_BATCH") {
+        line.push_str(&format!(" raw_fetch_batch={batch}"));
+    }
     let mut lines = vec![line];
     if !row.apalis.is_empty() {
         lines.push(format!(
@@ -557,7 +560,11 @@ fn print_process_table(rows: &[Row]) {
     }
     println!("  drain_cN: N tasks pre-filled, then a worker process drains them with concurrency N; tasks/s from its start of consuming to its N-th task");
     println!("  e2e_process_cN: a warm worker process (concurrency N); this process dispatches with 64 in flight; tasks/s from the first dispatch to the worker's N-th task");
-    println!("  CPU = the worker process's threads (user+system), over the measured interval; raw = async-nats messages() + for_each_concurrent(N) in one task");
+    let batch = match std::env::var("RAW_FETCH_BATCH") {
+        Ok(batch) => format!("{batch} (RAW_FETCH_BATCH)"),
+        Err(_) => "max(2N, 64), natasks' fetch_batch".to_owned(),
+    };
+    println!("  CPU = the worker process's threads (user+system), over the measured interval; raw = async-nats messages() + for_each_concurrent(N) in one task, pull batches of {batch}");
     if rows.iter().all(|r| r.apalis.is_empty()) {
         return;
     }

@@ -19,6 +19,11 @@
 //! drain (counting makes every allocation dearer, so the timed runs do not count).
 //!
 //! The worker protocol is described in `child.rs`.
+//!
+//! Knob for breaking the cost down: `RAW_FETCH_BATCH=n` gives the raw worker pull batches of
+//! `n` instead of the natasks worker's `fetch_batch` (natasks asks only for as many tasks
+//! as it has free slots, whatever its `fetch_batch`; the raw worker keeps a full batch
+//! coming).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +59,17 @@ impl Shape {
     /// The natasks worker's `fetch_batch`, and the raw worker's batch size.
     pub fn fetch_batch(self) -> usize {
         (2 * self.concurrency).max(64)
+    }
+
+    /// The raw worker's pull batch: `RAW_FETCH_BATCH` if set, else [`fetch_batch`](Self::fetch_batch).
+    pub fn raw_fetch_batch(self) -> Res<usize> {
+        match std::env::var("RAW_FETCH_BATCH") {
+            Ok(value) => match value.parse() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("RAW_FETCH_BATCH={value:?} is not a positive number").into()),
+            },
+            Err(_) => Ok(self.fetch_batch()),
+        }
     }
 
     /// The consumer's `max_ack_pending`: the natasks default for this concurrency and
@@ -234,7 +250,9 @@ impl WorkerProcess {
             .args(["--max-ack-pending", &shape.max_ack_pending().to_string()])
             .args(["--tasks", &job.tasks.to_string(), "--warmup", &job.warmup.to_string()]);
         if imp != Impl::Apalis {
-            command.args(["--fetch-batch", &shape.fetch_batch().to_string()]);
+            let batch =
+                if imp == Impl::Raw { shape.raw_fetch_batch()? } else { shape.fetch_batch() };
+            command.args(["--fetch-batch", &batch.to_string()]);
             if job.count_allocs {
                 command.args(["--count-allocs", "1"]);
             }
