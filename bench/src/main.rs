@@ -1,24 +1,30 @@
 //! `natasks-bench`: measures natasks against a raw async-nats implementation of the same
-//! work, on the same server, in the same process, back to back.
+//! work, on the same server, in the same run, back to back.
 //!
 //! ```text
-//! natasks-bench [--rounds N] [--tasks N] [--workload NAME]... [--smoke]
+//! natasks-bench [--rounds N] [--tasks N] [--drain-tasks N] [--workload NAME]... [--peer apalis] [--smoke]
 //! ```
 //!
 //! Starts its own nats-server unless `NATS_URL` is set. Every run gets a stream of its own
 //! (created by natasks: work-queue retention, file storage) that is deleted afterwards.
 //! Progress goes to stderr; the result table and one `workload=... key=value` line per
 //! workload go to stdout.
+//!
+//! The process workloads (`drain_*`, `e2e_process_*`) run each worker in a child process:
+//! this binary again, started with the hidden first argument `--child-worker` (see
+//! `child.rs`), or the apalis peer binary.
 
 mod alloc_count;
+mod child;
 mod workloads;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use natasks_test_support::NatsServer;
 
-use workloads::{Env, Impl, Sample, Setup};
+use workloads::{Allocs, Env, Impl, Sample, Setup, Shape};
 
 #[global_allocator]
 static GLOBAL: alloc_count::Counting = alloc_count::Counting;
@@ -36,11 +42,21 @@ const WORKLOADS: &[&str] = &[
     "e2e_c64_observed_lean",
     "e2e_c64_traceparent",
     "e2e_io_c64",
+    "drain_c8",
+    "drain_c64",
+    "e2e_process_c8",
+    "e2e_process_c64",
     "delayed_burst",
     "periodic_1000",
     "alloc_c64",
     "memory",
 ];
+
+/// Workloads whose worker runs in a process of its own.
+const PROCESS_WORKLOADS: &[&str] = &["drain_c8", "drain_c64", "e2e_process_c8", "e2e_process_c64"];
+
+/// Workloads `--smoke` leaves out unless named: the c8 process workloads cover the same code.
+const SMOKE_SKIPS: &[&str] = &["drain_c64", "e2e_process_c64"];
 
 /// Throughput of e2e_io_c64 if every slot were always busy: 64 slots / 5 ms.
 const IDEAL_IO_C64: f64 = 64.0 / 0.005;
@@ -51,20 +67,28 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct Options {
     rounds: usize,
     tasks: usize,
+    drain_tasks: usize,
     delayed_tasks: usize,
     delayed_lead: Duration,
     periodic_schedules: usize,
     periodic_window: Duration,
     memory_checkpoints: (usize, usize),
     workloads: Vec<String>,
+    smoke: bool,
+    /// The apalis peer binary, with `--peer apalis`.
+    apalis: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: natasks-bench [--rounds N] [--tasks N] [--workload NAME]... [--smoke]
+const USAGE: &str = "usage: natasks-bench [--rounds N] [--tasks N] [--drain-tasks N] [--workload NAME]... [--peer apalis] [--smoke]
 
-  --rounds N       rounds per workload (default 3)
-  --tasks N        tasks per dispatch/e2e/alloc run (default 20000)
-  --workload NAME  run only this workload (repeatable)
-  --smoke          quick pass of everything: 500 tasks, 1 round, small memory run
+  --rounds N         rounds per workload (default 3)
+  --tasks N          tasks per dispatch/e2e/alloc/e2e_process run (default 20000)
+  --drain-tasks N    tasks per drain run (default 100000)
+  --workload NAME    run only this workload (repeatable)
+  --peer apalis      also run an apalis worker in the process workloads (drain_*,
+                     e2e_process_*); scripts/bench builds it (bench/peers/apalis)
+  --smoke            quick pass: 500 tasks (2000 per drain), 1 round, small memory run,
+                     every workload but drain_c64 and e2e_process_c64
 
 Starts its own nats-server unless NATS_URL is set.";
 
@@ -72,15 +96,19 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
     let mut options = Options {
         rounds: 3,
         tasks: 20_000,
+        drain_tasks: 100_000,
         delayed_tasks: 10_000,
         delayed_lead: Duration::from_secs(10),
         periodic_schedules: 1_000,
         periodic_window: Duration::from_secs(10),
         memory_checkpoints: (50_000, 500_000),
         workloads: Vec::new(),
+        smoke: false,
+        apalis: None,
     };
     let mut rounds = None;
     let mut tasks = None;
+    let mut drain_tasks = None;
     let mut args = std::env::args().skip(1);
     let number = |flag: &str, value: Option<String>| -> Result<usize, BoxError> {
         let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
@@ -94,6 +122,11 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
         match arg.as_str() {
             "--rounds" => rounds = Some(number("--rounds", args.next())?),
             "--tasks" => tasks = Some(number("--tasks", args.next())?),
+            "--drain-tasks" => drain_tasks = Some(number("--drain-tasks", args.next())?),
+            "--peer" => match args.next().as_deref() {
+                Some("apalis") => options.apalis = Some(workloads::locate_apalis()?),
+                other => return Err(format!("--peer takes apalis, not {other:?}").into()),
+            },
             "--workload" => {
                 let name = args.next().ok_or("--workload needs a value")?;
                 if !WORKLOADS.contains(&name.as_str()) {
@@ -109,7 +142,9 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
             }
             "--smoke" => {
                 options.rounds = 1;
+                options.smoke = true;
                 options.tasks = 500;
+                options.drain_tasks = 2_000;
                 options.delayed_tasks = 500;
                 options.delayed_lead = Duration::from_secs(3);
                 options.periodic_schedules = 100;
@@ -129,8 +164,15 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
     if let Some(tasks) = tasks {
         options.tasks = tasks;
     }
+    if let Some(tasks) = drain_tasks {
+        options.drain_tasks = tasks;
+    }
     if options.workloads.is_empty() {
-        options.workloads = WORKLOADS.iter().map(|w| (*w).to_owned()).collect();
+        options.workloads = WORKLOADS
+            .iter()
+            .filter(|w| !(options.smoke && SMOKE_SKIPS.contains(w)))
+            .map(|w| (*w).to_owned())
+            .collect();
     } else {
         // Keep the canonical order.
         options.workloads = WORKLOADS
@@ -144,6 +186,10 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(child::FLAG) {
+        return child::main(&args[1..]).await;
+    }
     let options = match parse_args() {
         Ok(Some(options)) => options,
         Ok(None) => return ExitCode::SUCCESS,
@@ -166,6 +212,10 @@ struct Row {
     workload: String,
     natasks: Vec<Sample>,
     raw: Vec<Sample>,
+    /// The apalis peer (process workloads with `--peer apalis`).
+    apalis: Vec<Sample>,
+    /// Allocations per task of the natasks and raw workers (drain workloads, own runs).
+    allocs: Option<(Allocs, Allocs)>,
 }
 
 async fn run(options: Options) -> Result<(), BoxError> {
@@ -201,9 +251,20 @@ async fn run(options: Options) -> Result<(), BoxError> {
             memory_line = Some(report);
             continue;
         }
-        let mut row = Row { workload: workload.clone(), natasks: Vec::new(), raw: Vec::new() };
+        let mut row = Row {
+            workload: workload.clone(),
+            natasks: Vec::new(),
+            raw: Vec::new(),
+            apalis: Vec::new(),
+            allocs: None,
+        };
+        let process = PROCESS_WORKLOADS.contains(&workload.as_str());
+        let mut implementations = vec![Impl::Natasks, Impl::Raw];
+        if process && options.apalis.is_some() {
+            implementations.push(Impl::Apalis);
+        }
         for round in 1..=options.rounds {
-            for imp in [Impl::Natasks, Impl::Raw] {
+            for &imp in &implementations {
                 let sample = run_one(&env, &options, workload, imp)
                     .await
                     .map_err(|err| format!("{workload} ({}) round {round}: {err}", imp.name()))?;
@@ -220,7 +281,8 @@ async fn run(options: Options) -> Result<(), BoxError> {
                     ));
                 }
                 if let Some(us) = sample.cpu_us_per_task {
-                    line.push_str(&format!(" ({us:.1} µs CPU/task in this process)"));
+                    let place = if process { "the worker process" } else { "this process" };
+                    line.push_str(&format!(" ({us:.1} µs CPU/task in {place})"));
                 }
                 if let Some(ms) = sample.mean_sleep_ms {
                     line.push_str(&format!(" (a 5 ms sleep took {ms:.2} ms on average)"));
@@ -235,8 +297,12 @@ async fn run(options: Options) -> Result<(), BoxError> {
                 match imp {
                     Impl::Natasks => row.natasks.push(sample),
                     Impl::Raw => row.raw.push(sample),
+                    Impl::Apalis => row.apalis.push(sample),
                 }
             }
+        }
+        if workload.starts_with("drain_") {
+            row.allocs = Some(count_drain_allocs(&env, &options, workload).await?);
         }
         rows.push(row);
     }
@@ -246,6 +312,42 @@ async fn run(options: Options) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Allocations per task of the natasks and raw drain workers, each in a run of its own
+/// with counting on (its timings are not used).
+async fn count_drain_allocs(
+    env: &Env,
+    options: &Options,
+    workload: &str,
+) -> Result<(Allocs, Allocs), BoxError> {
+    let shape = process_shape(workload)?;
+    let mut counted = Vec::new();
+    for imp in [Impl::Natasks, Impl::Raw] {
+        let sample = workloads::drain(env, imp, None, options.drain_tasks, shape, true)
+            .await
+            .map_err(|err| format!("{workload} ({}) counting allocations: {err}", imp.name()))?;
+        let allocs = sample.allocs.ok_or("no allocation count")?;
+        eprintln!(
+            "allocations {workload} {}: {:.1} allocs/task, {:.0} bytes/task",
+            imp.name(),
+            allocs.process_allocs,
+            allocs.process_bytes
+        );
+        counted.push(allocs);
+    }
+    let raw = counted.pop().ok_or("no raw count")?;
+    let natasks = counted.pop().ok_or("no natasks count")?;
+    Ok((natasks, raw))
+}
+
+/// The worker set-up of a process workload: its concurrency is the name's `_cN`.
+fn process_shape(workload: &str) -> Result<Shape, BoxError> {
+    let concurrency = workload
+        .rsplit_once("_c")
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| format!("no concurrency in {workload:?}"))?;
+    Ok(Shape { concurrency })
+}
+
 async fn run_one(
     env: &Env,
     options: &Options,
@@ -253,6 +355,7 @@ async fn run_one(
     imp: Impl,
 ) -> Result<Sample, BoxError> {
     let n = options.tasks;
+    let apalis = options.apalis.as_deref();
     match workload {
         "dispatch_serial" => workloads::dispatch_serial(env, imp, n).await,
         "dispatch_concurrent_64" => workloads::dispatch_concurrent(env, imp, n, 64).await,
@@ -279,6 +382,13 @@ async fn run_one(
             workloads::periodic(env, imp, options.periodic_schedules, options.periodic_window).await
         }
         "alloc_c64" => workloads::alloc_c64(env, imp, n).await,
+        "drain_c8" | "drain_c64" => {
+            let shape = process_shape(workload)?;
+            workloads::drain(env, imp, apalis, options.drain_tasks, shape, false).await
+        }
+        "e2e_process_c8" | "e2e_process_c64" => {
+            workloads::e2e_process(env, imp, apalis, n, process_shape(workload)?).await
+        }
         other => Err(format!("unknown workload {other:?}").into()),
     }
 }
@@ -306,6 +416,10 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
             thousands(rmax),
             ratio
         );
+        if PROCESS_WORKLOADS.contains(&row.workload.as_str()) {
+            lines.extend(process_lines(row, nm, rm));
+            continue;
+        }
         let mut line = format!(
             "workload={} natasks_per_s={nm:.0} raw_per_s={rm:.0} ratio={ratio:.3}",
             row.workload
@@ -366,6 +480,7 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     if rows.iter().any(|r| r.workload == "alloc_c64") {
         println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");
     }
+    print_process_table(rows);
     if let Some(m) = memory {
         println!(
             "memory: after {}: VmRSS {} kB, VmHWM {} kB; after {}: VmRSS {} kB, VmHWM {} kB; growth RSS {} kB, HWM {} kB; {}/s",
@@ -395,6 +510,106 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     println!();
     for line in lines {
         println!("{line}");
+    }
+}
+
+/// The `workload=` line of a process workload, and its `peer=` line if the peer ran.
+fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
+    let cpu = |samples: &[Sample]| median(samples.iter().filter_map(|s| s.cpu_us_per_task));
+    let (natasks_cpu, raw_cpu) = (cpu(&row.natasks), cpu(&row.raw));
+    let mut line = format!(
+        "workload={} natasks_per_s={natasks_per_s:.0} raw_per_s={raw_per_s:.0} ratio={:.3} \
+         cpu_us_per_task={natasks_cpu:.2} raw_cpu_us_per_task={raw_cpu:.2} cpu_ratio={:.3}",
+        row.workload,
+        ratio(natasks_per_s, raw_per_s),
+        ratio(natasks_cpu, raw_cpu),
+    );
+    if let Some((natasks, raw)) = &row.allocs {
+        line.push_str(&format!(
+            " allocs_per_task={:.1} raw_allocs_per_task={:.1} bytes_per_task={:.0} raw_bytes_per_task={:.0}",
+            natasks.process_allocs, raw.process_allocs, natasks.process_bytes, raw.process_bytes
+        ));
+    }
+    if let Ok(batch) = std::env::var("RAW_FETCH_BATCH") {
+        line.push_str(&format!(" raw_fetch_batch={batch}"));
+    }
+    let mut lines = vec![line];
+    if !row.apalis.is_empty() {
+        lines.push(format!(
+            "peer=apalis workload={} per_s={:.0} cpu_us_per_task={:.2}",
+            row.workload,
+            median(row.apalis.iter().map(|s| s.per_s)),
+            cpu(&row.apalis)
+        ));
+    }
+    lines
+}
+
+/// The worker-process costs of the process workloads, and the peer's figures.
+fn print_process_table(rows: &[Row]) {
+    let rows: Vec<&Row> =
+        rows.iter().filter(|r| PROCESS_WORKLOADS.contains(&r.workload.as_str())).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let cpu = |samples: &[Sample]| median(samples.iter().filter_map(|s| s.cpu_us_per_task));
+    println!();
+    println!(
+        "{:<24} {:>10} {:>10} {:>6}   {:>14} {:>10}",
+        "worker process", "natasks", "raw", "ratio", "natasks", "raw"
+    );
+    println!(
+        "{:<24} {:>28}   {:>25}",
+        "(median of rounds)", "CPU µs/task", "allocs/task (own run)"
+    );
+    println!("{}", "-".repeat(82));
+    for row in &rows {
+        let (n, r) = (cpu(&row.natasks), cpu(&row.raw));
+        let allocs = match &row.allocs {
+            Some((n, r)) => format!("{:>14.1} {:>10.1}", n.process_allocs, r.process_allocs),
+            None => format!("{:>14} {:>10}", "-", "-"),
+        };
+        println!("{:<24} {n:>10.2} {r:>10.2} {:>6.3}   {allocs}", row.workload, ratio(n, r));
+    }
+    println!("  drain_cN: N tasks pre-filled, then a worker process drains them with concurrency N; tasks/s from its start of consuming to its N-th task");
+    println!("  e2e_process_cN: a warm worker process (concurrency N); this process dispatches with 64 in flight; tasks/s from the first dispatch to the worker's N-th task");
+    let batch = match std::env::var("RAW_FETCH_BATCH") {
+        Ok(batch) => format!("{batch} (RAW_FETCH_BATCH)"),
+        Err(_) => "max(2N, 64), natasks' fetch_batch".to_owned(),
+    };
+    println!("  CPU = the worker process's threads (user+system), over the measured interval; raw = async-nats messages() + for_each_concurrent(N) in one task, pull batches of {batch}");
+    if rows.iter().all(|r| r.apalis.is_empty()) {
+        return;
+    }
+    println!();
+    println!(
+        "{:<24} {:>10} {:>10} {:>10}   {:>11}   {:>13}",
+        "peer apalis", "tasks/s", "min", "max", "CPU µs/task", "vs natasks"
+    );
+    println!("{}", "-".repeat(86));
+    for row in rows.iter().filter(|r| !r.apalis.is_empty()) {
+        let (m, min, max) = spread(row.apalis.iter().map(|s| s.per_s));
+        let natasks = median(row.natasks.iter().map(|s| s.per_s));
+        println!(
+            "{:<24} {:>10} {:>10} {:>10}   {:>11.2}   {:>12.3}x",
+            row.workload,
+            thousands(m),
+            thousands(min),
+            thousands(max),
+            cpu(&row.apalis),
+            ratio(m, natasks)
+        );
+    }
+    println!("  apalis 1.0 with apalis-nats 0.1 (async-nats 0.50), its own process: typed handler, .concurrency(N), reading the same stream and subject through its Config,");
+    println!("  consumer settings as natasks'; it pulls batches of 200 (async-nats' messages() default; apalis-nats exposes no batch setting)");
+    println!("  tasks reach it by raw publishes awaiting each ack: apalis-nats' own push does not await the broker's ack (and publishes to a subject named after the stream)");
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
     }
 }
 

@@ -1,4 +1,5 @@
-//! The workloads, each implemented twice: with natasks and with raw async-nats.
+//! The workloads, each implemented twice: with natasks and with raw async-nats (the
+//! process workloads, in `process.rs`, also with the apalis peer).
 //!
 //! Both implementations use the same stream (created by a natasks `Client`), the same
 //! subjects, headers and payload, the same consumer settings and the same number of
@@ -25,15 +26,18 @@ use crate::BoxError;
 
 mod observed;
 mod periodic;
+mod process;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
+pub use process::{drain, e2e as e2e_process};
+pub use process::{locate_apalis, Shape};
 
 type Res<T> = Result<T, BoxError>;
 
 /// The payload of every task.
 const PAYLOAD: &[u8] = br#"{"user_id":42,"email":"user@example.com","tags":["a","b","c"]}"#;
 /// The task name every handler is registered for.
-const TASK_NAME: &str = "bench.noop";
+pub(crate) const TASK_NAME: &str = "bench.noop";
 /// The queue every workload uses (inside its own stream and subject prefix).
 const QUEUE: &str = "q";
 /// Publishes in flight while a worker runs (e2e, delayed, alloc, memory).
@@ -43,11 +47,12 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Consumer ack wait, as the natasks default.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 
-/// Which implementation a run uses.
+/// Which implementation a run uses. Apalis (the peer) runs only in the process workloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Impl {
     Natasks,
     Raw,
+    Apalis,
 }
 
 impl Impl {
@@ -55,6 +60,7 @@ impl Impl {
         match self {
             Impl::Natasks => "natasks",
             Impl::Raw => "raw",
+            Impl::Apalis => "apalis",
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct Env {
     publish: Context,
     /// Connection used for consuming (natasks workers and raw consumers).
     consume: Context,
+    url: String,
     next: AtomicU64,
     run_id: String,
 }
@@ -112,7 +119,11 @@ impl Env {
         let consume = jetstream::new(async_nats::connect(url).await?);
         let run_id =
             format!("{}_{}", std::process::id(), nuid::next().as_str().get(..6).unwrap_or("x"));
-        Ok(Self { publish, consume, next: AtomicU64::new(0), run_id })
+        Ok(Self { publish, consume, url: url.to_owned(), next: AtomicU64::new(0), run_id })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub fn server_version(&self) -> String {
@@ -217,6 +228,7 @@ impl Dispatcher {
                 );
                 self.js.publish_with_headers(subject, headers, payload).await?.await?;
             }
+            (Impl::Apalis, _) => return Err("apalis dispatches only in its own process".into()),
         }
         Ok(())
     }
@@ -413,6 +425,7 @@ impl Consumer {
                 });
                 Ok(Consumer::Raw { task })
             }
+            Impl::Apalis => Err("apalis runs only in its own process".into()),
         }
     }
 
@@ -740,18 +753,20 @@ struct CpuTime(Option<u64>);
 
 impl CpuTime {
     fn now() -> Self {
-        Self(process_cpu_ns())
+        Self(threads_cpu_ns("/proc/self/task"))
     }
 
     fn us_per_task(&self, tasks: usize) -> Option<f64> {
-        let (before, after) = (self.0?, process_cpu_ns()?);
+        let (before, after) = (self.0?, threads_cpu_ns("/proc/self/task")?);
         Some(after.saturating_sub(before) as f64 / 1e3 / tasks.max(1) as f64)
     }
 }
 
-fn process_cpu_ns() -> Option<u64> {
+/// The time the threads under `tasks_dir` (`/proc/<pid>/task`) have spent on a CPU, user and
+/// system, in nanoseconds (the first field of each thread's `schedstat`).
+fn threads_cpu_ns(tasks_dir: &str) -> Option<u64> {
     let mut total = 0;
-    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+    for entry in std::fs::read_dir(tasks_dir).ok()? {
         let path = entry.ok()?.path().join("schedstat");
         if let Ok(text) = std::fs::read_to_string(path) {
             total += text.split_whitespace().next()?.parse::<u64>().ok()?;

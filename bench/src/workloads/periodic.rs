@@ -55,6 +55,9 @@ impl Ticks {
 /// `Nats-Schedule-Next` header (minus the interval). Tasks/s counts ticks processed in the
 /// window.
 pub async fn periodic(env: &Env, imp: Impl, schedules: usize, window: Duration) -> Res<Sample> {
+    if imp == Impl::Apalis {
+        return Err("apalis runs only in the worker-process workloads".into());
+    }
     env.with_stream(|layout, client| async move {
         let ticks = Arc::new(Ticks::default());
         let running = match imp {
@@ -92,6 +95,7 @@ pub async fn periodic(env: &Env, imp: Impl, schedules: usize, window: Duration) 
                     .await?;
                 Running::Raw(tokio::spawn(raw_consume(consumer, ticks.clone())))
             }
+            Impl::Apalis => unreachable!("refused above"),
         };
 
         let start = Instant::now();
@@ -107,6 +111,7 @@ pub async fn periodic(env: &Env, imp: Impl, schedules: usize, window: Duration) 
                             let task = Task::new(TASK_NAME, Bytes::from_static(PAYLOAD));
                             client.schedule(id, Every::interval(INTERVAL), task, QUEUE).await?;
                         }
+                        Impl::Apalis => unreachable!("refused above"),
                         Impl::Raw => {
                             let mut headers = HeaderMap::new();
                             headers.insert("Nats-Schedule", "@every 1s");
