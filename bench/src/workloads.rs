@@ -395,7 +395,9 @@ impl Consumer {
                     .stream_name(layout.stream.clone())
                     .subject_prefix(layout.prefix.clone())
                     .concurrency(concurrency)
-                    .fetch_batch(concurrency)
+                    // Holds as many tasks as the raw consumer: `concurrency` running plus a
+                    // pull batch of `concurrency` (natasks prefetches above concurrency).
+                    .fetch_batch(2 * concurrency)
                     .handle(TASK_NAME, handler)
                     .build()
                     .await?;

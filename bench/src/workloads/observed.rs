@@ -233,7 +233,7 @@ pub async fn e2e_observed(
             .stream_name(layout.stream.clone())
             .subject_prefix(layout.prefix.clone())
             .concurrency(concurrency)
-            .fetch_batch(concurrency)
+            .fetch_batch(2 * concurrency)
             .handle(TASK_NAME, move |_task: Task| {
                 hit.hit();
                 std::future::ready(Ok::<(), HandlerError>(()))
