@@ -44,7 +44,7 @@ use crate::wire;
 /// [`with_message_id`](Self::with_message_id).
 #[derive(Clone)]
 pub struct Task {
-    name: String,
+    name: Name,
     payload: Bytes,
     /// Shared with the worker's copy of a received message, copied on first write; `None`
     /// until a header is set.
@@ -66,7 +66,7 @@ impl Task {
     /// A task with a raw payload. The name is checked when the task is dispatched.
     pub fn new(name: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         Self {
-            name: name.into(),
+            name: Name::Owned(name.into()),
             payload: payload.into(),
             headers: None,
             message_id: None,
@@ -88,7 +88,7 @@ impl Task {
 
     /// The task name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// The raw payload.
@@ -100,7 +100,7 @@ impl Task {
     /// when the payload does not decode (a retry would not help).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         serde_json::from_slice(&self.payload).map_err(|source| DecodeError {
-            task: self.name.clone(),
+            task: self.name.as_str().to_owned(),
             target: std::any::type_name::<T>(),
             source,
         })
@@ -243,19 +243,19 @@ impl Task {
             }),
             (headers, _) => headers.map(Arc::unwrap_or_clone).unwrap_or_default(),
         };
-        (self.name, self.payload, headers, self.message_id)
+        (self.name.into_string(), self.payload, headers, self.message_id)
     }
 
     /// A task as a worker received it; `message_id` is the id it was dispatched with.
     pub(crate) fn received(
-        name: String,
+        name: Arc<str>,
         payload: Bytes,
         headers: Arc<HeaderMap>,
         message_id: Option<String>,
         delivery: Delivery,
     ) -> Self {
         Self {
-            name,
+            name: Name::Shared(name),
             payload,
             arrived_with: Some(headers.clone()),
             headers: Some(headers),
@@ -271,7 +271,7 @@ impl Task {
 impl fmt::Debug for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Task")
-            .field("name", &self.name)
+            .field("name", &self.name.as_str())
             .field("payload_len", &self.payload.len())
             .field("message_id", &self.message_id)
             .field("received_id", &self.received_id)
@@ -293,12 +293,36 @@ fn retained(headers: &HeaderMap, keep: impl Fn(&HeaderName, &[HeaderValue]) -> b
     kept
 }
 
+/// A task name: owned when made by the caller, shared with the worker's route table when
+/// received (so receiving a task does not copy its name).
+#[derive(Clone)]
+enum Name {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl Name {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Owned(name) => name,
+            Self::Shared(name) => name,
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Self::Owned(name) => name,
+            Self::Shared(name) => name.as_ref().to_owned(),
+        }
+    }
+}
+
 /// Where and how often a received task was delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Delivery {
-    /// The queue the worker consumes.
-    pub queue: String,
+    /// The queue the worker consumes (shared by every task the worker receives).
+    pub queue: Arc<str>,
     /// Delivery attempt, starting at 1.
     pub attempt: u64,
     /// The task's sequence number in the stream.
@@ -306,7 +330,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn new(queue: String, attempt: u64, stream_sequence: u64) -> Self {
+    pub(crate) fn new(queue: Arc<str>, attempt: u64, stream_sequence: u64) -> Self {
         Self { queue, attempt, stream_sequence }
     }
 }

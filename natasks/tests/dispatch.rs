@@ -31,7 +31,7 @@ async fn dispatch_and_process_with_payload_and_headers() {
     assert_eq!(got.header("X-Request-Id"), Some("req-42"));
     assert_eq!(got.header("Natasks-Queue"), Some("emails"));
     let delivery = got.delivery().expect("received tasks carry delivery details");
-    assert_eq!((delivery.queue.as_str(), delivery.attempt), ("emails", 1));
+    assert_eq!((&*delivery.queue, delivery.attempt), ("emails", 1));
     running.stop().await.unwrap();
 }
 

@@ -570,7 +570,7 @@ async fn workers_only_see_their_own_queue() {
             .await
             .iter()
             .map(|task| {
-                assert_eq!(task.delivery().unwrap().queue, queue);
+                assert_eq!(&*task.delivery().unwrap().queue, queue);
                 String::from_utf8(task.payload().to_vec()).unwrap()
             })
             .collect();

@@ -268,6 +268,7 @@ impl WorkerBuilder {
         let inner = WorkerInner {
             subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
             dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
+            shared_queue: Arc::from(queue.as_str()),
             queue,
             js: self.js,
             stream: self.stream,
@@ -281,12 +282,12 @@ impl WorkerBuilder {
         Ok(Worker::new(inner, consumer))
     }
 
-    fn routes(&self) -> Result<HashMap<String, BoxHandler>, SetupError> {
+    fn routes(&self) -> Result<HashMap<Arc<str>, BoxHandler>, SetupError> {
         let mut routes = HashMap::with_capacity(self.handlers.len());
         for (name, handler) in &self.handlers {
             wire::validate_task_name(name)
                 .map_err(|err| SetupError::invalid_option("handle", err))?;
-            if routes.insert(name.clone(), handler.clone()).is_some() {
+            if routes.insert(Arc::from(name.as_str()), handler.clone()).is_some() {
                 return Err(SetupError::invalid_option(
                     "handle",
                     format!("task {name:?} has two handlers"),

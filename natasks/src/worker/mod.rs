@@ -131,10 +131,13 @@ pub(crate) struct WorkerInner {
     pub(crate) js: jetstream::Context,
     pub(crate) stream: StreamSettings,
     pub(crate) queue: String,
+    /// The queue name, shared with every received task's delivery details.
+    pub(crate) shared_queue: Arc<str>,
     pub(crate) subject: String,
     pub(crate) dlq_subject: String,
     pub(crate) settings: Settings,
-    pub(crate) routes: HashMap<String, BoxHandler>,
+    /// Handlers by task name; the names are shared with the tasks received.
+    pub(crate) routes: HashMap<Arc<str>, BoxHandler>,
     pub(crate) layers: Arc<[ProcessLayer]>,
     pub(crate) propagator: Option<Arc<dyn Propagator>>,
     pub(crate) observers: Observers,

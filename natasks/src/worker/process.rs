@@ -182,7 +182,7 @@ async fn decide(
             "message has no Natasks-Task header".to_owned(),
         ));
     };
-    let Some(handler) = inner.routes.get(name) else {
+    let Some((name, handler)) = inner.routes.get_key_value(name) else {
         return Some(unroutable(
             inner,
             attempt,
@@ -191,11 +191,11 @@ async fn decide(
         ));
     };
     let mut task = Task::received(
-        name.to_owned(),
+        name.clone(),
         message.payload.clone(),
         headers.clone(),
         message_id(headers).map(str::to_owned),
-        Delivery::new(inner.queue.clone(), attempt, sequence),
+        Delivery::new(inner.shared_queue.clone(), attempt, sequence),
     );
     if let Some(propagator) = &inner.propagator {
         // A propagator is user code: a panic in it fails the attempt like a handler's.
