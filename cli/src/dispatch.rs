@@ -63,7 +63,7 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         .context(|| format!("cannot use stream {:?}", g.stream))?;
     let queue = natasks::wire::validate_queue(&args.queue).unwrap_or(&args.queue).to_owned();
     let what = || format!("cannot dispatch {:?} to queue {queue:?}", args.task);
-    // The library checks the due time (a schedule cannot name one after the year 9999).
+    // The library checks the due time (the server cannot keep one after the year 2261).
     let dispatched = match due {
         Due::Now => client.dispatch(task, &args.queue).await,
         Due::In(delay) => client.dispatch_in(task, &args.queue, delay).await,

@@ -3,6 +3,10 @@
 //! A periodic schedule lives on `<prefix>.__natasks_schedule.periodic.<id>` and is read and
 //! written through the library. A delayed task is a message schedule on its own subject
 //! `<prefix>.__natasks_schedule.<id>`; the id is the subject's last token.
+//!
+//! Only `add` builds a client, which sets the stream up (it may add the schedule subject
+//! and turn on message schedules). Listing, removing and cancelling leave the stream's
+//! configuration alone, and a missing stream is reported, not created.
 
 use std::path::PathBuf;
 
@@ -98,7 +102,15 @@ fn prefix(g: &Global) -> String {
     format!("{}.{}.", g.subject_prefix, natasks::wire::SCHEDULE_TOKEN)
 }
 
-/// A client on the stream the global flags name.
+/// The periodic schedules of the stream the global flags name, read and removed without
+/// touching the stream's configuration.
+fn periodic_schedules(g: &Global, js: &async_nats::jetstream::Context) -> natasks::Schedules {
+    natasks::Schedules::new(js.clone())
+        .stream_name(g.stream.clone())
+        .subject_prefix(g.subject_prefix.clone())
+}
+
+/// A client on the stream the global flags name (creating or updating the stream).
 async fn client(g: &Global) -> Result<natasks::Client> {
     let js = conn::connect(g).await?;
     natasks::Client::builder(js)
@@ -155,9 +167,8 @@ async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
         }
     }
     delayed.sort_by_key(|s| (s.due, s.seq));
-    let mut periodic = client(g)
-        .await?
-        .schedules()
+    let mut periodic = periodic_schedules(g, &js)
+        .list()
         .await
         .context(|| "cannot read periodic schedules".to_owned())?;
     periodic.retain(|s| queue.is_none_or(|q| s.queue == q));
@@ -273,9 +284,11 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
 
 async fn remove(g: &Global, id: &str) -> Result<()> {
     natasks::wire::validate_schedule_id(id).map_err(|err| Error::msg(err.to_string()))?;
-    let removed = client(g)
-        .await?
-        .unschedule(id)
+    let js = conn::connect(g).await?;
+    // A missing stream is reported, not created.
+    conn::stream(g, &js).await?;
+    let removed = periodic_schedules(g, &js)
+        .remove(id)
         .await
         .context(|| format!("cannot remove periodic schedule {id:?}"))?;
     if !removed {

@@ -192,3 +192,42 @@ async fn a_schedule_added_by_the_cli_fires_ordinary_tasks() {
     assert_eq!(header("X-From").as_deref(), Some("cli"));
     assert_eq!(header("Natasks-Periodic").as_deref(), Some("pulse"));
 }
+
+#[tokio::test]
+async fn listing_and_removing_leave_the_stream_config_alone() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+
+    // No stream: nothing to list or remove, and none is created.
+    natasks(&url, &["schedules"]).await.failed("stream \"NATASKS\" not found");
+    natasks(&url, &["schedules", "remove", "x"]).await.failed("stream \"NATASKS\" not found");
+    assert!(js.get_stream("NATASKS").await.is_err(), "a stream was created");
+
+    // A stream as the Go library (or an operator) makes it: the queue subjects only, no
+    // schedule subject, no schedules flag (which, once on, cannot be turned off).
+    js.create_stream(jetstream::stream::Config {
+        name: "NATASKS".into(),
+        subjects: vec!["natasks.*".into()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let config =
+        || async { js.get_stream("NATASKS").await.unwrap().info().await.unwrap().config.clone() };
+    let before = config().await;
+    assert!(!before.allow_message_schedules);
+
+    let run = natasks(&url, &["schedules"]).await.ok();
+    assert_eq!(run.stdout.trim(), "no periodic schedules and no pending delayed tasks");
+    let list = natasks(&url, &["schedules", "list", "--json"]).await.ok().json();
+    assert_eq!(list, serde_json::json!([]));
+    natasks(&url, &["schedules", "remove", "x"]).await.failed("no periodic schedule \"x\"");
+
+    let after = config().await;
+    assert_eq!(after.subjects, ["natasks.*"], "a subject was added");
+    assert!(!after.allow_message_schedules, "message schedules were turned on");
+    let json = |config| serde_json::to_value(config).unwrap();
+    assert_eq!(json(&after), json(&before), "the stream config changed");
+}

@@ -85,8 +85,9 @@ impl Client {
     /// Publishes `task` to be delivered to `queue` after `delay` (immediately when the delay
     /// is zero). Uses JetStream message schedules: needs nats-server 2.12 or newer.
     ///
-    /// A delay that puts the due time after the year 9999 (UTC), which a schedule cannot
-    /// name, fails with [`DispatchErrorKind::InvalidDueTime`] and publishes nothing.
+    /// A delay that puts the due time after the year 2261 (UTC) fails with
+    /// [`DispatchErrorKind::InvalidDueTime`] and publishes nothing: nats-server holds a
+    /// schedule's time in nanoseconds since 1970, which end in April 2262.
     pub async fn dispatch_in(
         &self,
         task: Task,
@@ -104,8 +105,9 @@ impl Client {
     /// the future). Accepts an [`OffsetDateTime`] or a [`std::time::SystemTime`] (see
     /// [`DueTime`]).
     ///
-    /// A time after the year 9999 (UTC), which a schedule cannot name, fails with
-    /// [`DispatchErrorKind::InvalidDueTime`] and publishes nothing.
+    /// A time after the year 2261 (UTC) fails with [`DispatchErrorKind::InvalidDueTime`]
+    /// and publishes nothing: nats-server holds a schedule's time in nanoseconds since 1970,
+    /// which end in April 2262.
     pub async fn dispatch_at(
         &self,
         task: Task,

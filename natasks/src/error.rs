@@ -81,8 +81,9 @@ pub enum DispatchErrorKind {
     PayloadTooLarge,
     /// Delayed delivery was asked of a server without message schedules (nats-server < 2.12).
     SchedulesUnsupported,
-    /// The due time of a delayed dispatch is after the year 9999 (UTC), which the RFC 3339
-    /// time of a schedule cannot name (a delay too long, or a time too far ahead).
+    /// The due time of a delayed dispatch is after the year 2261 (UTC), later than
+    /// nats-server can hold a schedule time (its nanoseconds since 1970 end in April 2262):
+    /// a delay too long, or a time too far ahead.
     InvalidDueTime,
     /// The server did not confirm the task in time; it may or may not be stored. Retry with the
     /// same message id to stay free of duplicates.

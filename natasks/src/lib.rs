@@ -70,7 +70,7 @@ pub use error::{
 pub use handler::{Handler, Json};
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;
-pub use periodic::{Declared, Every, Scheduled, Tick, MIN_INTERVAL};
+pub use periodic::{Declared, Every, Scheduled, Schedules, Tick, MAX_INTERVAL, MIN_INTERVAL};
 pub use schedule::DueTime;
 pub use task::{DecodeError, Delivery, Extensions, Task};
 pub use worker::{

@@ -8,19 +8,21 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 use crate::error::{DispatchError, DispatchErrorKind};
 
-/// The last year a schedule can name: its header holds an RFC 3339 time, which has four
-/// digits for the year.
-const LAST_YEAR: i32 = 9999;
+/// The last year a due time may fall in, in UTC. nats-server holds a schedule's time in
+/// nanoseconds since 1970 (a Go `int64`), which end on 2262-04-11T23:47:16Z: a later time
+/// wraps, and the task would be delivered at once or at a wrong time.
+const LAST_YEAR: i32 = 2261;
 
 /// What every due-time error says about the limit.
-const LIMIT: &str = "after the year 9999 (UTC), the last a schedule can name";
+const LIMIT: &str = "after the year 2261 (UTC): nats-server holds schedule times as \
+                     nanoseconds since 1970, which end in April 2262";
 
 /// A point in time a task is due, as [`Client::dispatch_at`](crate::Client::dispatch_at)
 /// takes it: an [`OffsetDateTime`] or a [`SystemTime`].
 ///
 /// The conversion fails with [`DispatchErrorKind::InvalidDueTime`] for a time after the
-/// year 9999 in UTC, which the RFC 3339 time of a JetStream schedule cannot express. Times
-/// in the past are fine, however far back: they mean now.
+/// year 2261 in UTC: nats-server holds a schedule's time in nanoseconds since 1970, which
+/// end on 2262-04-11. Times in the past are fine, however far back: they mean now.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
@@ -38,7 +40,7 @@ const LIMIT: &str = "after the year 9999 (UTC), the last a schedule can name";
     note = "a due time is a `time::OffsetDateTime` or a `std::time::SystemTime`; for a delay, use `Client::dispatch_in`"
 )]
 pub trait DueTime: sealed::Sealed {
-    /// The due time in UTC, or an error naming the time if it is after the year 9999.
+    /// The due time in UTC, or an error naming the time if it is after the year 2261.
     fn into_due_time(self) -> Result<OffsetDateTime, DispatchError>;
 }
 
@@ -88,18 +90,13 @@ pub(crate) fn due_in(delay: Duration) -> Result<OffsetDateTime, DispatchError> {
 }
 
 /// The `Nats-Schedule` header value for a task due at `at`: `@at <RFC 3339 UTC time>`.
-/// Fails for a time RFC 3339 cannot express in UTC (a middleware may have set any time).
+/// Checks the time again, since a middleware may have set any time: one after the year
+/// 2261 fails, and one before 1970 is sent as 1970-01-01T00:00:00Z, as past as any other
+/// (the server's nanoseconds wrap before 1677 too).
 pub(crate) fn at_expression(at: OffsetDateTime) -> Result<String, DispatchError> {
-    at.checked_to_offset(UtcOffset::UTC)
-        .and_then(|utc| utc.format(&Rfc3339).ok())
-        .map(|utc| format!("@at {utc}"))
-        .ok_or_else(|| {
-            invalid(format!(
-                "due time {} cannot be named by a schedule, which needs a UTC time from the \
-                 year 0 to 9999",
-                describe(at)
-            ))
-        })
+    let utc = at.into_due_time()?.max(OffsetDateTime::UNIX_EPOCH);
+    let utc = utc.format(&Rfc3339).expect("a UTC time from 1970 to 2261 is RFC 3339");
+    Ok(format!("@at {utc}"))
 }
 
 /// The earliest time `time` can hold, in UTC.
@@ -124,14 +121,26 @@ mod tests {
         OffsetDateTime::parse(text, &Rfc3339).unwrap()
     }
 
+    /// 2262-01-01T00:00:00Z, the first due time refused.
+    const YEAR_2262: u64 = 9_214_646_400;
+
     #[test]
     fn offset_date_times() {
-        let last = rfc3339("9999-12-31T23:59:59.999999999Z");
+        let last = rfc3339("2261-12-31T23:59:59.999999999Z");
         assert_eq!(last.into_due_time().unwrap(), last);
-        let west = rfc3339("9999-12-31T23:30:00-01:00");
+        // 2262-01-01T00:30:00Z in UTC.
+        let west = rfc3339("2261-12-31T23:30:00-01:00");
         let err = west.into_due_time().unwrap_err();
         assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime);
-        assert!(err.to_string().contains("9999-12-31T23:30:00-01:00"), "{err}");
+        assert!(err.to_string().contains("2261-12-31T23:30:00-01:00"), "{err}");
+        assert!(err.to_string().contains("after the year 2261"), "{err}");
+        // Past the last time the server can hold (2262-04-11T23:47:16Z): it would fire at
+        // once, or at a wrong time.
+        for far in ["2262-04-12T00:00:00Z", "2300-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+            let err = rfc3339(far).into_due_time().unwrap_err();
+            assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{far}");
+            assert!(err.to_string().contains(far), "{err}");
+        }
         let east = rfc3339("2030-01-02T05:04:05+02:00");
         assert_eq!(east.into_due_time().unwrap(), rfc3339("2030-01-02T03:04:05Z"));
         assert_eq!(east.into_due_time().unwrap().offset(), UtcOffset::UTC);
@@ -141,10 +150,11 @@ mod tests {
 
     #[test]
     fn system_times() {
+        let year_2262 = UNIX_EPOCH + Duration::from_secs(YEAR_2262);
+        let last = year_2262 - Duration::from_secs(1);
+        assert_eq!(last.into_due_time().unwrap(), rfc3339("2261-12-31T23:59:59Z"));
         let year_10000 = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
-        let last = year_10000 - Duration::from_secs(1);
-        assert_eq!(last.into_due_time().unwrap(), rfc3339("9999-12-31T23:59:59Z"));
-        for far in [year_10000, UNIX_EPOCH + Duration::from_secs(i64::MAX as u64)] {
+        for far in [year_2262, year_10000, UNIX_EPOCH + Duration::from_secs(i64::MAX as u64)] {
             let err = far.into_due_time().unwrap_err();
             assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime);
             let secs = far.duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -160,19 +170,39 @@ mod tests {
     #[test]
     fn delays() {
         assert!(due_in(Duration::from_secs(60)).unwrap() > OffsetDateTime::now_utc());
-        for delay in [Duration::MAX, Duration::from_secs(4_000_000_000 * 86_400)] {
+        for delay in [
+            Duration::MAX,
+            Duration::from_secs(4_000_000_000 * 86_400),
+            Duration::from_secs(300 * 366 * 86_400),
+        ] {
             let err = due_in(delay).unwrap_err();
             assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime);
             assert!(err.to_string().contains(&format!("delay {delay:?}")), "{err}");
+            assert!(err.to_string().contains("after the year 2261"), "{err}");
         }
+        assert!(due_in(Duration::from_secs(200 * 365 * 86_400)).is_ok(), "200 years from now");
     }
 
     #[test]
     fn schedule_expressions() {
         let at = rfc3339("2030-01-02T05:04:05.5+02:00");
         assert_eq!(at_expression(at).unwrap(), "@at 2030-01-02T03:04:05.5Z");
-        let err = at_expression(rfc3339("9999-12-31T23:30:00-01:00")).unwrap_err();
-        assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime);
-        assert!(at_expression(PrimitiveDateTime::MIN.assume_utc()).is_err());
+        // A middleware may set any time: the limit holds there too.
+        for far in
+            ["2261-12-31T23:30:00-01:00", "2300-01-01T00:00:00Z", "9999-12-31T23:30:00-01:00"]
+        {
+            let err = at_expression(rfc3339(far)).unwrap_err();
+            assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{far}");
+            assert!(err.to_string().contains(far), "{err}");
+        }
+        // Before 1970 the server's nanoseconds would wrap too; any past time means now.
+        assert_eq!(
+            at_expression(rfc3339("1000-01-01T00:00:00Z")).unwrap(),
+            "@at 1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            at_expression(PrimitiveDateTime::MIN.assume_utc()).unwrap(),
+            "@at 1970-01-01T00:00:00Z"
+        );
     }
 }

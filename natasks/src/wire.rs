@@ -38,6 +38,10 @@ pub const HEADER_PERIODIC: &str = "Natasks-Periodic";
 /// Periodic tasks: the schedule (the `Nats-Schedule` value, e.g. `@every 1m` or
 /// `0 30 2 * * *`) that produced the task.
 pub const HEADER_PERIODIC_SCHEDULE: &str = "Natasks-Periodic-Schedule";
+/// Periodic schedules: a digest of the definition (FNV-1a 64 of schedule, time zone, target,
+/// task name, payload and every header value, in hex), which tells a declaration of the same
+/// definition without reading the headers back. Ticks carry it too.
+pub const HEADER_PERIODIC_DIGEST: &str = "Natasks-Periodic-Digest";
 
 pub(crate) const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub(crate) const NATS_SCHEDULE: &str = "Nats-Schedule";
@@ -195,6 +199,7 @@ pub(crate) fn is_message_header(name: &str) -> bool {
         || name.eq_ignore_ascii_case(HEADER_MESSAGE_ID)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_SCHEDULE)
+        || name.eq_ignore_ascii_case(HEADER_PERIODIC_DIGEST)
 }
 
 /// Whether header `name` is one of the server's (`Nats-*`, in any case).
@@ -274,6 +279,7 @@ mod tests {
             "Natasks-Message-Id",
             "Natasks-Periodic",
             "natasks-periodic-schedule",
+            "Natasks-Periodic-Digest",
         ] {
             assert!(is_message_header(name), "{name}");
         }

@@ -1,5 +1,5 @@
 //! Dispatches that must neither vanish nor panic: a received task dispatched again, header
-//! names async-nats cannot carry, and due times a schedule cannot name.
+//! names async-nats cannot carry, and due times the server cannot hold.
 
 mod common;
 
@@ -311,55 +311,75 @@ async fn huge_delays_are_refused_without_panic() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
-    for delay in [Duration::MAX, days(4_000_000_000), days(3_000_000)] {
+    for delay in [Duration::MAX, days(4_000_000_000), days(3_000_000), days(300 * 366)] {
         let err = client
             .dispatch_in(Task::new("t", "x"), "q", delay)
             .await
-            .expect_err("a due time after year 9999 must fail");
+            .expect_err("a due time after the year 2261 must fail");
         assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{err}");
         assert!(err.to_string().contains(&format!("{delay:?}")), "names the delay: {err}");
-        assert!(err.to_string().contains("9999"), "names the limit: {err}");
+        assert!(err.to_string().contains("after the year 2261"), "names the limit: {err}");
     }
     assert_eq!(stream_messages(&js).await, 0, "nothing may be published");
     // Up to the limit, delays work.
-    client.dispatch_in(Task::new("t", "x"), "q", days(365 * 7_000)).await.expect("7000 years");
+    client.dispatch_in(Task::new("t", "x"), "q", days(365 * 200)).await.expect("200 years");
     assert_eq!(stored_matching(&js, SCHEDULES).await, 1);
 }
 
 #[tokio::test]
-async fn due_times_after_year_9999_are_refused_without_panic() {
+async fn a_due_time_in_2300_is_refused() {
+    // nats-server holds a schedule's time in nanoseconds since 1970, which end on
+    // 2262-04-11: a later time wraps, and the task would be delivered at once or at a wrong
+    // time.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let in_2300 = OffsetDateTime::parse("2300-01-01T00:00:00Z", &Rfc3339).unwrap();
+    let err = client
+        .dispatch_at(Task::new("t", "x"), "q", in_2300)
+        .await
+        .expect_err("a due time in 2300 must fail");
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{err}");
+    assert!(err.to_string().contains("2300-01-01T00:00:00Z"), "names the time: {err}");
+    assert!(err.to_string().contains("after the year 2261"), "names the limit: {err}");
+    assert_eq!(stream_messages(&js).await, 0, "nothing may be published");
+}
+
+#[tokio::test]
+async fn due_times_after_year_2261_are_refused_without_panic() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
     let year = 365 * 86_400;
-    let year_10000 = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+    let year_2262 = UNIX_EPOCH + Duration::from_secs(9_214_646_400);
     for at in [
         UNIX_EPOCH + Duration::from_secs(1_000_000_000 * year),
         UNIX_EPOCH + Duration::from_secs(i64::MAX as u64),
-        year_10000,
+        UNIX_EPOCH + Duration::from_secs(253_402_300_800),
+        year_2262,
     ] {
         let err = client
             .dispatch_at(Task::new("t", "x"), "q", at)
             .await
-            .expect_err("a due time after year 9999 must fail");
+            .expect_err("a due time after the year 2261 must fail");
         assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{err}");
         let secs = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert!(err.to_string().contains(&secs.to_string()), "names the time: {err}");
     }
-    // In range for `OffsetDateTime`, but in UTC already the year 10000.
-    let west = OffsetDateTime::parse("9999-12-31T23:30:00-01:00", &Rfc3339).unwrap();
+    // Still 2261 at its own offset, but in UTC already 2262.
+    let west = OffsetDateTime::parse("2261-12-31T23:30:00-01:00", &Rfc3339).unwrap();
     let err = client
         .dispatch_at(Task::new("t", "x"), "q", west)
         .await
-        .expect_err("a due time after year 9999 in UTC must fail");
+        .expect_err("a due time after the year 2261 in UTC must fail");
     assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime, "{err}");
-    assert!(err.to_string().contains("9999-12-31T23:30:00-01:00"), "names the time: {err}");
+    assert!(err.to_string().contains("2261-12-31T23:30:00-01:00"), "names the time: {err}");
     assert_eq!(stream_messages(&js).await, 0, "nothing may be published");
 
-    // The last second a schedule can name is fine, as either type.
-    let last = OffsetDateTime::parse("9999-12-31T23:59:59Z", &Rfc3339).unwrap();
-    client.dispatch_at(Task::new("t", "x"), "q", last).await.expect("year 9999 is fine");
-    let last_system = year_10000 - Duration::from_secs(1);
+    // The last second of 2261 is fine, as either type.
+    let last = OffsetDateTime::parse("2261-12-31T23:59:59Z", &Rfc3339).unwrap();
+    client.dispatch_at(Task::new("t", "x"), "q", last).await.expect("year 2261 is fine");
+    let last_system = year_2262 - Duration::from_secs(1);
     client.dispatch_at(Task::new("t", "x"), "q", last_system).await.expect("as a SystemTime too");
     assert_eq!(stored_matching(&js, SCHEDULES).await, 2);
 }

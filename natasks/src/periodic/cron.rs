@@ -219,7 +219,7 @@ fn parse_field(text: &str, field: &Field) -> Result<(u64, bool), String> {
             Some((_, step)) if step.contains('/') => return Err(format!("`{item}` has two `/`")),
             Some((range, step)) => (range, Some(step)),
         };
-        let (mut start, mut end, mut any) = if range == "*" || range == "?" {
+        let (start, mut end, mut any) = if range == "*" || range == "?" {
             (field.min, field.max, true)
         } else {
             match range.split_once('-') {
@@ -236,11 +236,14 @@ fn parse_field(text: &str, field: &Field) -> Result<(u64, bool), String> {
         let step = match step {
             None => 1,
             Some(step) => {
-                let step: u32 = step
-                    .parse()
-                    .ok()
-                    .filter(|_| step.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| format!("step `{step}` is not a number"))?;
+                if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!("step `{step}` is not a number"));
+                }
+                // The server reads a step as a Go int: up to `i64::MAX`.
+                let step: u64 =
+                    step.parse().ok().filter(|s| *s <= i64::MAX as u64).ok_or_else(|| {
+                        format!("step `{step}` is too large (the largest is {})", i64::MAX)
+                    })?;
                 // `N/step` means `N-max/step`.
                 if !range.contains('-') && !any {
                     end = field.max;
@@ -263,9 +266,14 @@ fn parse_field(text: &str, field: &Field) -> Result<(u64, bool), String> {
         if start > end {
             return Err(format!("range `{range}` runs backwards"));
         }
-        while start <= end {
-            bits |= 1 << start;
-            start += step;
+        // A step past the end leaves the start value only.
+        let mut value = u64::from(start);
+        while value <= u64::from(end) {
+            bits |= 1 << value;
+            match value.checked_add(step) {
+                Some(next) => value = next,
+                None => break,
+            }
         }
         star |= any;
     }
@@ -358,6 +366,21 @@ mod tests {
         assert_eq!(cron.second, 1 | 1 << 15 | 1 << 30 | 1 << 45);
         assert_eq!(cron.minute, 1 << 5 | 1 << 25 | 1 << 45);
         assert_eq!(cron.hour, 1 << 1 | 1 << 4 | 1 << 7 | 1 << 10);
+    }
+
+    #[test]
+    fn huge_steps_mean_the_start_only() {
+        // The server reads a step as a Go int: any step up to `i64::MAX` is taken, and one
+        // past the field's range leaves the start value only.
+        let (_, cron) = Cron::parse("1/4294967295 * * * * *").unwrap();
+        assert_eq!(cron.second, 1 << 1);
+        let (_, cron) = Cron::parse("0 5/9223372036854775807 * * * *").unwrap();
+        assert_eq!(cron.minute, 1 << 5);
+        let (_, cron) = Cron::parse("0 0 3-20/4294967296 * * *").unwrap();
+        assert_eq!(cron.hour, 1 << 3);
+        let err = Cron::parse("0 5/9223372036854775808 * * * *").unwrap_err();
+        assert!(err.starts_with("minute field `5/9223372036854775808`: step"), "{err}");
+        assert!(err.contains("too large"), "{err}");
     }
 
     #[test]

@@ -51,8 +51,10 @@ enum Rule {
 /// The shortest interval the server runs.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The longest interval: what a Go duration holds (about 292 years).
-const MAX_INTERVAL: Duration = Duration::from_nanos(i64::MAX as u64);
+/// The longest interval: 100 years of 365 days. The server holds the next fire time in
+/// nanoseconds since 1970, which end in April 2262: a fire time after that wraps, and the
+/// schedule fires continuously.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// The longest time zone name accepted.
 const MAX_ZONE: usize = 255;
@@ -79,7 +81,9 @@ impl Every {
     }
 
     /// Every `interval` (`@every`), the first tick one interval after the schedule is
-    /// declared. At least 1 s ([`MIN_INTERVAL`]); checked when the schedule is declared.
+    /// declared. A whole number of seconds from 1 s ([`MIN_INTERVAL`]) to 100 years
+    /// ([`MAX_INTERVAL`]); checked when the schedule is declared. (The server rounds each
+    /// tick to the second before adding the interval, so 1.4 s would fire every second.)
     /// Intervals take no time zone.
     pub fn interval(interval: Duration) -> Self {
         let expression = format!("@every {}", go_duration(interval));
@@ -116,8 +120,10 @@ impl Every {
     }
 
     /// Runs a cron schedule in this IANA time zone (e.g. `Europe/Berlin`), following its
-    /// clock changes. Default: UTC. Intervals take no time zone: declaring one with a
-    /// time zone fails. The server checks the name against its time zone database (Go's,
+    /// clock changes: when the clock goes back, a time in the repeated hour fires twice;
+    /// when it goes forward, a time in the skipped hour does not fire that day (prefer UTC,
+    /// or local times outside 01:00 to 03:00). Default: UTC. Intervals take no time zone:
+    /// declaring one with a time zone fails. The server checks the name against its time zone database (Go's,
     /// usually the system's) when the schedule is declared; `Local` is refused, since it
     /// would mean the server's own zone.
     #[must_use]
@@ -164,7 +170,19 @@ impl Every {
             ),
             (Rule::Interval { interval, .. }, _) if *interval > MAX_INTERVAL => invalid(
                 ScheduleErrorKind::InvalidSchedule,
-                format!("invalid interval {interval:?}: longer than the server can hold (about 292 years)"),
+                format!(
+                    "invalid interval {interval:?}: the longest is 100 years ({}); the server \
+                     cannot hold fire times after April 2262",
+                    go_duration(MAX_INTERVAL)
+                ),
+            ),
+            (Rule::Interval { interval, .. }, _) if interval.subsec_nanos() != 0 => invalid(
+                ScheduleErrorKind::InvalidSchedule,
+                format!(
+                    "invalid interval {interval:?}: must be a whole number of seconds (the \
+                     server rounds each tick to the second, so it would fire every {}s)",
+                    interval.as_secs_f64().round()
+                ),
             ),
             (Rule::Interval { .. }, Some(zone)) => invalid(
                 ScheduleErrorKind::InvalidSchedule,
@@ -383,6 +401,35 @@ mod tests {
             assert!(m.starts_with("invalid time zone"), "{m}");
         }
         assert!(kind(Every::daily().time_zone("America/Argentina/Buenos_Aires")).is_ok());
+    }
+
+    #[test]
+    fn intervals_are_whole_seconds_of_at_most_a_century() {
+        let check = |every: Every| every.check().map_err(|e| (e.kind(), e.to_string()));
+        // The server rounds each tick to the second before adding the interval: 1.4 s would
+        // fire every second.
+        for millis in [1_400, 1_500, 2_001, 3_600_000 + 1] {
+            let (k, m) = check(Every::interval(Duration::from_millis(millis))).unwrap_err();
+            assert_eq!(k, ScheduleErrorKind::InvalidSchedule, "{millis} ms");
+            assert!(m.starts_with("invalid interval "), "{m}");
+            assert!(m.contains("whole number of seconds"), "{m}");
+        }
+        assert!(check(Every::interval(Duration::from_nanos(2_000_000_001))).is_err());
+        assert!(check(Every::interval(Duration::from_secs(2))).is_ok());
+        // The server holds the next fire time in nanoseconds since 1970, which end in 2262.
+        let century = Duration::from_secs(100 * 365 * 86_400);
+        assert!(check(Every::interval(century)).is_ok());
+        for too_long in [
+            century + Duration::from_secs(1),
+            Duration::from_secs(300 * 365 * 86_400),
+            Duration::from_nanos(i64::MAX as u64),
+            Duration::MAX,
+        ] {
+            let (k, m) = check(Every::interval(too_long)).unwrap_err();
+            assert_eq!(k, ScheduleErrorKind::InvalidSchedule, "{too_long:?}");
+            assert!(m.starts_with("invalid interval "), "{m}");
+            assert!(m.contains("100 years"), "{m}");
+        }
     }
 
     #[test]

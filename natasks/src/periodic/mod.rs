@@ -10,10 +10,14 @@
 //! and each tick produces one task, however many instances declared it.
 //!
 //! * [`Client::schedule`] declares or replaces a schedule by id. The same definition
-//!   again (schedule, time zone, queue, task name, payload, headers) changes nothing and
-//!   keeps the next fire time; a different one replaces it from the next tick on.
+//!   again (schedule, time zone, queue, task name, payload, every header value) changes
+//!   nothing and keeps the next fire time. A different one replaces it: a cron schedule
+//!   then fires at its next matching time, and an interval **restarts its countdown from
+//!   the replacement** (replacing `@every 1h` fifty minutes in fires an hour later, not
+//!   ten minutes later).
 //! * [`Client::unschedule`] removes it; [`Client::schedules`] and
-//!   [`Client::scheduled`] read them.
+//!   [`Client::scheduled`] read them. [`Schedules`] reads and removes them without a
+//!   client, leaving the stream's configuration alone.
 //! * A handler tells a periodic task by [`Task::periodic`], which names the schedule and
 //!   the tick, so that it can make its side effects once per tick.
 //!
@@ -21,14 +25,31 @@
 //!
 //! * A tick fires once, also on a cluster when the stream leader changes (the schedule is
 //!   part of the replicated stream).
-//! * Ticks missed while the server was down are not made up: on restart the schedule
-//!   fires **once** for all the missed ticks, then carries on (an interval then counts
-//!   from the restart).
+//! * Ticks missed while the server was down are not made up one by one. The server writes
+//!   each schedule's state (its next fire time) when it stops cleanly and every couple of
+//!   minutes while it runs. On restart, a schedule whose written state is behind fires
+//!   **once** at once, then carries on (an interval then counts from the restart); one
+//!   without written state resumes at its next tick. After a crash (`SIGKILL`, power
+//!   loss) the written state may predate ticks that already fired, so that catch-up tick
+//!   may repeat a tick that was already dispatched. For a cron schedule it has the same
+//!   [`Tick::at`] as the tick it repeats, so keying side effects on `(schedule, at)`
+//!   catches it; for an interval it can be dated the restart instead, so that key does
+//!   not catch it reliably (deduplicate on your own state, or make the work idempotent).
+//! * With a [`time_zone`](Every::time_zone), the server's cron follows the local clock:
+//!   when the clock goes back, a time in the repeated hour fires **twice**; when it goes
+//!   forward, a time in the skipped hour does **not fire** that day. Run daily jobs in
+//!   UTC, or at a local time outside 01:00 to 03:00, the hours most zones change in.
 //! * Each tick is a new task, whether or not the previous one has been processed: a
 //!   schedule that fires faster than its tasks are processed builds a backlog. Skipping a
 //!   tick while the previous tick's task is pending would need a check when the server
 //!   fires the schedule, which message schedules do not offer (it needs unique tasks).
+//! * A tick carries the server's `Nats-Scheduler` and `Nats-Schedule-Next` headers. natasks
+//!   leaves them behind when a handler dispatches the task again; a program that
+//!   re-publishes a tick with all its headers (a Go handler copying `msg.Header`) is
+//!   refused by the server (error 10212, "message schedules invalid scheduler"): it must
+//!   drop the `Nats-*` headers.
 
+mod admin;
 mod cron;
 mod every;
 mod store;
@@ -37,7 +58,8 @@ use bytes::Bytes;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-pub use every::{Every, MIN_INTERVAL};
+pub use admin::Schedules;
+pub use every::{Every, MAX_INTERVAL, MIN_INTERVAL};
 
 use crate::client::Client;
 use crate::error::ScheduleError;
@@ -68,7 +90,10 @@ pub struct Scheduled {
     /// The queue its tasks go to.
     pub queue: String,
     /// The task every tick dispatches: name, payload and headers (without the ones natasks
-    /// and the server write).
+    /// and the server write). Read through the server's message-get API, which keeps only
+    /// the last value of a repeated header and trims the spaces around a value: where the
+    /// declared task had those, this one differs (the stored schedule, and the ticks it
+    /// stores, keep every value as declared).
     pub task: Task,
     /// When the schedule was last declared (stored).
     pub declared: OffsetDateTime,
@@ -102,15 +127,18 @@ impl Client {
     /// `queue` at every tick of `every`, with no process of natasks' running.
     ///
     /// Every instance of a service may declare the same schedules at start-up: the same
-    /// definition (schedule, time zone, queue, task name, payload, headers) declared again
-    /// changes nothing ([`Declared::Unchanged`]: the next fire time is kept), and however
-    /// many declare it, each tick dispatches one task. A different definition replaces the
-    /// schedule ([`Declared::Replaced`]), taking effect at its next tick.
+    /// definition (schedule, time zone, queue, task name, payload, every header value in
+    /// order) declared again changes nothing ([`Declared::Unchanged`]: the next fire time
+    /// is kept), and however many declare it, each tick dispatches one task. A different
+    /// definition replaces the schedule ([`Declared::Replaced`]): a cron schedule fires at
+    /// its next matching time, an interval restarts its countdown from the replacement.
     ///
     /// `id` is 1 to 128 ASCII letters, digits, `-` and `_`. The task goes into the
     /// schedule as given: dispatch middleware and the propagator do not run (each tick is
     /// dispatched by the server, not by this client), and it may carry no message id and
-    /// no `Nats-*` header. Everything is checked before anything is published.
+    /// no `Nats-*` header. A task a handler received may be given: as with dispatch, it
+    /// leaves behind the id and the `Nats-*` headers it arrived with. Everything is checked
+    /// before anything is published.
     ///
     /// Needs nats-server 2.14 or newer: against an older server this fails with
     /// [`ScheduleErrorKind::Unsupported`](crate::ScheduleErrorKind::Unsupported), naming

@@ -1,12 +1,10 @@
 //! Periodic schedules on JetStream: declaring one (compare, then publish conditionally),
 //! removing, reading and listing them.
 
-use std::collections::BTreeMap;
-
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind, Stream};
 use async_nats::jetstream::{self, message::StreamMessage};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderValue};
 use time::OffsetDateTime;
 
 use super::{stored_task, Declared, Every, Scheduled};
@@ -38,31 +36,42 @@ pub(super) async fn declare(
     if let Some(invalid) = task.invalid_header() {
         return Err(invalid.clone().into());
     }
-    if task.dispatch_id().is_some() {
+    // As dispatch does, a task a handler received leaves behind the headers it arrived with
+    // (the server's `Nats-*`, `Natasks-Message-Id`, `Natasks-Periodic*`); only those set
+    // since are checked.
+    let (name, payload, task_headers, message_id) = task.into_parts();
+    if message_id.is_some() {
         return Err(ScheduleError::new(
             ScheduleErrorKind::InvalidTask,
             format!(
-                "task {:?} for schedule {id:?} has a message id: the server drops it from the \
-                 tasks a schedule dispatches (use `Task::periodic` to tell ticks apart)",
-                task.name()
+                "task {name:?} for schedule {id:?} has a message id: the server drops it from the \
+                 tasks a schedule dispatches (use `Task::periodic` to tell ticks apart)"
             ),
         ));
     }
-    if let Some((name, _)) =
-        task.headers().iter().find(|(name, _)| wire::is_server_header(name.as_ref()))
+    if let Some((header, _)) =
+        task_headers.iter().find(|(header, _)| wire::is_server_header(header.as_ref()))
     {
         return Err(ScheduleError::new(
             ScheduleErrorKind::InvalidTask,
             format!(
                 "header name {:?} on the task of schedule {id:?}: `Nats-*` headers are the \
                  server's, and on a schedule they would change the schedule itself",
-                name.as_ref() as &str
+                header.as_ref() as &str
             ),
         ));
     }
     check_support(js)?;
 
-    let (name, payload, mut headers, _) = task.into_parts();
+    // The task's headers, without a digest it may carry (a tick's, or one read back).
+    let mut headers = HeaderMap::new();
+    for (header, values) in task_headers.iter() {
+        if !(header.as_ref() as &str).eq_ignore_ascii_case(wire::HEADER_PERIODIC_DIGEST) {
+            for value in values {
+                headers.append(header.clone(), value.clone());
+            }
+        }
+    }
     let target = wire::queue_subject(&stream.subject_prefix, &queue);
     headers.insert(wire::TASK_NAME, name.as_str());
     headers.insert(wire::QUEUE_NAME, queue.as_str());
@@ -73,7 +82,11 @@ pub(super) async fn declare(
     if let Some(zone) = every.zone() {
         headers.insert(wire::NATS_SCHEDULE_TIME_ZONE, zone);
     }
-    let wanted = comparable(&headers);
+    // Compared by digest: the stored headers cannot be compared with these, since the
+    // server's message-get API keeps only the last value of a repeated header and trims
+    // the spaces around a value.
+    let wanted = digest(&headers, &payload);
+    headers.insert(wire::HEADER_PERIODIC_DIGEST, wanted.as_str());
     let subject = wire::periodic_subject(&stream.subject_prefix, id);
     let handle = handle(js, stream).await?;
     for _ in 0..ATTEMPTS {
@@ -88,10 +101,9 @@ pub(super) async fn declare(
                 ))
             }
         };
-        if let Some(message) = &existing {
-            if comparable(&message.headers) == wanted && message.payload == payload {
-                return Ok(Declared::Unchanged);
-            }
+        let stored = existing.as_ref().and_then(|m| m.headers.get(wire::HEADER_PERIODIC_DIGEST));
+        if stored.map(|digest| digest.as_str()) == Some(wanted.as_str()) {
+            return Ok(Declared::Unchanged);
         }
         // Publish only over what was just read: of several instances declaring at once,
         // one publishes and the others find its schedule on their next read.
@@ -188,6 +200,7 @@ pub(super) fn is_schedule_header(name: &str) -> bool {
             wire::HEADER_QUEUE,
             wire::HEADER_PERIODIC,
             wire::HEADER_PERIODIC_SCHEDULE,
+            wire::HEADER_PERIODIC_DIGEST,
         ]
         .iter()
         .any(|h| h.eq_ignore_ascii_case(name))
@@ -231,20 +244,51 @@ async fn handle(
     })
 }
 
-/// The headers that define a schedule, as a stored message holds them: all but those the
-/// server adds on publish (`Nats-Rollup`) and the publish conditions (`Nats-Expected-*`).
-fn comparable(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
-    headers
-        .iter()
-        .filter(|(name, _)| {
-            let name: &str = name.as_ref();
-            let lower = name.to_ascii_lowercase();
-            lower != "nats-rollup" && !lower.starts_with("nats-expected-")
-        })
-        .map(|(name, values)| {
-            (name.to_string(), values.iter().map(|v| v.as_str().to_owned()).collect())
-        })
-        .collect()
+/// The digest of a schedule's definition: FNV-1a (64 bits, in hex) of its headers (schedule,
+/// time zone, target, task name, the task's headers), sorted by name, each with all its
+/// values in order, and of the payload. Every part is length-prefixed, so different
+/// definitions make different inputs; FNV-1a is the same on every build and platform.
+fn digest(headers: &HeaderMap, payload: &[u8]) -> String {
+    let mut sorted: Vec<(&str, &Vec<HeaderValue>)> =
+        headers.iter().map(|(name, values)| (name.as_ref(), values)).collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut hash = Fnv1a::new();
+    hash.part(b"natasks-periodic-v1");
+    hash.count(sorted.len());
+    for (name, values) in sorted {
+        hash.part(name.as_bytes());
+        hash.count(values.len());
+        for value in values {
+            hash.part(value.as_str().as_bytes());
+        }
+    }
+    hash.part(payload);
+    format!("{:016x}", hash.0)
+}
+
+/// 64-bit FNV-1a.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn count(&mut self, n: usize) {
+        self.write(&(n as u64).to_le_bytes());
+    }
+
+    fn part(&mut self, bytes: &[u8]) {
+        self.count(bytes.len());
+        self.write(bytes);
+    }
 }
 
 /// A stored schedule message as a [`Scheduled`].
@@ -302,4 +346,53 @@ fn publish_error(
         _ => (ScheduleErrorKind::Rejected, format!("the server refused schedule {id:?}")),
     };
     ScheduleError::with_source(kind, message, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, *value);
+        }
+        map
+    }
+
+    #[test]
+    fn fnv1a_is_the_standard_one() {
+        let hash = |bytes: &[u8]| {
+            let mut hash = Fnv1a::new();
+            hash.write(bytes);
+            hash.0
+        };
+        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn digests_see_every_value_in_order() {
+        let base = [("Nats-Schedule", "@every 1h"), ("X-Tag", "a"), ("X-Tag", "b")];
+        let digest_of = |pairs: &[(&str, &str)], payload: &[u8]| digest(&headers(pairs), payload);
+        let wanted = digest_of(&base, b"p");
+        // Stable across builds and platforms: a fixed input, a fixed digest.
+        assert_eq!(wanted, "b95b9e159cd84f12", "computed independently");
+        assert_eq!(wanted.len(), 16);
+        // Names in any order: the same.
+        let shuffled = [("X-Tag", "a"), ("Nats-Schedule", "@every 1h"), ("X-Tag", "b")];
+        assert_eq!(digest_of(&shuffled, b"p"), wanted);
+        for (other, payload) in [
+            (&[("Nats-Schedule", "@every 1h"), ("X-Tag", "b"), ("X-Tag", "a")][..], &b"p"[..]),
+            (&[("Nats-Schedule", "@every 1h"), ("X-Tag", "b")][..], b"p"),
+            (&[("Nats-Schedule", "@every 1h"), ("X-Tag", " a"), ("X-Tag", "b")][..], b"p"),
+            (&[("Nats-Schedule", "@every 1h"), ("X-Tag", "ab")][..], b"p"),
+            (&[("Nats-Schedule", "@every 2h"), ("X-Tag", "a"), ("X-Tag", "b")][..], b"p"),
+            (&base[..], b"q"),
+            (&base[..], b""),
+        ] {
+            assert_ne!(digest_of(other, payload), wanted, "{other:?} {payload:?}");
+        }
+    }
 }
