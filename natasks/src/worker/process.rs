@@ -17,6 +17,7 @@ use super::dead_letter;
 use super::pull::Leased;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
+use crate::handler::BoxHandler;
 use crate::middleware::Next;
 use crate::observe::{Finished, Outcome, Started};
 use crate::task::{DecodeError, Delivery, Task};
@@ -64,10 +65,9 @@ pub(super) async fn process(
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
-    let label = match task_name {
-        Some(name) if inner.routes.contains_key(name) => name,
-        _ => UNROUTED_TASK,
-    };
+    // One lookup serves the label and the handler.
+    let route = task_name.and_then(|name| inner.routes.get_key_value(name));
+    let label = route.map_or(UNROUTED_TASK, |(name, _)| &**name);
     let message_id = message_id(&headers);
     #[cfg(feature = "opentelemetry")]
     let otel = inner.propagator.as_deref().and_then(|p| p.as_otel()).map(|otel| {
@@ -93,7 +93,8 @@ pub(super) async fn process(
     observers.started(&Started { queue: &inner.queue, task: label, attempt });
     let settle = async {
         let lease = Lease { since: leased_at, abandon: &abandon };
-        match decide(&inner, &message, &headers, task_name, attempt, sequence, &lease).await {
+        let delivery = Received { message: &message, headers: &headers, attempt, sequence };
+        match decide(&inner, &delivery, task_name, route, &lease).await {
             Some(settle) => {
                 apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
             }
@@ -155,16 +156,24 @@ pub(super) struct Lease<'a> {
     pub(super) abandon: &'a CancellationToken,
 }
 
-/// Runs the handler if the delivery can be routed; `None` when shutdown abandoned it.
-async fn decide(
-    inner: &WorkerInner,
-    message: &Message,
-    headers: &Arc<HeaderMap>,
-    task_name: Option<&str>,
+/// A delivery as the worker read it.
+struct Received<'a> {
+    message: &'a Message,
+    headers: &'a Arc<HeaderMap>,
     attempt: u64,
     sequence: u64,
+}
+
+/// Runs the handler if the delivery can be routed (`route`: the task name's entry in the
+/// route table); `None` when shutdown abandoned it.
+async fn decide(
+    inner: &WorkerInner,
+    delivery: &Received<'_>,
+    task_name: Option<&str>,
+    route: Option<(&Arc<str>, &BoxHandler)>,
     lease: &Lease<'_>,
 ) -> Option<Settle> {
+    let Received { message, headers, attempt, sequence } = *delivery;
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
         return Some(Settle::DeadLetter(
@@ -182,7 +191,7 @@ async fn decide(
             "message has no Natasks-Task header".to_owned(),
         ));
     };
-    let Some((name, handler)) = inner.routes.get_key_value(name) else {
+    let Some((name, handler)) = route else {
         return Some(unroutable(
             inner,
             attempt,

@@ -22,6 +22,8 @@ use async_nats::{StatusCode, Subscriber};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use super::process::nak;
+
 /// Why pulling stopped; the caller recovers (reconnect, re-create the consumer) and pulls
 /// again.
 #[derive(Debug)]
@@ -201,10 +203,9 @@ impl Puller {
         None
     }
 
-    /// Keeps a message that cannot start now (no free slot); it is handed back by
-    /// [`hand_back`](Self::hand_back) if it does not start before.
-    pub(super) fn keep(&mut self, leased: Leased) {
-        self.buffer.push_front((leased.since, leased.message.message));
+    /// Whether nothing more can come: nothing buffered, nothing requested.
+    pub(super) fn exhausted(&self) -> bool {
+        self.buffer.is_empty() && self.outstanding == 0
     }
 
     /// Accounts for one message on the inbox; `Some` for a task.
@@ -276,7 +277,7 @@ impl Puller {
         // subscription ends when the server's answer to the following ping arrives.
         let mut handed_back = 0;
         for (_, message) in std::mem::take(&mut self.buffer) {
-            nak(self.lease(message, Instant::now()).message).await;
+            nak(&self.lease(message, Instant::now()).message, None).await;
             handed_back += 1;
         }
         if self.subscriber.drain().await.is_err() {
@@ -287,16 +288,10 @@ impl Puller {
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
             if matches!(message.status, None | Some(StatusCode::OK)) {
-                nak(self.lease(message, Instant::now()).message).await;
+                nak(&self.lease(message, Instant::now()).message, None).await;
                 handed_back += 1;
             }
         }
         handed_back
-    }
-}
-
-async fn nak(message: jetstream::Message) {
-    if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-        tracing::warn!(error = %err, "could not hand back a buffered task");
     }
 }

@@ -104,27 +104,13 @@ pub(super) async fn run(
                 // the running handlers get the drain timeout.
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;
                 drain_deadline = Some(limit);
-                while let Some(leased) = puller.next_requested(limit).await {
-                    if tokio::time::Instant::now() >= limit {
-                        puller.keep(leased);
+                // A slot first, then the task: at shutdown a task waits for a slot only
+                // when the server delivered more than was asked for, its lease kept.
+                while !puller.exhausted() {
+                    let Some(permit) = slot_before(&inner, &slots, &mut puller, limit).await else {
                         break;
-                    }
-                    let (leased, permit) = match slots.clone().try_acquire_owned() {
-                        Ok(permit) => (leased, permit),
-                        // The server delivered more than was asked for: the task waits for a
-                        // slot, its lease kept, as long as the drain allows.
-                        Err(_) => {
-                            puller.keep(leased);
-                            let Some(permit) =
-                                slot_before(&inner, &slots, &mut puller, limit).await
-                            else {
-                                break;
-                            };
-                            // The kept task comes first.
-                            let Some(leased) = puller.next_requested(limit).await else { break };
-                            (leased, permit)
-                        }
                     };
+                    let Some(leased) = puller.next_requested(limit).await else { break };
                     starter.start(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 let handed_back = puller.hand_back(FLUSH_LIMIT).await;
