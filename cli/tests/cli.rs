@@ -10,54 +10,10 @@ use async_nats::jetstream::{self, message::StreamMessage};
 use futures_util::StreamExt as _;
 use natasks::{HandlerError, Task, Worker};
 use natasks_test_support::NatsServer;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "natasks failed: {self:?}");
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|err| panic!("stdout is not JSON ({err}): {self:?}"))
-    }
-}
-
-/// Runs `natasks <args>` against `url` (passed as NATS_URL), with a deadline.
-async fn natasks(url: &str, args: &[&str]) -> Run {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(args)
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start natasks");
-    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("natasks {args:?} did not finish within {DEADLINE:?}"))
-        .expect("wait for natasks");
-    Run {
-        code: output.status.code().expect("natasks exited by signal"),
-        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    }
-}
+mod common;
+use common::{natasks, Run, DEADLINE};
 
 async fn eventually<F, Fut>(what: &str, mut condition: F)
 where

@@ -1,41 +1,11 @@
 //! `natasks dispatch` with input the library cannot send: refused with a one-line error,
 //! without a panic, and with nothing stored.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use async_nats::jetstream;
 use natasks_test_support::NatsServer;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-/// Runs `natasks <args>` against `url` (passed as NATS_URL), with a deadline.
-async fn natasks(url: &str, args: &[&str]) -> Run {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(args)
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start natasks");
-    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("natasks {args:?} did not finish within {DEADLINE:?}"))
-        .expect("wait for natasks");
-    Run {
-        code: output.status.code().expect("natasks exited by signal"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    }
-}
+mod common;
+use common::natasks;
 
 /// Messages in the natasks stream.
 async fn stream_messages(js: &jetstream::Context) -> u64 {

@@ -6,7 +6,6 @@
 //! written on nats.go from its published documentation (see `natasks/tests/interop_go.rs`
 //! and the README's interoperability section).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -18,26 +17,14 @@ use natasks_test_support::NatsServer;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-const DEADLINE: Duration = Duration::from_secs(20);
+mod common;
+use common::{natasks, DEADLINE};
 
 /// Runs `natasks <args> --json` against `url`; returns its JSON output.
 async fn natasks_json(url: &str, args: &[&str]) -> Value {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(args)
-        .arg("--json")
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start natasks");
-    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("natasks {args:?} did not finish within {DEADLINE:?}"))
-        .expect("wait for natasks");
-    assert!(output.status.success(), "natasks {args:?} failed: {output:?}");
-    serde_json::from_slice(&output.stdout).expect("JSON output")
+    let mut args = args.to_vec();
+    args.push("--json");
+    natasks(url, &args).await.ok().json()
 }
 
 async fn stored(js: &jetstream::Context, subject: &str) -> usize {

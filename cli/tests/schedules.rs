@@ -1,63 +1,12 @@
 //! `natasks schedules` with periodic schedules: the built binary against a real nats-server.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use natasks_test_support::NatsServer;
-use serde_json::Value;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "natasks failed: {self:?}");
-        self
-    }
-
-    #[track_caller]
-    fn failed(self, expected: &str) -> Self {
-        assert_eq!(self.code, 1, "natasks should have failed: {self:?}");
-        assert!(self.stderr.contains(expected), "stderr lacks {expected:?}: {self:?}");
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|err| panic!("stdout is not JSON ({err}): {self:?}"))
-    }
-}
-
-/// Runs `natasks <args>` against `url`, with a deadline.
-async fn natasks(url: &str, args: &[&str]) -> Run {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(args)
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start natasks");
-    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("natasks {args:?} did not finish within {DEADLINE:?}"))
-        .expect("wait for natasks");
-    Run {
-        code: output.status.code().expect("natasks exited by signal"),
-        stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
-    }
-}
+mod common;
+use common::{natasks, DEADLINE};
 
 /// Messages stored in the natasks stream.
 async fn stream_messages(js: &jetstream::Context) -> u64 {
