@@ -200,10 +200,10 @@ impl Dispatcher {
         let payload = Bytes::from_static(PAYLOAD);
         match (self.imp, due) {
             (Impl::Natasks, None) => {
-                self.client.dispatch(Task::new(TASK_NAME, payload), QUEUE).await?
+                self.client.dispatch(Task::new(TASK_NAME, payload), QUEUE).await?;
             }
             (Impl::Natasks, Some(at)) => {
-                self.client.dispatch_at(Task::new(TASK_NAME, payload), QUEUE, at).await?
+                self.client.dispatch_at(Task::new(TASK_NAME, payload), QUEUE, at).await?;
             }
             (Impl::Raw, None) => {
                 self.js

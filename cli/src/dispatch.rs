@@ -69,7 +69,7 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         Due::In(delay) => client.dispatch_in(task, &args.queue, delay).await,
         Due::At(at) => client.dispatch_at(task, &args.queue, at).await,
     };
-    match dispatched {
+    let receipt = match dispatched {
         Err(err) if err.kind() == natasks::DispatchErrorKind::InvalidDueTime => {
             let flag = match (&args.delay, &args.at) {
                 (Some(delay), _) => format!("--in {delay:?}"),
@@ -78,7 +78,7 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             return Err(Error::msg(format!("invalid {flag}: {}", crate::one_line(&err))));
         }
         dispatched => dispatched.context(what)?,
-    }
+    };
     let due = match due {
         Due::Now => None,
         Due::In(delay) => time::Duration::try_from(delay)
@@ -92,12 +92,20 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             "queue": queue,
             "task": args.task,
             "message_id": args.message_id,
+            "id": receipt.id,
+            "sequence": receipt.sequence,
+            "duplicate": receipt.duplicate,
             "due": due.map(output::time),
         }));
     } else if let Some(at) = due {
-        println!("scheduled {} on queue {queue} for {}", args.task, output::time(at));
+        println!(
+            "scheduled {} on queue {queue} for {} (id {})",
+            args.task,
+            output::time(at),
+            receipt.id
+        );
     } else {
-        println!("dispatched {} to queue {queue}", args.task);
+        println!("dispatched {} to queue {queue} (id {})", args.task, receipt.id);
     }
     Ok(())
 }

@@ -248,7 +248,7 @@ async fn drive(
     let task = Task::json("emails.reminder", &reminder)?.with_header(RUN_HEADER, run);
     let mut expect_reminder = true;
     match client.dispatch_at(task, EMAILS, due).await {
-        Ok(()) => say!(
+        Ok(_) => say!(
             "dispatched emails.reminder to queue {EMAILS:?}, due in {REMINDER_DELAY:?} (+{:.3}s)",
             reminder.due_offset_ms as f64 / 1000.0
         ),

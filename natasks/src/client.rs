@@ -1,7 +1,7 @@
 //! The dispatching side: [`Client`] publishes tasks into queues.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -18,6 +18,8 @@ use crate::observe::{Dispatched, Observer, Observers};
 use crate::schedule::{self, DueTime};
 use crate::stream::StreamSettings;
 use crate::task::Task;
+use crate::track::client::TrackedDispatch;
+use crate::track::Tracker;
 use crate::wire;
 
 /// Publishes tasks into queues. Cheap to clone; clones share the connection.
@@ -37,6 +39,21 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// What the server said of a dispatched task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The task id: its message id when one was set, else one natasks made (see
+    /// [`Task::id`]). Status, results and cancellation of a tracked task go by it.
+    pub id: String,
+    /// The stream sequence the task was stored at; `None` when a dispatch middleware ended
+    /// the dispatch without publishing.
+    pub sequence: Option<u64>,
+    /// The server dropped the task as a duplicate of one with the same message id, stored
+    /// within the duplicate window (`sequence` is then the original's).
+    pub duplicate: bool,
+}
+
 struct Inner {
     layers: Arc<[DispatchLayer]>,
     publisher: Arc<Publisher>,
@@ -51,6 +68,7 @@ struct Publisher {
     schedules: bool,
     propagator: Option<Arc<dyn Propagator>>,
     observers: Observers,
+    tracker: Arc<Tracker>,
 }
 
 impl Client {
@@ -78,8 +96,8 @@ impl Client {
     /// [`dispatch_in`](Self::dispatch_in) to look at it again later): that is a new message,
     /// without the message id and the server's `Nats-*` headers the task arrived with (see
     /// [`Task`]), so it is not dropped as a duplicate of the original.
-    pub async fn dispatch(&self, task: Task, queue: &str) -> Result<(), DispatchError> {
-        self.run(Dispatch { task, queue: queue.to_owned(), due: None }).await
+    pub async fn dispatch(&self, task: Task, queue: &str) -> Result<Receipt, DispatchError> {
+        self.run(Dispatch::new(task, queue, None)).await
     }
 
     /// Publishes `task` to be delivered to `queue` after `delay` (immediately when the delay
@@ -93,12 +111,12 @@ impl Client {
         task: Task,
         queue: &str,
         delay: Duration,
-    ) -> Result<(), DispatchError> {
+    ) -> Result<Receipt, DispatchError> {
         if delay.is_zero() {
             return self.dispatch(task, queue).await;
         }
         let due = schedule::due_in(delay)?;
-        self.run(Dispatch { task, queue: queue.to_owned(), due: Some(due) }).await
+        self.run(Dispatch::new(task, queue, Some(due))).await
     }
 
     /// Publishes `task` to be delivered to `queue` at `at` (immediately when `at` is not in
@@ -113,10 +131,10 @@ impl Client {
         task: Task,
         queue: &str,
         at: impl DueTime,
-    ) -> Result<(), DispatchError> {
+    ) -> Result<Receipt, DispatchError> {
         let at = at.into_due_time()?;
         let due = (at > OffsetDateTime::now_utc()).then_some(at);
-        self.run(Dispatch { task, queue: queue.to_owned(), due }).await
+        self.run(Dispatch::new(task, queue, due)).await
     }
 
     /// Whether the NATS connection is currently up.
@@ -131,7 +149,12 @@ impl Client {
         (&self.inner.publisher.js, &self.inner.publisher.stream)
     }
 
-    async fn run(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+    /// The door through which task lifecycle operations (`crate::track`) reach the broker.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.inner.publisher.tracker
+    }
+
+    async fn run(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
         #[cfg(feature = "opentelemetry")]
         if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {
             // The tracing span is a child of the OpenTelemetry span, should a
@@ -151,10 +174,10 @@ impl Client {
                 };
                 async {
                     let stored = publisher.send(prepared, started).await;
-                    if let Ok(sequence) = stored {
+                    if let Some(sequence) = stored.as_ref().ok().and_then(|r| r.sequence) {
                         crate::otel::set_sequence(&cx, sequence);
                     }
-                    note_failure(stored.map(drop))
+                    note_failure(stored)
                 }
                 .instrument(span)
                 .await
@@ -170,18 +193,24 @@ impl Client {
         self.run_in(dispatch).instrument(span).await
     }
 
-    async fn run_in(&self, dispatch: Dispatch) -> Result<(), DispatchError> {
+    async fn run_in(&self, mut dispatch: Dispatch) -> Result<Receipt, DispatchError> {
         note_failure(if self.inner.layers.is_empty() {
-            self.inner.publisher.publish(dispatch).await.map(drop)
+            self.inner.publisher.publish(dispatch).await
         } else {
+            // The end of the chain leaves the receipt here; middleware sees only `()`.
+            let slot = Arc::new(OnceLock::new());
+            let id = dispatch.id().to_owned();
+            dispatch.receipt = Some(slot.clone());
             let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
-            next.run(dispatch).await
+            next.run(dispatch).await.map(|()| {
+                slot.get().cloned().unwrap_or(Receipt { id, sequence: None, duplicate: false })
+            })
         })
     }
 }
 
 /// Marks the current (dispatch) span failed and logs why, if the dispatch failed.
-fn note_failure(result: Result<(), DispatchError>) -> Result<(), DispatchError> {
+fn note_failure<T>(result: Result<T, DispatchError>) -> Result<T, DispatchError> {
     if let Err(err) = &result {
         tracing::Span::current().record("otel.status_code", "ERROR");
         tracing::debug!(error = %err, "dispatch failed");
@@ -207,8 +236,8 @@ fn dispatch_span(dispatch: &Dispatch) -> tracing::Span {
 }
 
 impl Publisher {
-    /// Prepares and publishes `dispatch`; the stored message's stream sequence.
-    async fn publish(&self, dispatch: Dispatch) -> Result<u64, DispatchError> {
+    /// Prepares and publishes `dispatch`.
+    async fn publish(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
         let started = self.clock();
         let prepared = self.prepare(dispatch);
         self.send(prepared, started).await
@@ -225,10 +254,13 @@ impl Publisher {
         &self,
         prepared: Result<Prepared, Rejected>,
         started: Option<Instant>,
-    ) -> Result<u64, DispatchError> {
+    ) -> Result<Receipt, DispatchError> {
         let (result, about) = match prepared {
-            Ok(Prepared { subject, message, about }) => {
-                (self.store(subject, message, &about).await, about)
+            Ok(Prepared { subject, message, about, id, track: None }) => {
+                (self.store(subject, message, &about, id).await, about)
+            }
+            Ok(Prepared { subject, message, about, id, track: Some(track) }) => {
+                (self.store_tracked(subject, message, &about, id, track).await, about)
             }
             Err(Rejected { error, about }) => (Err(error), about),
         };
@@ -244,12 +276,45 @@ impl Publisher {
         result
     }
 
+    /// Publishes a tracked task between its `dispatched` event and its first record.
+    async fn store_tracked(
+        &self,
+        subject: String,
+        message: PublishMessage,
+        about: &About,
+        id: String,
+        track: TrackedDispatch,
+    ) -> Result<Receipt, DispatchError> {
+        if let Err(err) = self.tracker.store().await {
+            let message = format!(
+                "task {:?} for queue {:?} cannot be tracked: {err}",
+                about.task, about.queue
+            );
+            return Err(DispatchError::with_source(
+                DispatchErrorKind::TrackingUnavailable,
+                message,
+                err,
+            ));
+        }
+        track.announce(&self.tracker).await;
+        let stored = self.store(subject, message, about, id).await;
+        match &stored {
+            Ok(receipt) => {
+                let sequence = receipt.sequence.unwrap_or_default();
+                track.stored(&self.tracker, sequence, receipt.duplicate).await;
+            }
+            Err(err) => track.refused(&self.tracker, err).await,
+        }
+        stored
+    }
+
     async fn store(
         &self,
         subject: String,
         message: PublishMessage,
         about: &About,
-    ) -> Result<u64, DispatchError> {
+        id: String,
+    ) -> Result<Receipt, DispatchError> {
         let ack = self
             .js
             .send_publish(subject, message)
@@ -259,15 +324,15 @@ impl Publisher {
             .map_err(|err| publish_error(about, err))?;
         tracing::Span::current().record("stream_sequence", ack.sequence);
         tracing::debug!(duplicate = ack.duplicate, "task stored");
-        Ok(ack.sequence)
+        Ok(Receipt { id, sequence: Some(ack.sequence), duplicate: ack.duplicate })
     }
 
     /// Validates the dispatch and turns it into the message to publish. Everything is
     /// prepared before the first await, so the publish future holds only what the publish
     /// needs: dispatch futures are many and small this way.
     fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, Rejected> {
-        let schedule = match self.check(&mut dispatch) {
-            Ok(schedule) => schedule,
+        let (schedule, retention) = match self.check(&mut dispatch) {
+            Ok(checked) => checked,
             Err(error) => {
                 let queue = match wire::validate_queue(&dispatch.queue) {
                     Ok(name) if name != dispatch.queue => name.to_owned(),
@@ -286,8 +351,18 @@ impl Publisher {
         let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
         headers.insert(wire::TASK_NAME, task.as_str());
         headers.insert(wire::QUEUE_NAME, queue.as_str());
-        if let Some(id) = &message_id {
-            headers.insert(wire::NATS_MSG_ID, id.as_str());
+        let id = match message_id {
+            Some(id) => {
+                headers.insert(wire::NATS_MSG_ID, id.as_str());
+                id
+            }
+            None => {
+                headers.insert(wire::ID_NAME, dispatch.id.as_str());
+                dispatch.id
+            }
+        };
+        if let Some(retention) = retention {
+            headers.insert(wire::TRACK_NAME, retention.as_secs().to_string());
         }
         let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
         let subject = match schedule {
@@ -295,20 +370,33 @@ impl Publisher {
             Some(schedule) => {
                 headers.insert(wire::NATS_SCHEDULE, schedule.as_str());
                 headers.insert(wire::NATS_SCHEDULE_TARGET, target.as_str());
-                if let Some(id) = &message_id {
+                if headers.get(wire::NATS_MSG_ID).is_some() {
                     headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
                 }
                 wire::schedule_subject(&self.stream.subject_prefix)
             }
         };
+        let track = retention.map(|retention| TrackedDispatch {
+            id: id.clone(),
+            queue: queue.clone(),
+            task: task.clone(),
+            retention: TrackedDispatch::retention(retention),
+            due: dispatch.due,
+            schedule: dispatch.due.is_some().then(|| subject.clone()),
+        });
         let message = PublishMessage::build().payload(payload).headers(headers);
         let about = About { queue, task, delayed: dispatch.due.is_some() };
-        Ok(Prepared { subject, message, about })
+        Ok(Prepared { subject, message, about, id, track })
     }
 
     /// Everything that can refuse a dispatch before it is published; runs the propagator.
-    /// Returns the `Nats-Schedule` header value of a delayed dispatch.
-    fn check(&self, dispatch: &mut Dispatch) -> Result<Option<String>, DispatchError> {
+    /// Returns the `Nats-Schedule` header value of a delayed dispatch, and the retention of
+    /// a tracked one.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+        dispatch: &mut Dispatch,
+    ) -> Result<(Option<String>, Option<Duration>), DispatchError> {
         wire::validate_queue(&dispatch.queue)?;
         wire::validate_task_name(dispatch.task.name())?;
         if let Some(propagator) = &self.propagator {
@@ -329,7 +417,8 @@ impl Publisher {
                 ),
             ));
         }
-        dispatch.due.map(schedule::at_expression).transpose()
+        let retention = crate::track::dispatch_retention(&dispatch.task, dispatch.id())?;
+        Ok((dispatch.due.map(schedule::at_expression).transpose()?, retention))
     }
 }
 
@@ -338,6 +427,8 @@ struct Prepared {
     subject: String,
     message: PublishMessage,
     about: About,
+    id: String,
+    track: Option<TrackedDispatch>,
 }
 
 /// A dispatch refused before it was published.
@@ -439,7 +530,9 @@ impl ClientBuilder {
     pub async fn build(self) -> Result<Client, SetupError> {
         self.stream.validate()?;
         let state = self.stream.ensure(&self.js).await?;
+        let tracker = Arc::new(Tracker::new(self.js.clone(), self.stream.clone()));
         let publisher = Arc::new(Publisher {
+            tracker,
             js: self.js,
             stream: self.stream,
             schedules: state.schedules,
@@ -447,14 +540,20 @@ impl ClientBuilder {
             observers: self.observers,
         });
         let end = publisher.clone();
-        let publish: DispatchFinal = Arc::new(move |dispatch| {
+        let publish: DispatchFinal = Arc::new(move |mut dispatch: Dispatch| {
             let publisher = end.clone();
+            let slot = dispatch.receipt.take();
             async move {
-                let _sequence = publisher.publish(dispatch).await?;
+                let receipt = publisher.publish(dispatch).await?;
                 // The dispatch span's context is current while middleware runs.
                 #[cfg(feature = "opentelemetry")]
-                if publisher.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
-                    crate::otel::set_sequence(&opentelemetry::Context::current(), _sequence);
+                if let (Some(sequence), Some(_)) =
+                    (receipt.sequence, publisher.propagator.as_deref().and_then(|p| p.as_otel()))
+                {
+                    crate::otel::set_sequence(&opentelemetry::Context::current(), sequence);
+                }
+                if let Some(slot) = slot {
+                    let _ = slot.set(receipt);
                 }
                 Ok(())
             }

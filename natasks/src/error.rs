@@ -92,6 +92,10 @@ pub enum DispatchErrorKind {
     Rejected,
     /// A dispatch middleware stopped the dispatch with an error of its own.
     Middleware,
+    /// A tracked task ([`Task::tracked`](crate::Task::tracked)) cannot be recorded: the
+    /// server is too old (nats-server 2.11 or newer is needed) or the record bucket cannot
+    /// be opened. Nothing was stored.
+    TrackingUnavailable,
 }
 
 /// Dispatching a task failed. Nothing was stored unless the kind is

@@ -47,6 +47,7 @@
 
 mod client;
 mod error;
+mod extract;
 mod handler;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -59,20 +60,28 @@ mod retry;
 mod schedule;
 mod stream;
 mod task;
+pub mod track;
 pub mod wire;
 mod worker;
 
-pub use client::{Client, ClientBuilder};
+pub use client::{Client, ClientBuilder, Receipt};
 pub use error::{
     no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
     RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError, SetupErrorKind,
 };
-pub use handler::{Handler, Json};
+pub use extract::{
+    Attempt, Cancellation, Extension, FromTask, Json, Progress, ProgressReport, TaskId,
+};
+pub use handler::Handler;
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;
 pub use periodic::{Declared, Every, Scheduled, Schedules, Tick, MAX_INTERVAL, MIN_INTERVAL};
 pub use schedule::DueTime;
 pub use task::{DecodeError, Delivery, Extensions, Task};
+pub use track::{
+    CancelOutcome, Event, EventKind, Events, Status, TaskState, TaskStatus, TrackError,
+    TrackErrorKind,
+};
 pub use worker::{
     DeadLetterReason, ShutdownHandle, Unroutable, Worker, WorkerBuilder, DEFAULT_ACK_WAIT,
     DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_TIMEOUT, DEFAULT_IDLE_WAIT,

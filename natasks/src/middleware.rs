@@ -23,11 +23,12 @@
 //! ```
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
+use crate::client::Receipt;
 use crate::error::{DispatchError, HandlerError};
 use crate::handler::BoxHandler;
 use crate::task::Task;
@@ -59,6 +60,22 @@ pub struct Dispatch {
     pub queue: String,
     /// When the task is due, for delayed dispatches.
     pub due: Option<time::OffsetDateTime>,
+    /// The id natasks made for the task (used unless it has a message id).
+    pub(crate) id: String,
+    /// Where the end of the chain leaves the receipt, when middleware runs.
+    pub(crate) receipt: Option<Arc<OnceLock<Receipt>>>,
+}
+
+impl Dispatch {
+    pub(crate) fn new(task: Task, queue: &str, due: Option<time::OffsetDateTime>) -> Self {
+        let id = task.dispatch_id().map_or_else(|| nuid::next().to_string(), str::to_owned);
+        Self { task, queue: queue.to_owned(), due, id, receipt: None }
+    }
+
+    /// The task's id: its message id when it has one, else the id natasks made for it.
+    pub fn id(&self) -> &str {
+        self.task.dispatch_id().unwrap_or(&self.id)
+    }
 }
 
 type DispatchFn =
@@ -129,7 +146,7 @@ impl Next {
                 let next = Self { index: self.index + 1, ..self };
                 layer(task, next).await
             }
-            None => (self.handler)(task).await,
+            None => self.handler.call(task).await,
         }
     }
 }

@@ -118,11 +118,13 @@ pub enum Outcome {
     Discarded,
     /// Shutdown handed the task back unfinished, for another worker.
     HandedBack,
+    /// The task was cancelled ([`Client::cancel`](crate::Client::cancel)) and removed.
+    Cancelled,
 }
 
 impl Outcome {
     /// A short stable label: `succeeded`, `retried`, `gave-up`, `dead-lettered`,
-    /// `discarded` or `handed-back`.
+    /// `discarded`, `handed-back` or `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Succeeded => "succeeded",
@@ -131,6 +133,7 @@ impl Outcome {
             Self::DeadLettered(_) => "dead-lettered",
             Self::Discarded => "discarded",
             Self::HandedBack => "handed-back",
+            Self::Cancelled => "cancelled",
         }
     }
 

@@ -4,6 +4,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::HeaderMap;
@@ -12,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::InvalidName;
+use crate::extract::Live;
 use crate::wire;
 
 /// A task: a name that selects the handler, raw payload bytes, headers, and an optional
@@ -60,6 +62,11 @@ pub struct Task {
     extensions: Extensions,
     /// The first header that could not be set; reported by dispatch.
     invalid_header: Option<InvalidName>,
+    /// Set by [`tracked`](Self::tracked): the result retention, zero for the default.
+    track: Option<Duration>,
+    /// On a received task, the worker's channel to the handler (progress, cancellation,
+    /// result); only when the handler or tracking needs it.
+    live: Option<Arc<Live>>,
 }
 
 impl Task {
@@ -75,6 +82,8 @@ impl Task {
             delivery: None,
             extensions: Extensions::default(),
             invalid_header: None,
+            track: None,
+            live: None,
         }
     }
 
@@ -216,6 +225,45 @@ impl Task {
         self.message_id.as_deref()
     }
 
+    /// The task's id. On a received task: the id natasks gave it at dispatch (the message
+    /// id, when one was given), or `None` for a task dispatched without either (by the Go
+    /// library, or a periodic tick). Before dispatch: the message id, if set; otherwise the
+    /// id is made at dispatch and returned in the [`Receipt`](crate::Receipt).
+    pub fn id(&self) -> Option<&str> {
+        if self.delivery.is_none() {
+            return self.message_id.as_deref();
+        }
+        let headers = self.arrived_with.as_deref()?;
+        headers.get(wire::ID_NAME).map(|v| v.as_str()).or(self.received_id.as_deref())
+    }
+
+    /// Records this task's lifecycle: its status ([`Client::status`](crate::Client::status)),
+    /// its handler's result ([`Client::wait`](crate::Client::wait)) and its events
+    /// ([`Client::events`](crate::Client::events)), and lets it be cancelled
+    /// ([`Client::cancel`](crate::Client::cancel)). The records are kept for the worker's
+    /// [`result_retention`](crate::WorkerBuilder::result_retention) (default a day) after
+    /// the last change. Costs a few writes per attempt; untracked tasks cost nothing.
+    #[must_use]
+    pub fn tracked(mut self) -> Self {
+        self.track = Some(Duration::ZERO);
+        self
+    }
+
+    /// Like [`tracked`](Self::tracked), keeping the records for `retention` after the last
+    /// change instead of the worker's default. Whole seconds, at least one: dispatch refuses
+    /// anything else.
+    #[must_use]
+    pub fn tracked_for(mut self, retention: Duration) -> Self {
+        self.track = Some(retention);
+        self
+    }
+
+    /// The retention [`tracked`](Self::tracked) asked for (zero: the worker's default), on
+    /// a task about to be dispatched.
+    pub(crate) fn track(&self) -> Option<Duration> {
+        self.track
+    }
+
     /// Delivery details; `Some` on a task received by a worker, `None` before dispatch.
     pub fn delivery(&self) -> Option<&Delivery> {
         self.delivery.as_ref()
@@ -264,7 +312,17 @@ impl Task {
             delivery: Some(delivery),
             extensions: Extensions::default(),
             invalid_header: None,
+            track: None,
+            live: None,
         }
+    }
+
+    pub(crate) fn set_live(&mut self, live: Arc<Live>) {
+        self.live = Some(live);
+    }
+
+    pub(crate) fn live(&self) -> Option<&Arc<Live>> {
+        self.live.as_ref()
     }
 }
 

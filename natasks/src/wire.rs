@@ -33,6 +33,13 @@ pub const HEADER_DEAD_LETTER_REASON: &str = "Natasks-Dead-Letter-Reason";
 /// `Nats-Msg-Id` from the message a schedule produces.
 pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
 
+/// The task id natasks gives a task at dispatch: the message id when one is given, else
+/// a fresh one. A Go worker ignores it.
+pub const HEADER_ID: &str = "Natasks-Id";
+/// Tracked tasks: present when the task's status, result and events are recorded; the
+/// value is the retention in whole seconds (`0`: the worker's default).
+pub const HEADER_TRACK: &str = "Natasks-Track";
+
 /// Periodic tasks: the id of the schedule that produced the task.
 pub const HEADER_PERIODIC: &str = "Natasks-Periodic";
 /// Periodic tasks: the schedule (the `Nats-Schedule` value, e.g. `@every 1m` or
@@ -56,6 +63,10 @@ pub(crate) const NATS_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last
 pub(crate) const TASK_NAME: HeaderName = HeaderName::from_static(HEADER_TASK);
 /// [`HEADER_QUEUE`] as a header name.
 pub(crate) const QUEUE_NAME: HeaderName = HeaderName::from_static(HEADER_QUEUE);
+/// [`HEADER_ID`] as a header name.
+pub(crate) const ID_NAME: HeaderName = HeaderName::from_static(HEADER_ID);
+/// [`HEADER_TRACK`] as a header name.
+pub(crate) const TRACK_NAME: HeaderName = HeaderName::from_static(HEADER_TRACK);
 /// [`HEADER_MESSAGE_ID`] as a header name.
 pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
 
@@ -197,6 +208,7 @@ pub(crate) fn is_header_name(name: &str) -> bool {
 pub(crate) fn is_message_header(name: &str) -> bool {
     is_server_header(name)
         || name.eq_ignore_ascii_case(HEADER_MESSAGE_ID)
+        || name.eq_ignore_ascii_case(HEADER_ID)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_SCHEDULE)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_DIGEST)
@@ -219,6 +231,22 @@ pub(crate) fn header_safe(text: &str, max: usize) -> String {
         out.truncate(cut);
     }
     out
+}
+
+/// The root of natasks' core (not stored) subjects: lifecycle events and cancellation
+/// signals. Outside the stream's subjects, so no queue name can collide with them.
+pub const EVENTS_ROOT: &str = "_natasks";
+
+/// The subject of `kind` events of `queue` (`*` matches every queue or kind):
+/// `_natasks.<prefix>.events.<queue>.<kind>`.
+pub(crate) fn events_subject(prefix: &str, queue: &str, kind: &str) -> String {
+    format!("{EVENTS_ROOT}.{prefix}.events.{queue}.{kind}")
+}
+
+/// The subject on which the workers of `queue` hear cancellations:
+/// `_natasks.<prefix>.cancel.<queue>`.
+pub(crate) fn cancel_subject(prefix: &str, queue: &str) -> String {
+    format!("{EVENTS_ROOT}.{prefix}.cancel.{queue}")
 }
 
 /// Consumer name for a queue, as the Go library derives it.

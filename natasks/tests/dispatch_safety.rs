@@ -21,19 +21,20 @@ type Redispatched = (Task, Result<(), DispatchError>);
 
 /// A handler that dispatches every task it receives with `redispatch`, reports the task and
 /// the outcome, and returns `Ok` (so the original is acknowledged).
-fn redispatcher<F, Fut>(
+fn redispatcher<F, Fut, R>(
     tx: mpsc::UnboundedSender<Redispatched>,
     redispatch: F,
 ) -> impl Fn(Task) -> BoxFuture<'static, Result<(), Infallible>> + Clone + Send + Sync + 'static
 where
     F: Fn(Task) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), DispatchError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<R, DispatchError>> + Send + 'static,
+    R: Send + 'static,
 {
     move |task: Task| {
         let tx = tx.clone();
         let outcome = redispatch(task.clone());
         async move {
-            let _ = tx.send((task, outcome.await));
+            let _ = tx.send((task, outcome.await.map(drop)));
             Ok(())
         }
         .boxed()
@@ -130,7 +131,7 @@ async fn dispatch_in_to_the_same_queue_delivers_the_task_again() {
                     return Ok(());
                 }
                 let again = task.with_header("X-Round", "1");
-                client.dispatch_in(again, "jobs", Duration::from_millis(500)).await
+                client.dispatch_in(again, "jobs", Duration::from_millis(500)).await.map(drop)
             }
         }
     };

@@ -174,7 +174,7 @@ async fn dispatch_with_retry(
     loop {
         let task = Task::new(TASK, id.to_owned()).with_message_id(id);
         match client.dispatch(task, queue).await {
-            Ok(()) => {
+            Ok(_) => {
                 ledger.lock().unwrap().dispatched.insert(id.to_owned());
                 return;
             }

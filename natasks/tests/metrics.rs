@@ -224,9 +224,9 @@ async fn dispatch_and_process_metrics_with_go_names_and_labels() {
         .max_retries(1)
         .retry_backoff([Duration::from_millis(100)])
         .handle("ok", |_t: Task| async { Ok::<_, HandlerError>(()) })
-        .handle("bad", |_t: Task| async { Err(HandlerError::msg("boom")) })
+        .handle("bad", |_t: Task| async { Err::<(), _>(HandlerError::msg("boom")) })
         .handle("reject", |_t: Task| async {
-            Err(HandlerError::dead_letter(std::io::Error::other("poison")))
+            Err::<(), _>(HandlerError::dead_letter(std::io::Error::other("poison")))
         })
         .build()
         .await
@@ -437,7 +437,7 @@ async fn queue_gauges_come_from_jetstream() {
             }
         })
         .handle("reject", |_t: Task| async {
-            Err(HandlerError::dead_letter(std::io::Error::other("poison")))
+            Err::<(), _>(HandlerError::dead_letter(std::io::Error::other("poison")))
         })
         .build()
         .await

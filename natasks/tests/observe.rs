@@ -48,7 +48,7 @@ async fn observers_see_dispatches_attempts_and_outcomes() {
         .max_retries(1)
         .observer(recorder.clone())
         .handle("ok", |_t: Task| async { Ok::<_, HandlerError>(()) })
-        .handle("bad", |_t: Task| async { Err(HandlerError::msg("boom")) })
+        .handle("bad", |_t: Task| async { Err::<(), _>(HandlerError::msg("boom")) })
         .build()
         .await
         .unwrap();

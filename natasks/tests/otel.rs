@@ -203,7 +203,7 @@ async fn failed_attempts_have_error_status_and_stay_in_the_trace() {
         .propagator(OtelPropagator::new())
         .max_retries(1)
         .retry_backoff([Duration::from_millis(100)])
-        .handle("boom", |_t: Task| async { Err(HandlerError::msg("exploded")) })
+        .handle("boom", |_t: Task| async { Err::<(), _>(HandlerError::msg("exploded")) })
         .build()
         .await
         .unwrap();

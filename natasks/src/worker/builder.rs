@@ -14,6 +14,8 @@ use crate::observe::{Observer, Observers};
 use crate::retry::RetryPolicy;
 use crate::stream::StreamSettings;
 use crate::task::Task;
+use crate::track::worker::WorkerTracking;
+use crate::track::Tracker;
 use crate::wire;
 
 use super::{Unroutable, Worker, WorkerInner};
@@ -63,6 +65,7 @@ pub struct WorkerBuilder {
     propagator: Option<Arc<dyn Propagator>>,
     observers: Observers,
     handlers: Vec<(String, BoxHandler)>,
+    result_retention: Option<Duration>,
 }
 
 impl WorkerBuilder {
@@ -90,11 +93,14 @@ impl WorkerBuilder {
             propagator: None,
             observers: Observers::default(),
             handlers: Vec::new(),
+            result_retention: None,
         }
     }
 
-    /// Registers `handler` for tasks named `name`. A handler is an `async fn` taking
-    /// [`Task`], [`Json<T>`](crate::Json) or `(Json<T>, Task)`.
+    /// Registers `handler` for tasks named `name`. A handler is an `async fn` whose
+    /// arguments are extractors ([`Json<T>`](crate::Json), [`TaskId`](crate::TaskId),
+    /// [`Progress`](crate::Progress), [`Cancellation`](crate::Cancellation), ...) and
+    /// optionally, last, the [`Task`]; see [`Handler`].
     pub fn handle<H: Handler<A>, A>(mut self, name: impl Into<String>, handler: H) -> Self {
         self.handlers.push((name.into(), handler::boxed(handler)));
         self
@@ -253,6 +259,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long the records of tracked tasks ([`Task::tracked`](crate::Task::tracked)) are
+    /// kept after their last change, for tasks that do not set their own
+    /// ([`Task::tracked_for`](crate::Task::tracked_for)): whole seconds, at least 1 s.
+    /// Default: [`DEFAULT_RETENTION`](crate::track::DEFAULT_RETENTION), a day.
+    pub fn result_retention(mut self, retention: Duration) -> Self {
+        self.result_retention = Some(retention);
+        self
+    }
+
     /// Adds an observer that sees every processing attempt (for metrics).
     pub fn observer(mut self, observer: impl Observer) -> Self {
         self.observers.push(observer);
@@ -265,7 +280,17 @@ impl WorkerBuilder {
         let queue = wire::validate_queue(&self.queue)?.to_owned();
         let settings = self.validate(&queue)?;
         let routes = self.routes()?;
+        if let Some(retention) = self.result_retention {
+            if retention < Duration::from_secs(1) || retention.subsec_nanos() != 0 {
+                return Err(SetupError::invalid_option(
+                    "result_retention",
+                    format!("{retention:?} must be whole seconds, at least 1 s"),
+                ));
+            }
+        }
+        let tracker = Tracker::new(self.js.clone(), self.stream.clone());
         let inner = WorkerInner {
+            tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
             subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
             dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
             shared_queue: Arc::from(queue.as_str()),

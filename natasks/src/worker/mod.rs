@@ -141,6 +141,8 @@ pub(crate) struct WorkerInner {
     pub(crate) layers: Arc<[ProcessLayer]>,
     pub(crate) propagator: Option<Arc<dyn Propagator>>,
     pub(crate) observers: Observers,
+    /// Status, results and cancellation of tracked tasks.
+    pub(crate) tracking: Arc<crate::track::worker::WorkerTracking>,
 }
 
 impl Worker {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
 use futures_util::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -17,10 +17,12 @@ use super::dead_letter;
 use super::pull::Leased;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
+use crate::extract::{Live, ProgressReport};
 use crate::handler::BoxHandler;
 use crate::middleware::Next;
 use crate::observe::{Finished, Outcome, Started};
 use crate::task::{DecodeError, Delivery, Task};
+use crate::track::worker::{Attempt, Begin, Ended, Unrecorded};
 use crate::wire;
 
 /// What happens to a delivery.
@@ -28,14 +30,17 @@ use crate::wire;
 enum Settle {
     /// The handler succeeded: remove it.
     Ack,
-    /// The handler failed without retry: remove it.
-    GiveUp,
-    /// Redeliver, after the delay if any.
-    Retry(Option<Duration>),
+    /// The handler failed without retry (with this error): remove it.
+    GiveUp(String),
+    /// Redeliver, after the delay if any; the attempt failed with the error.
+    Retry(Option<Duration>, String),
     /// Publish to the dead-letter queue, then remove it.
     DeadLetter(DeadLetterReason, String),
     /// Drop it without a dead letter (unroutable with [`Unroutable::Discard`]).
-    Discard,
+    Discard(String),
+    /// Cancelled ([`Client::cancel`](crate::Client::cancel)): remove it. `announce`: the
+    /// cancel happened while this attempt ran (else the canceller announced it).
+    Cancelled { announce: bool },
 }
 
 /// The label observers (and so metrics) get for a task name no handler is registered for:
@@ -94,8 +99,13 @@ pub(super) async fn process(
     let settle = async {
         let lease = Lease { since: leased_at, abandon: &abandon };
         let delivery = Received { message: &message, headers: &headers, attempt, sequence };
-        match decide(&inner, &delivery, task_name, route, &lease).await {
+        let mut tracked = Tracked {
+            attempt: inner.tracking.attempt(&headers, &inner.queue, name, attempt, sequence),
+            result: None,
+        };
+        match decide(&inner, &delivery, task_name, route, &lease, &mut tracked).await {
             Some(settle) => {
+                let settle = tracked.record(settle).await;
                 apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
             }
             None => {
@@ -156,6 +166,39 @@ pub(super) struct Lease<'a> {
     pub(super) abandon: &'a CancellationToken,
 }
 
+/// The tracking of a tracked task's attempt, and the handler's result to record.
+struct Tracked<'a> {
+    attempt: Option<Attempt<'a>>,
+    result: Option<Vec<u8>>,
+}
+
+impl Tracked<'_> {
+    /// Records how the attempt ended, before the broker hears it. A result too large to
+    /// store turns a success into a dead letter saying so.
+    async fn record(&mut self, settle: Settle) -> Settle {
+        let Some(attempt) = &mut self.attempt else { return settle };
+        let ended = match &settle {
+            Settle::Ack => Ended::Succeeded,
+            Settle::GiveUp(error) | Settle::Discard(error) => Ended::Failed { error },
+            Settle::Retry(delay, error) => Ended::Retrying { delay: *delay, error },
+            Settle::DeadLetter(reason, error) => {
+                Ended::DeadLettered { reason: reason.as_str(), error }
+            }
+            Settle::Cancelled { announce } => Ended::Cancelled { announce: *announce },
+        };
+        let result = if matches!(settle, Settle::Ack) { self.result.take() } else { None };
+        match attempt.finish(ended, result).await {
+            Ok(()) => settle,
+            Err(Unrecorded::ResultTooLarge(error)) => {
+                let reason = DeadLetterReason::Rejected;
+                let ended = Ended::DeadLettered { reason: reason.as_str(), error: &error };
+                let _ = attempt.finish(ended, None).await;
+                Settle::DeadLetter(reason, error)
+            }
+        }
+    }
+}
+
 /// A delivery as the worker read it.
 struct Received<'a> {
     message: &'a Message,
@@ -172,6 +215,7 @@ async fn decide(
     task_name: Option<&str>,
     route: Option<(&Arc<str>, &BoxHandler)>,
     lease: &Lease<'_>,
+    tracked: &mut Tracked<'_>,
 ) -> Option<Settle> {
     let Received { message, headers, attempt, sequence } = *delivery;
     let retry = &inner.settings.retry;
@@ -206,6 +250,19 @@ async fn decide(
         message_id(headers).map(str::to_owned),
         Delivery::new(inner.shared_queue.clone(), attempt, sequence),
     );
+    // Progress, cancellation and the result need a channel to the handler; most tasks
+    // need none.
+    let mut live = None;
+    if handler.live || tracked.attempt.is_some() {
+        let (channel, reports) = Live::new(tracked.attempt.is_some());
+        task.set_live(channel.clone());
+        live = Some((channel, reports));
+    }
+    if let (Some(attempt), Some((channel, _))) = (tracked.attempt.as_mut(), &live) {
+        if let Begin::Cancelled = attempt.begin(channel, lease_end(inner)).await {
+            return Some(Settle::Cancelled { announce: false });
+        }
+    }
     if let Some(propagator) = &inner.propagator {
         // A propagator is user code: a panic in it fails the attempt like a handler's.
         let extracted =
@@ -217,6 +274,7 @@ async fn decide(
     }
     let run =
         AssertUnwindSafe(Next::new(inner.layers.clone(), handler.clone()).run(task)).catch_unwind();
+    let period = inner.settings.progress_interval;
     let timed = async {
         match inner.settings.task_timeout {
             None => Some(run.await),
@@ -225,10 +283,21 @@ async fn decide(
     };
     tokio::pin!(timed);
     // Most handlers finish on their first poll; only the others need a lease timer.
-    let result = match timed.as_mut().now_or_never() {
-        Some(result) => result,
-        None => renew_lease_until(message, timed, inner.settings.progress_interval, lease).await?,
+    let result = match (timed.as_mut().now_or_never(), &mut live) {
+        (Some(result), _) => result,
+        (None, None) => renew_lease_until(message, timed, period, lease).await?,
+        (None, Some((_, reports))) => {
+            let attempt = tracked.attempt.as_mut();
+            drive_live(inner, message, timed, lease, reports, attempt).await?
+        }
     };
+    if let Some((channel, _)) = &live {
+        // Whatever the handler returned after the signal, the task was cancelled.
+        if channel.cancel.is_cancelled() {
+            return Some(Settle::Cancelled { announce: true });
+        }
+        tracked.result = channel.take_result();
+    }
     let error = match result {
         Some(Ok(Ok(()))) => return Some(Settle::Ack),
         Some(Ok(Err(error))) => error,
@@ -269,6 +338,46 @@ pub(super) async fn renew_lease_until<F: Future>(
     }
 }
 
+/// Like [`renew_lease_until`], for a handler with a channel: a progress report renews the
+/// lease too, and a tracked task's record follows the lease and the reports.
+async fn drive_live<F: Future>(
+    inner: &WorkerInner,
+    message: &Message,
+    mut work: Pin<&mut F>,
+    lease: &Lease<'_>,
+    reports: &mut watch::Receiver<Option<ProgressReport>>,
+    mut tracked: Option<&mut Attempt<'_>>,
+) -> Option<F::Output> {
+    let period = inner.settings.progress_interval;
+    let renew = tokio::time::sleep_until(lease.since + period);
+    tokio::pin!(renew);
+    loop {
+        let report = tokio::select! {
+            biased;
+            result = work.as_mut() => return Some(result),
+            () = lease.abandon.cancelled() => return None,
+            // The sender lives as long as the task: `changed` fails only after the handler.
+            Ok(()) = reports.changed() => reports.borrow_and_update().clone(),
+            () = &mut renew => None,
+        };
+        renew.as_mut().reset(tokio::time::Instant::now() + period);
+        if let Err(err) = message.ack_with(AckKind::Progress).await {
+            tracing::warn!(error = %err, "could not renew the task's lease");
+        }
+        if let Some(attempt) = tracked.as_deref_mut() {
+            match report {
+                Some(report) => attempt.progress(report, lease_end(inner)).await,
+                None => attempt.renewed(lease_end(inner)).await,
+            }
+        }
+    }
+}
+
+/// When a lease taken (or renewed) now ends.
+fn lease_end(inner: &WorkerInner) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + inner.settings.ack_wait
+}
+
 fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
     let retry = &inner.settings.retry;
     let text = error.to_string();
@@ -276,7 +385,7 @@ fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
         Failure::NoRetry => {
             tracing::info!(error = %text, "task failed; not retried");
             span_event(inner, "task failed; not retried", &text);
-            Settle::GiveUp
+            Settle::GiveUp(text)
         }
         Failure::DeadLetter if error.source().is::<DecodeError>() => {
             Settle::DeadLetter(DeadLetterReason::UndecodablePayload, text)
@@ -289,11 +398,11 @@ fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
             let delay = after.or_else(|| retry.delay(attempt));
             tracing::warn!(error = %text, retry_in = ?delay, "task failed; will retry");
             span_event(inner, "task failed; will retry", &text);
-            Settle::Retry(delay)
+            Settle::Retry(delay, text)
         }
         // `Failure` is non-exhaustive only for callers; every variant is handled above.
         #[allow(unreachable_patterns)]
-        _ => Settle::Retry(None),
+        _ => Settle::Retry(None, text),
     }
 }
 
@@ -308,7 +417,7 @@ fn unroutable(
         Unroutable::Discard => {
             tracing::warn!(%error, "unroutable task discarded");
             span_event(inner, "unroutable task discarded", &error);
-            Settle::Discard
+            Settle::Discard(error)
         }
         Unroutable::Retry(_) if inner.settings.retry.exhausted(attempt) => {
             Settle::DeadLetter(reason, error)
@@ -316,7 +425,7 @@ fn unroutable(
         Unroutable::Retry(delay) => {
             tracing::warn!(%error, retry_in = ?delay, "unroutable task handed back for another worker");
             span_event(inner, "unroutable task handed back for another worker", &error);
-            Settle::Retry(Some(delay))
+            Settle::Retry(Some(delay), error)
         }
     }
 }
@@ -346,15 +455,19 @@ async fn apply(
             ack(message, AckKind::Ack).await;
             Outcome::Succeeded
         }
-        Settle::GiveUp => {
+        Settle::GiveUp(_) => {
             ack(message, AckKind::Ack).await;
             Outcome::GaveUp
         }
-        Settle::Discard => {
+        Settle::Discard(_) => {
             ack(message, AckKind::Term).await;
             Outcome::Discarded
         }
-        Settle::Retry(delay) => {
+        Settle::Cancelled { .. } => {
+            ack(message, AckKind::Term).await;
+            Outcome::Cancelled
+        }
+        Settle::Retry(delay, _) => {
             nak(message, delay).await;
             Outcome::Retried(delay)
         }

@@ -40,6 +40,8 @@ pub(super) async fn run(
     // Set when shutdown begins: running handlers and prefetched tasks share it.
     let mut drain_deadline = None;
     tracing::info!(queue = %inner.queue, consumer = %settings.consumer, concurrency = settings.concurrency, "worker started");
+    // Cancellations of the tracked tasks this worker runs, while it runs.
+    let _cancels = inner.tracking.listen(&inner.queue).await;
 
     let result = loop {
         if shutdown.is_cancelled() {

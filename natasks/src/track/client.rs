@@ -1,0 +1,331 @@
+//! The client side of tracking: recording a dispatch, and reading, awaiting and cancelling
+//! tracked tasks.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use super::events::{Event, EventKind, Events};
+use super::record::{Record, Tag};
+use super::store::{is_conflict, Lookup, Tracker};
+use super::{validate_id, Status, TaskState, TrackError, TrackErrorKind, DEFAULT_RETENTION};
+use crate::client::Client;
+use crate::wire;
+
+/// What [`Client::cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The task had not started (`was` pending, scheduled or retrying): it will not run.
+    /// (A worker that was just receiving it sees the signal as it starts.)
+    Cancelled {
+        /// Where it was.
+        was: TaskState,
+    },
+    /// The task was running: its handler's [`Cancellation`](crate::Cancellation) fires,
+    /// and the task ends as cancelled, unless the handler finished first (the status then
+    /// says how it ended).
+    Signalled,
+    /// It was already cancelled: nothing changed.
+    AlreadyCancelled,
+    /// It had already ended (succeeded, failed or dead-lettered): nothing changed.
+    AlreadyFinished(TaskState),
+    /// Its record expired: nothing to cancel.
+    Expired,
+    /// Nothing is recorded under the id: nothing to cancel.
+    Unknown,
+}
+
+/// A tracked dispatch on its way: what the dispatcher records before and after the task is
+/// stored.
+pub(crate) struct TrackedDispatch {
+    pub(crate) id: String,
+    pub(crate) queue: String,
+    pub(crate) task: String,
+    pub(crate) retention: u64,
+    pub(crate) due: Option<OffsetDateTime>,
+    pub(crate) schedule: Option<String>,
+}
+
+impl TrackedDispatch {
+    /// The retention in seconds for `track` (zero: the default).
+    pub(crate) fn retention(track: Duration) -> u64 {
+        if track.is_zero() {
+            DEFAULT_RETENTION.as_secs()
+        } else {
+            track.as_secs()
+        }
+    }
+
+    /// Before the task is stored: the `dispatched` event, so that it precedes every event
+    /// a worker publishes about the task.
+    pub(crate) async fn announce(&self, tracker: &Tracker) {
+        let mut event = Event::new(EventKind::Dispatched, &self.id, &self.queue, &self.task, 0);
+        event.next_at = self.due;
+        event.publish(tracker).await;
+    }
+
+    /// After the server stored it: the `pending` (or `scheduled`) record, unless a worker
+    /// already recorded more. A failure is logged: the task is stored, and a dispatch
+    /// error would make the caller store it again.
+    pub(crate) async fn stored(&self, tracker: &Tracker, sequence: u64, duplicate: bool) {
+        if duplicate {
+            return;
+        }
+        let tag = if self.due.is_some() { Tag::Scheduled } else { Tag::Pending };
+        let mut record = Record::new(tag, &self.queue, &self.task, 0, self.retention);
+        record.due = self.due;
+        record.schedule = self.schedule.clone();
+        record.sequence = self.due.is_none().then_some(sequence);
+        let written = match tracker.store().await {
+            Ok(store) => store.put(&self.id, &record, Some(0)).await.map(drop),
+            Err(err) => {
+                tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
+                return;
+            }
+        };
+        match written {
+            Ok(()) => {}
+            // A worker got there first.
+            Err(err) if is_conflict(&err) => {}
+            Err(err) => {
+                tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
+            }
+        }
+    }
+
+    /// The server refused the task: `failed`, after the `dispatched` already sent.
+    pub(crate) async fn refused(&self, tracker: &Tracker, error: &crate::DispatchError) {
+        let mut event = Event::new(EventKind::Failed, &self.id, &self.queue, &self.task, 0);
+        event.error = Some(error.to_string());
+        event.publish(tracker).await;
+    }
+}
+
+impl Client {
+    /// What is recorded of tracked task `id` ([`Task::tracked`](crate::Task::tracked)).
+    ///
+    /// Exact: the states `pending`/`scheduled` (recorded by the dispatcher once the task is
+    /// stored) and every attempt's start and outcome (recorded by the worker before it
+    /// tells the broker). Best-effort: progress (the latest report), and the lease end of a
+    /// running task, which is renewed in the record as the worker renews it.
+    pub async fn status(&self, id: &str) -> Result<Status, TrackError> {
+        validate_id(id)?;
+        let store = self.tracker().store().await?;
+        Ok(match store.get(id).await? {
+            Lookup::Found { record, .. } => Status::Known(record.status(id)),
+            Lookup::Expired => Status::Expired,
+            Lookup::Unknown => Status::Unknown,
+        })
+    }
+
+    /// The result of tracked task `id`, decoded as `T`: what its handler returned. An
+    /// error if the task has not succeeded (yet); its [`kind`](TrackError::kind) says
+    /// where the task is, with the last error of a failed or dead-lettered task.
+    pub async fn result<T: DeserializeOwned>(&self, id: &str) -> Result<T, TrackError> {
+        validate_id(id)?;
+        let store = self.tracker().store().await?;
+        match store.get(id).await? {
+            Lookup::Found { record, .. } => finished(id, &record),
+            Lookup::Expired => Err(expired(id)),
+            Lookup::Unknown => Err(unknown(id)),
+        }
+    }
+
+    /// Waits until tracked task `id` has ended, at most `timeout`, and returns its result
+    /// as [`result`](Self::result) would. Wakes on the change of its record (a watch, not
+    /// polling). A task that is not recorded yet is waited for too (it may be on its way).
+    pub async fn wait<T: DeserializeOwned>(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<T, TrackError> {
+        validate_id(id)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let store = self.tracker().store().await?;
+        let mut watch = store.watch(id).await?;
+        let mut last = None;
+        loop {
+            let entry = match tokio::time::timeout_at(deadline, watch.next()).await {
+                Err(_) => {
+                    let seen = last.map_or("nothing is recorded under it".to_owned(), |s| {
+                        format!("it is {s}")
+                    });
+                    return Err(TrackError::new(
+                        TrackErrorKind::TimedOut,
+                        format!("task {id:?} did not end within {timeout:?}: {seen}"),
+                    ));
+                }
+                Ok(None) => {
+                    return Err(TrackError::new(
+                        TrackErrorKind::Broker,
+                        format!("the watch of task {id:?} ended (connection closed)"),
+                    ))
+                }
+                Ok(Some(Err(err))) => {
+                    return Err(TrackError::broker(format!("watch the record of task {id:?}"), err))
+                }
+                Ok(Some(Ok(entry))) => entry,
+            };
+            match super::store::lookup(id, entry.operation, &entry.value, entry.revision)? {
+                Lookup::Found { record, .. } if record.is_final() => return finished(id, &record),
+                Lookup::Found { record, .. } => last = Some(record.status(id).state),
+                Lookup::Expired => return Err(expired(id)),
+                Lookup::Unknown => {}
+            }
+        }
+    }
+
+    /// Cancels tracked task `id`: a pending, scheduled or retrying task never runs (again);
+    /// a running task's handler sees its [`Cancellation`](crate::Cancellation) fire within
+    /// moments, in whichever process it runs, and the task ends as cancelled (removed: not
+    /// retried, not dead-lettered). Cancelling a cancelled, finished or unknown task changes
+    /// nothing and says so.
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, TrackError> {
+        validate_id(id)?;
+        let tracker = self.tracker();
+        let store = tracker.store().await?;
+        // Retried when a worker changes the record between our read and our write.
+        for _ in 0..10 {
+            let (record, revision) = match store.get(id).await? {
+                Lookup::Found { record, revision } => (record, revision),
+                Lookup::Expired => return Ok(CancelOutcome::Expired),
+                Lookup::Unknown => return Ok(CancelOutcome::Unknown),
+            };
+            if record.state == Tag::Cancelled {
+                return Ok(CancelOutcome::AlreadyCancelled);
+            }
+            let was = record.status(id).state;
+            if record.is_final() {
+                return Ok(CancelOutcome::AlreadyFinished(was));
+            }
+            let mut cancelled = record.clone();
+            cancelled.state = Tag::Cancelled;
+            cancelled.at = OffsetDateTime::now_utc();
+            cancelled.lease_until = None;
+            cancelled.next_at = None;
+            match store.put(id, &cancelled, Some(revision)).await {
+                Ok(_) => {}
+                Err(err) if is_conflict(&err) => continue,
+                Err(err) => {
+                    return Err(TrackError::broker(
+                        format!("record the cancel of task {id:?}"),
+                        err,
+                    ))
+                }
+            }
+            remove_waiting(tracker, &record).await;
+            // Every worker of the queue hears it; the one running the task signals it.
+            let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
+            tracker.announce(subject, id.as_bytes().to_vec()).await;
+            if record.state == Tag::Running {
+                return Ok(CancelOutcome::Signalled);
+            }
+            let event =
+                Event::new(EventKind::Cancelled, id, &record.queue, &record.task, record.attempt);
+            event.publish(tracker).await;
+            return Ok(CancelOutcome::Cancelled { was });
+        }
+        Err(TrackError::new(
+            TrackErrorKind::Broker,
+            format!("task {id:?} kept changing while it was being cancelled; try again"),
+        ))
+    }
+
+    /// A live stream of the lifecycle events of tracked tasks in `queue` (`None`: every
+    /// queue), from now on. Events are core NATS messages: a subscriber sees those
+    /// published while it listens, in order per task from one server; nothing is replayed.
+    pub async fn events(&self, queue: Option<&str>) -> Result<Events, TrackError> {
+        let queue = match queue {
+            Some(queue) => wire::validate_queue(queue)
+                .map_err(|err| TrackError::new(TrackErrorKind::InvalidQueue, err.to_string()))?,
+            None => "*",
+        };
+        let tracker = self.tracker();
+        let subject = wire::events_subject(&tracker.settings().subject_prefix, queue, "*");
+        let nats = tracker.nats();
+        let subscriber = nats
+            .subscribe(subject)
+            .await
+            .map_err(|err| TrackError::broker("subscribe to events", err))?;
+        // The server knows the subscription once the flush returns: what is dispatched
+        // after this call returns is seen.
+        nats.flush().await.map_err(|err| TrackError::broker("subscribe to events", err))?;
+        Ok(Events::new(subscriber))
+    }
+}
+
+/// Removes a task that waits in its queue or as a schedule, so that it never runs. Best
+/// effort: a worker that already holds it finds the record cancelled, or hears the signal.
+async fn remove_waiting(tracker: &Tracker, record: &Record) {
+    let settings = tracker.settings();
+    let stream = match tracker.js().get_stream(&settings.name).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!(error = %err, "could not open the stream to remove a cancelled task");
+            return;
+        }
+    };
+    if let Some(subject) = record.schedule.as_deref().filter(|_| record.state == Tag::Scheduled) {
+        if let Err(err) = stream.purge().filter(subject).await {
+            tracing::debug!(error = %err, "could not remove a cancelled task's schedule");
+        }
+    }
+    if let Some(sequence) = record.sequence.filter(|_| record.state == Tag::Pending) {
+        if let Err(err) = stream.delete_message(sequence).await {
+            tracing::debug!(error = %err, "could not remove a cancelled task");
+        }
+    }
+}
+
+/// The answer of `result`/`wait` for a recorded task.
+fn finished<T: DeserializeOwned>(id: &str, record: &Record) -> Result<T, TrackError> {
+    let status = record.status(id);
+    let (kind, message) = match record.state {
+        Tag::Succeeded => {
+            let json = record.result.as_ref().map_or("null", |raw| raw.get());
+            return serde_json::from_str(json).map_err(|err| {
+                TrackError::new(
+                    TrackErrorKind::Undecodable,
+                    format!(
+                        "the result of task {id:?} does not decode as {}: {err}",
+                        std::any::type_name::<T>()
+                    ),
+                )
+            });
+        }
+        Tag::Failed => (
+            TrackErrorKind::Failed,
+            format!(
+                "task {id:?} failed without retry on attempt {}: {}",
+                record.attempt,
+                record.error.as_deref().unwrap_or("no error recorded")
+            ),
+        ),
+        Tag::DeadLettered => (
+            TrackErrorKind::DeadLettered,
+            format!(
+                "task {id:?} was dead-lettered ({}) after attempt {}: {}",
+                record.reason.as_deref().unwrap_or("no reason recorded"),
+                record.attempt,
+                record.error.as_deref().unwrap_or("no error recorded")
+            ),
+        ),
+        Tag::Cancelled => (TrackErrorKind::Cancelled, format!("task {id:?} was cancelled")),
+        _ => (TrackErrorKind::NotFinished, format!("task {id:?} is {}", status.state)),
+    };
+    Err(TrackError::new(kind, message).with_status(status))
+}
+
+fn expired(id: &str) -> TrackError {
+    TrackError::new(
+        TrackErrorKind::Expired,
+        format!("the record of task {id:?} expired (its retention ran out)"),
+    )
+}
+
+fn unknown(id: &str) -> TrackError {
+    TrackError::new(TrackErrorKind::Unknown, format!("nothing is recorded for task {id:?}"))
+}
