@@ -55,7 +55,7 @@ impl Tracker {
 
 /// What the bucket holds for an id.
 pub(crate) enum Lookup {
-    Found { record: Record, revision: u64 },
+    Found { record: Box<Record>, revision: u64 },
     Expired,
     Unknown,
 }
@@ -159,7 +159,7 @@ pub(crate) fn lookup(
 ) -> Result<Lookup, TrackError> {
     match operation {
         Operation::Put => match serde_json::from_slice(value) {
-            Ok(record) => Ok(Lookup::Found { record, revision }),
+            Ok(record) => Ok(Lookup::Found { record: Box::new(record), revision }),
             Err(err) => Err(TrackError::new(
                 TrackErrorKind::Broker,
                 format!("the record of task {id:?} is not a natasks task record: {err}"),
