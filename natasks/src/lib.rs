@@ -18,6 +18,15 @@
 //!   per tick however many instances declared the schedule ([`Client::schedule`]).
 //! * The **dead-letter queue** of `q` is the queue `q-dlq`, holding tasks that failed every
 //!   attempt, with headers saying why.
+//! * A **handler** is a plain `async fn` whose arguments are extractors ([`Json`],
+//!   [`TaskId`], [`Attempt`], [`Progress`], [`Cancellation`], [`Extension`], your own
+//!   [`FromTask`] types, and last, optionally, the [`Task`]), returning `Result<T, E>`
+//!   where `T` is the task's result.
+//! * Every dispatch returns a [`Receipt`] with the task's **id**. A **tracked** task
+//!   ([`Task::tracked`]) has its lifecycle recorded on the broker: its status
+//!   ([`Client::status`]), its result ([`Client::result`], [`Client::wait`]), its
+//!   progress, a live stream of its events ([`Client::events`]), and it can be cancelled
+//!   ([`Client::cancel`]), from any process. See [`track`].
 //!
 //! # Delivery guarantees
 //!

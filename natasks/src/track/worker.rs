@@ -2,6 +2,7 @@
 //! cancellations.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,9 @@ use crate::wire;
 pub(crate) struct WorkerTracking {
     tracker: Tracker,
     retention: Duration,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    /// By task id: the attempt's number (unique in this worker) and its cancel token.
+    running: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_attempt: AtomicU64,
 }
 
 /// How an attempt ended, as the record and the events tell it.
@@ -61,6 +64,7 @@ impl WorkerTracking {
             tracker,
             retention: retention.unwrap_or(DEFAULT_RETENTION),
             running: Mutex::new(HashMap::new()),
+            next_attempt: AtomicU64::new(1),
         }
     }
 
@@ -88,7 +92,7 @@ impl WorkerTracking {
             attempt,
             retention,
             since: OffsetDateTime::now_utc(),
-            registered: false,
+            registered: 0,
             last_progress: None,
         })
     }
@@ -109,7 +113,7 @@ impl WorkerTracking {
             while let Some(message) = subscriber.next().await {
                 let Ok(id) = std::str::from_utf8(&message.payload) else { continue };
                 let running = this.running.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(token) = running.get(id) {
+                if let Some((_, token)) = running.get(id) {
                     tracing::info!(id, "task cancelled");
                     token.cancel();
                 }
@@ -137,7 +141,8 @@ pub(crate) struct Attempt<'a> {
     attempt: u64,
     retention: u64,
     since: OffsetDateTime,
-    registered: bool,
+    /// This attempt's number in `running` (0: not registered).
+    registered: u64,
     last_progress: Option<ProgressReport>,
 }
 
@@ -160,12 +165,13 @@ impl Attempt<'_> {
     /// `running` and announces `started`.
     pub(crate) async fn begin(&mut self, live: &Live, lease_until: OffsetDateTime) -> Begin {
         // Listening first, then reading: a cancel recorded after the read is heard.
+        let number = self.tracking.next_attempt.fetch_add(1, Ordering::Relaxed);
         self.tracking
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(self.id.clone(), live.cancel.clone());
-        self.registered = true;
+            .insert(self.id.clone(), (number, live.cancel.clone()));
+        self.registered = number;
         let store = match self.tracking.tracker.store().await {
             Ok(store) => store,
             Err(err) => {
@@ -287,8 +293,13 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        if self.registered {
-            self.tracking.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        if self.registered == 0 {
+            return;
+        }
+        let mut running = self.tracking.running.lock().unwrap_or_else(|p| p.into_inner());
+        // Another delivery of the same task may have registered since: leave its token.
+        if running.get(&self.id).is_some_and(|(number, _)| *number == self.registered) {
+            running.remove(&self.id);
         }
     }
 }
