@@ -627,6 +627,7 @@ async fn bad_input_is_refused_before_anything_is_stored() {
         ("s", every.clone(), task(), "a.b", InvalidTask, "queue name \"a.b\""),
         ("s", every.clone(), task(), "__natasks_schedule", InvalidTask, "reserved"),
         ("s", every.clone(), Task::new("", ""), "q", InvalidTask, "task name \"\" is empty"),
+        ("s", every.clone(), task().tracked(), "q", InvalidTask, "ticks cannot be tracked"),
         (
             "s",
             every.clone(),

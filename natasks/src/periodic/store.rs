@@ -36,6 +36,15 @@ pub(super) async fn declare(
     if let Some(invalid) = task.invalid_header() {
         return Err(invalid.clone().into());
     }
+    if task.track().is_some() || task.header(wire::HEADER_TRACK).is_some() {
+        return Err(ScheduleError::new(
+            ScheduleErrorKind::InvalidTask,
+            format!(
+                "task {:?} for schedule {id:?} is tracked: every tick of a schedule would share                  one id, so ticks cannot be tracked",
+                task.name()
+            ),
+        ));
+    }
     // As dispatch does, a task a handler received leaves behind the headers it arrived with
     // (the server's `Nats-*`, `Natasks-Message-Id`, `Natasks-Periodic*`); only those set
     // since are checked.
