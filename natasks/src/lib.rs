@@ -54,6 +54,7 @@
 //! can share queues; see [`wire`] and `docs/wire-format.md`.
 #![warn(missing_docs)]
 
+pub mod admin;
 mod client;
 mod error;
 mod extract;

@@ -249,6 +249,12 @@ pub(crate) fn cancel_subject(prefix: &str, queue: &str) -> String {
     format!("{EVENTS_ROOT}.{prefix}.cancel.{queue}")
 }
 
+/// The subject on which the workers of `queue` hear that its settings changed (pause,
+/// limit, rates): `_natasks.<prefix>.control.<queue>`.
+pub(crate) fn control_subject(prefix: &str, queue: &str) -> String {
+    format!("{EVENTS_ROOT}.{prefix}.control.{queue}")
+}
+
 /// Consumer name for a queue, as the Go library derives it.
 pub(crate) fn consumer_name(prefix: &str, queue: &str) -> String {
     let token: String = queue

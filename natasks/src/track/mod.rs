@@ -16,7 +16,7 @@
 
 pub(crate) mod client;
 mod events;
-mod record;
+pub(crate) mod record;
 mod store;
 pub(crate) mod worker;
 

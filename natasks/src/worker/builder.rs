@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
+use super::limits::Limits;
 use crate::error::{HandlerError, SetupError};
 use crate::handler::{self, BoxHandler, Handler};
 use crate::middleware::{process_layer, Next, ProcessLayer, Propagator};
@@ -202,8 +203,12 @@ impl WorkerBuilder {
     }
 
     /// Server-side limit of delivered but unacknowledged messages (consumer
-    /// `max_ack_pending`). Must be at least `concurrency`. Default: 128, or `concurrency +
-    /// fetch_batch` when that is larger.
+    /// `max_ack_pending`): the queue's limit of tasks in flight across every worker. Must be
+    /// at least `concurrency`. Default: 128, or `concurrency + fetch_batch` when that is
+    /// larger, for a consumer this worker creates; an existing consumer keeps the limit it
+    /// has (one an operator set with `natasks queue limit` or
+    /// [`Admin::set_limit`](crate::admin::Admin::set_limit)). Set here, it replaces that
+    /// limit whenever the worker starts.
     pub fn max_ack_pending(mut self, n: i64) -> Self {
         self.max_ack_pending = Some(n);
         self
@@ -289,7 +294,9 @@ impl WorkerBuilder {
             }
         }
         let tracker = Tracker::new(self.js.clone(), self.stream.clone());
+        let limits = Limits::new(self.js.clone(), self.stream.clone(), &queue);
         let inner = WorkerInner {
+            limits: Arc::new(limits),
             tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
             subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
             dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
@@ -436,6 +443,7 @@ impl WorkerBuilder {
             ack_wait: self.ack_wait,
             progress_interval,
             max_ack_pending,
+            max_ack_pending_explicit: self.max_ack_pending.is_some(),
             retry: RetryPolicy { max_retries, backoff: self.retry_backoff.clone() },
             dlq_queue,
             drain_timeout: self.drain_timeout.unwrap_or(self.ack_wait),
@@ -457,6 +465,8 @@ pub(crate) struct Settings {
     pub(crate) ack_wait: Duration,
     pub(crate) progress_interval: Duration,
     pub(crate) max_ack_pending: i64,
+    /// Set on the builder: it wins over a limit an operator set on the consumer.
+    pub(crate) max_ack_pending_explicit: bool,
     pub(crate) retry: RetryPolicy,
     pub(crate) dlq_queue: String,
     pub(crate) drain_timeout: Duration,

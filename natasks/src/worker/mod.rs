@@ -8,6 +8,7 @@
 
 mod builder;
 mod dead_letter;
+mod limits;
 mod process;
 mod pull;
 mod run;
@@ -143,6 +144,8 @@ pub(crate) struct WorkerInner {
     pub(crate) observers: Observers,
     /// Status, results and cancellation of tracked tasks.
     pub(crate) tracking: Arc<crate::track::worker::WorkerTracking>,
+    /// The queue's rate limits.
+    pub(crate) limits: Arc<limits::Limits>,
 }
 
 impl Worker {
@@ -257,10 +260,23 @@ impl WorkerInner {
         }
     }
 
-    /// Creates (or adopts) the stream and the durable consumer.
+    /// Creates (or adopts) the stream and the durable consumer. What operators set on an
+    /// existing consumer stays: its pause, its metadata (rate limits), and the queue's limit
+    /// (`max_ack_pending` set with `Admin::set_limit`) unless this worker sets one.
     pub(crate) async fn ensure(&self) -> Result<consumer::PullConsumer, SetupError> {
         let stream = self.stream.ensure(&self.js).await?.stream;
-        stream.create_consumer(self.consumer_config()).await.map_err(|err| {
+        let mut config = self.consumer_config();
+        let existing = stream.get_consumer::<consumer::pull::Config>(&self.settings.consumer).await;
+        if let Ok(existing) = existing {
+            let current = &existing.cached_info().config;
+            config.pause_until = current.pause_until;
+            config.metadata = current.metadata.clone();
+            let operator_limit = current.metadata.contains_key(crate::admin::LIMIT_KEY);
+            if operator_limit && !self.settings.max_ack_pending_explicit {
+                config.max_ack_pending = current.max_ack_pending;
+            }
+        }
+        stream.create_consumer(config).await.map_err(|err| {
             let message = format!(
                 "create consumer {:?} on {:?} (another consumer with an overlapping filter \
                  on a work-queue stream is refused)",

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::dead_letter;
+use super::limits::Permit;
 use super::pull::Leased;
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
@@ -250,6 +251,20 @@ async fn decide(
         message_id(headers).map(str::to_owned),
         Delivery::new(inner.shared_queue.clone(), attempt, sequence),
     );
+    // A task over its queue's rate waits here, its lease renewed, for the next period.
+    if inner.limits.active() {
+        loop {
+            match inner.limits.acquire(name).await {
+                Permit::Go => break,
+                Permit::WaitUntil(at) => {
+                    let wait = tokio::time::sleep_until(at);
+                    tokio::pin!(wait);
+                    renew_lease_until(message, wait, inner.settings.progress_interval, lease)
+                        .await?;
+                }
+            }
+        }
+    }
     // Progress, cancellation and the result need a channel to the handler; most tasks
     // need none.
     let mut live = None;

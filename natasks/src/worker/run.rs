@@ -42,6 +42,11 @@ pub(super) async fn run(
     tracing::info!(queue = %inner.queue, consumer = %settings.consumer, concurrency = settings.concurrency, "worker started");
     // Cancellations of the tracked tasks this worker runs, while it runs.
     let _cancels = inner.tracking.listen(&inner.queue).await;
+    // The queue's rate limits, as operators change them.
+    if let Some(consumer) = &consumer {
+        inner.limits.adopt(&consumer.cached_info().config.metadata);
+    }
+    let _rates = inner.limits.follow(&settings.consumer).await;
 
     let result = loop {
         if shutdown.is_cancelled() {
@@ -308,6 +313,7 @@ async fn recover(
         if client.connection_state() == State::Connected {
             match inner.ensure().await {
                 Ok(consumer) => {
+                    inner.limits.adopt(&consumer.cached_info().config.metadata);
                     if announced {
                         tracing::info!(queue = %inner.queue, "connection restored; worker resumes");
                     }
