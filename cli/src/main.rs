@@ -7,6 +7,7 @@ mod conn;
 mod dispatch;
 mod dlq;
 mod output;
+mod queue;
 mod queues;
 mod schedules;
 
@@ -125,8 +126,12 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Every queue with its pending, in-flight, redelivered and dead-letter counts.
+    /// Every queue with its pending, in-flight, redelivered and dead-letter counts, pause,
+    /// limit and rates.
     Queues,
+    /// Pause or resume a queue, set its limit of tasks in flight or its rate limits.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
     /// Dispatch a task (now, after a delay, or at a time).
     Dispatch(dispatch::DispatchArgs),
     /// Inspect, requeue and purge dead letters.
@@ -140,6 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Command::Queues => queues::run(g).await,
+        Command::Queue(cmd) => queue::run(g, cmd).await,
         Command::Dispatch(args) => dispatch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
         Command::Schedules(args) => schedules::run(g, args).await,

@@ -1,78 +1,44 @@
-//! `natasks queues`: every queue with its counts.
+//! `natasks queues`: every queue with its counts and controls, read through
+//! `natasks::admin`.
 //!
-//! * `stored`: messages on `<prefix>.<queue>` (waiting, in flight or waiting for a retry).
-//! * `pending`: stored tasks not yet handed to a worker: `stored` less `in_flight`. (The
-//!   consumer's `num_pending` is a counter the server keeps on the side, seen one too high
-//!   while tasks were in flight.)
-//! * `in_flight`: delivered and not yet acknowledged (the consumer's `num_ack_pending`).
-//! * `redelivered`: in flight and delivered more than once (`num_redelivered`).
+//! * `pending`: stored tasks not yet handed to a worker.
+//! * `in_flight`: delivered and not yet acknowledged.
+//! * `redelivered`: in flight and delivered more than once.
 //! * `dlq`: messages on the dead-letter queue `<queue><dlq suffix>`.
 //! * `oldest`: time of the first task still on the queue (pending or in flight).
-
-use std::collections::BTreeMap;
+//! * `paused`: until when the queue is paused; `limit`: the most tasks in flight across
+//!   every worker (`*` when an operator set it); `rates`: its rate limits.
 
 use serde_json::json;
 
-use crate::conn;
 use crate::output;
+use crate::queue::{admin, admin_error, paused_text, rates_text};
 use crate::{Global, Result};
 
-#[derive(Debug, Default)]
-struct Row {
-    stored: u64,
-    dlq: u64,
-    consumer: Option<async_nats::jetstream::consumer::Info>,
-    oldest: Option<time::OffsetDateTime>,
-}
-
 pub async fn run(g: &Global) -> Result<()> {
-    let js = conn::connect(g).await?;
-    let stream = conn::stream(g, &js).await?;
-    let counts = conn::subject_counts(&stream, &format!("{}.*", g.subject_prefix)).await?;
-    let consumers = conn::queue_consumers(g, &stream).await?;
-    let prefix = format!("{}.", g.subject_prefix);
-
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (subject, count) in &counts {
-        let Some(queue) = subject.strip_prefix(&prefix) else { continue };
-        match queue.strip_suffix(&g.dlq_suffix) {
-            Some(base) if !base.is_empty() => rows.entry(base.to_owned()).or_default().dlq = *count,
-            _ => rows.entry(queue.to_owned()).or_default().stored = *count,
-        }
-    }
-    // A dead-letter queue gets a row of its own only when a worker consumes it.
-    for (queue, info) in consumers {
-        let stored = counts.get(&conn::queue_subject(g, &queue)).copied().unwrap_or(0);
-        let row = rows.entry(queue).or_default();
-        row.stored = stored;
-        row.consumer = Some(info);
-    }
-    for (queue, row) in rows.iter_mut() {
-        if row.stored > 0 {
-            let subject = conn::queue_subject(g, queue);
-            if let Ok(first) = stream.get_first_raw_message_by_subject(&subject, 1).await {
-                row.oldest = Some(first.time);
-            }
-        }
-    }
-
-    let pending = |row: &Row| {
-        row.stored.saturating_sub(row.consumer.as_ref().map_or(0, |c| c.num_ack_pending as u64))
-    };
+    let admin = admin(g).await?;
+    let rows = admin.queues().await.map_err(|err| admin_error(g, &err))?;
     if g.json {
         let list: Vec<_> = rows
             .iter()
-            .map(|(queue, row)| {
+            .map(|row| {
                 json!({
-                    "queue": queue,
+                    "queue": row.name,
                     "stored": row.stored,
-                    "pending": pending(row),
-                    "in_flight": row.consumer.as_ref().map_or(0, |c| c.num_ack_pending),
-                    "redelivered": row.consumer.as_ref().map_or(0, |c| c.num_redelivered),
-                    "dlq": row.dlq,
+                    "pending": row.pending,
+                    "in_flight": row.in_flight,
+                    "redelivered": row.redelivered,
+                    "dlq": row.dead_letters,
                     "oldest": row.oldest.map(output::time),
                     "oldest_age_seconds": row.oldest.map(|t| output::since(t).as_secs()),
-                    "consumer": row.consumer.as_ref().map(|c| c.name.clone()),
+                    "consumer": row.consumer,
+                    "paused_until": row.paused_until.map(output::time),
+                    "limit": row.limit,
+                    "limit_set": row.limit_set,
+                    "rates": row.rates.iter().map(|r| json!({
+                        "task": r.task,
+                        "rate": r.rate.to_string(),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -85,21 +51,38 @@ pub async fn run(g: &Global) -> Result<()> {
     }
     let table: Vec<Vec<String>> = rows
         .iter()
-        .map(|(queue, row)| {
-            let consumer = row.consumer.as_ref();
+        .map(|row| {
             vec![
-                queue.clone(),
-                pending(row).to_string(),
-                consumer.map_or(0, |c| c.num_ack_pending).to_string(),
-                consumer.map_or(0, |c| c.num_redelivered).to_string(),
-                row.dlq.to_string(),
+                row.name.clone(),
+                row.pending.to_string(),
+                row.in_flight.to_string(),
+                row.redelivered.to_string(),
+                row.dead_letters.to_string(),
                 row.oldest.map_or_else(|| "-".to_owned(), |t| output::age(output::since(t))),
-                consumer.map_or_else(|| "-".to_owned(), |c| c.name.clone()),
+                paused_text(row.paused_until),
+                match (row.limit, row.limit_set) {
+                    (Some(limit), true) => format!("{limit}*"),
+                    (Some(limit), false) => limit.to_string(),
+                    (None, _) => "-".to_owned(),
+                },
+                rates_text(&row.rates),
+                row.consumer.clone().unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();
     output::table(
-        &["QUEUE", "PENDING", "IN FLIGHT", "REDELIVERED", "DLQ", "OLDEST", "CONSUMER"],
+        &[
+            "QUEUE",
+            "PENDING",
+            "IN FLIGHT",
+            "REDELIVERED",
+            "DLQ",
+            "OLDEST",
+            "PAUSED",
+            "LIMIT",
+            "RATES",
+            "CONSUMER",
+        ],
         &table,
     );
     Ok(())
