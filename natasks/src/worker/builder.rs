@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 use super::limits::Limits;
+use super::multi::{Lane, Lanes};
 use crate::error::{HandlerError, SetupError};
 use crate::handler::{self, BoxHandler, Handler};
 use crate::middleware::{process_layer, Next, ProcessLayer, Propagator};
@@ -67,6 +68,10 @@ pub struct WorkerBuilder {
     observers: Observers,
     handlers: Vec<(String, BoxHandler)>,
     result_retention: Option<Duration>,
+    weight: u32,
+    /// More queues served by the same worker, with their weights.
+    more_queues: Vec<(String, u32)>,
+    strict: bool,
 }
 
 impl WorkerBuilder {
@@ -95,7 +100,36 @@ impl WorkerBuilder {
             observers: Observers::default(),
             handlers: Vec::new(),
             result_retention: None,
+            weight: 1,
+            more_queues: Vec::new(),
+            strict: false,
         }
+    }
+
+    /// Serves `queue` too, with `weight` (at least 1), from the same handlers and the same
+    /// `concurrency`: one worker for several queues. In the default weighted mode, each
+    /// queue's share of the tasks started is its weight's share while every queue has
+    /// work, and a queue without work leaves its share to the others; with
+    /// [`strict_priority`](Self::strict_priority), a queue is served only while every
+    /// queue of higher weight is empty. The first queue's weight is set with
+    /// [`weight`](Self::weight) (default 1).
+    pub fn queue(mut self, queue: impl Into<String>, weight: u32) -> Self {
+        self.more_queues.push((queue.into(), weight));
+        self
+    }
+
+    /// The weight of the worker's first queue when it serves several ([`queue`](Self::queue)).
+    /// Default: 1.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// With several queues, serves them in order of weight: a queue only while every queue
+    /// of higher weight has nothing delivered and waiting. Default: weighted sharing.
+    pub fn strict_priority(mut self) -> Self {
+        self.strict = true;
+        self
     }
 
     /// Registers `handler` for tasks named `name`. A handler is an `async fn` whose
@@ -293,25 +327,88 @@ impl WorkerBuilder {
                 ));
             }
         }
-        let tracker = Tracker::new(self.js.clone(), self.stream.clone());
-        let limits = Limits::new(self.js.clone(), self.stream.clone(), &queue);
-        let inner = WorkerInner {
-            limits: Arc::new(limits),
-            tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
-            subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
-            dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
-            shared_queue: Arc::from(queue.as_str()),
-            queue,
-            js: self.js,
-            stream: self.stream,
-            settings,
-            routes,
-            layers: self.layers.into(),
-            propagator: self.propagator,
-            observers: self.observers,
+        let more = self.more_queues()?;
+        let layers: Arc<[ProcessLayer]> = self.layers.clone().into();
+        let inner_for = |queue: String, settings: Settings| {
+            let tracker = Tracker::new(self.js.clone(), self.stream.clone());
+            let limits = Limits::new(self.js.clone(), self.stream.clone(), &queue);
+            WorkerInner {
+                limits: Arc::new(limits),
+                tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
+                subject: wire::queue_subject(&self.stream.subject_prefix, &queue),
+                dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
+                shared_queue: Arc::from(queue.as_str()),
+                queue,
+                js: self.js.clone(),
+                stream: self.stream.clone(),
+                settings,
+                routes: routes.clone(),
+                layers: layers.clone(),
+                propagator: self.propagator.clone(),
+                observers: self.observers.clone(),
+            }
         };
+        let mut lanes = Vec::with_capacity(more.len());
+        for (queue, weight) in more {
+            let settings = self.validate(&queue)?;
+            let inner = inner_for(queue, settings);
+            let consumer = inner.ensure().await?;
+            lanes.push(Lane { inner: Arc::new(inner), consumer, weight });
+        }
+        let inner = inner_for(queue, settings);
         let consumer = inner.ensure().await?;
-        Ok(Worker::new(inner, consumer))
+        let mut worker = Worker::new(inner, consumer);
+        if !lanes.is_empty() {
+            let first = Lane {
+                inner: worker.inner.clone(),
+                consumer: worker.consumer.clone(),
+                weight: self.weight,
+            };
+            lanes.insert(0, first);
+            worker.lanes = Some(Arc::new(Lanes { lanes, strict: self.strict }));
+        }
+        Ok(worker)
+    }
+
+    /// The other queues of a worker serving several, checked: valid, distinct names and
+    /// weights of at least 1.
+    fn more_queues(&self) -> Result<Vec<(String, u32)>, SetupError> {
+        if self.more_queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.durable.is_some() {
+            return Err(SetupError::invalid_option(
+                "durable",
+                "a worker serving several queues names its consumers `<consumer_prefix>-<queue>`; a single durable name cannot serve them all",
+            ));
+        }
+        let first = wire::validate_queue(&self.queue)?.to_owned();
+        let mut seen = vec![first];
+        let mut out = Vec::with_capacity(self.more_queues.len());
+        if self.weight == 0 {
+            return Err(SetupError::invalid_option(
+                "weight",
+                format!("weight 0 of queue {:?} must be at least 1", seen[0]),
+            ));
+        }
+        for (queue, weight) in &self.more_queues {
+            let queue = wire::validate_queue(queue)?.to_owned();
+            if *weight == 0 {
+                return Err(SetupError::invalid_option(
+                    "queue",
+                    format!("weight 0 of queue {queue:?} must be at least 1"),
+                ));
+            }
+            if seen.contains(&queue) {
+                return Err(SetupError::invalid_option(
+                    "queue",
+                    format!("queue {queue:?} is served twice by one worker"),
+                ));
+            }
+            seen.push(queue.clone());
+            out.push((queue, *weight));
+        }
+        Ok(out)
     }
 
     fn routes(&self) -> Result<HashMap<Arc<str>, BoxHandler>, SetupError> {

@@ -9,6 +9,7 @@
 mod builder;
 mod dead_letter;
 mod limits;
+mod multi;
 mod process;
 mod pull;
 mod run;
@@ -114,6 +115,8 @@ pub struct Worker {
     /// Set while a run (including its shutdown) is under way; cleared by the run itself, so
     /// it stays set while a run whose caller went away is still shutting down.
     running: Arc<AtomicBool>,
+    /// Every queue (the first one included) of a worker serving several.
+    lanes: Option<Arc<multi::Lanes>>,
 }
 
 /// Triggers a graceful shutdown of a [`Worker`] from elsewhere.
@@ -160,12 +163,21 @@ impl Worker {
             consumer,
             shutdown: CancellationToken::new(),
             running: Arc::new(AtomicBool::new(false)),
+            lanes: None,
         }
     }
 
-    /// The queue this worker consumes.
+    /// The queue this worker consumes (the first, for a worker serving several).
     pub fn queue(&self) -> &str {
         &self.inner.queue
+    }
+
+    /// Every queue this worker serves, with its weight (1 for a worker of one queue).
+    pub fn queues(&self) -> Vec<(&str, u32)> {
+        match &self.lanes {
+            None => vec![(self.inner.queue.as_str(), 1)],
+            Some(lanes) => lanes.lanes.iter().map(|l| (l.inner.queue.as_str(), l.weight)).collect(),
+        }
     }
 
     /// The durable consumer name.
@@ -210,12 +222,24 @@ impl Worker {
                 format!("worker for queue {:?} is already running", self.inner.queue),
             ));
         }
-        let run = run::run(self.inner.clone(), self.consumer.clone(), self.shutdown.clone());
         let running = RunningFlag(self.running.clone());
-        let mut run = tokio::spawn(async move {
-            let _running = running;
-            run.await
-        });
+        let mut run = match &self.lanes {
+            None => {
+                let run =
+                    run::run(self.inner.clone(), self.consumer.clone(), self.shutdown.clone());
+                tokio::spawn(async move {
+                    let _running = running;
+                    run.await
+                })
+            }
+            Some(lanes) => {
+                let run = multi::run(lanes.clone(), self.shutdown.clone());
+                tokio::spawn(async move {
+                    let _running = running;
+                    run.await
+                })
+            }
+        };
         // Dropped with this future unless disarmed: the run then shuts down on its own.
         let stop_if_dropped = self.shutdown.clone().drop_guard();
         let joined = tokio::select! {

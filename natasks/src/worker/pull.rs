@@ -117,6 +117,17 @@ impl Puller {
         Ok(())
     }
 
+    /// Asks for whatever is missing of what the worker may hold (the prefetch): a worker
+    /// serving several queues keeps each queue's waiting tasks full, so that a queue with
+    /// work is never seen empty while its next task is on its way.
+    pub(super) async fn top_up_fully(&mut self) -> Result<(), PullError> {
+        let held = self.outstanding + self.buffer.len();
+        if held < self.prefetch {
+            self.request(self.prefetch - held).await?;
+        }
+        Ok(())
+    }
+
     /// The next message, for a worker with `free` free slots (counting the one the message
     /// will take).
     pub(super) async fn next(&mut self, free: usize) -> Result<Leased, PullError> {
@@ -201,6 +212,18 @@ impl Puller {
             }
         }
         None
+    }
+
+    /// A delivered task waiting in the buffer, if any (a worker serving several queues
+    /// keeps one or a few per queue, and picks among them).
+    pub(super) fn pop_buffered(&mut self) -> Option<Leased> {
+        let (since, message) = self.buffer.pop_front()?;
+        Some(self.lease(message, since))
+    }
+
+    /// Whether a delivered task waits in the buffer.
+    pub(super) fn has_buffered(&self) -> bool {
+        !self.buffer.is_empty()
     }
 
     /// Whether nothing more can come: nothing buffered, nothing requested.

@@ -19,7 +19,7 @@ use super::{process, WorkerInner};
 use crate::error::{RunError, RunErrorKind};
 
 /// Longest wait for the final flush at shutdown.
-const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 enum Exit {
     Shutdown,
@@ -175,7 +175,7 @@ const INLINE_PAUSE: Duration = Duration::from_secs(1);
 /// without awaiting would hold up the pull loop (and the tasks after it, which then run one
 /// at a time): after two first polls in a row over [`INLINE_BUDGET`], every task gets a
 /// task of its own from the start, in parallel, for [`INLINE_PAUSE`].
-struct Starter {
+pub(super) struct Starter {
     tracker: TaskTracker,
     spawn_only_until: Option<Instant>,
     /// The last first poll went over the budget.
@@ -183,11 +183,11 @@ struct Starter {
 }
 
 impl Starter {
-    fn new(tracker: TaskTracker) -> Self {
+    pub(super) fn new(tracker: TaskTracker) -> Self {
         Self { tracker, spawn_only_until: None, slow: false }
     }
 
-    fn start(&mut self, work: impl Future<Output = ()> + Send + 'static) {
+    pub(super) fn start(&mut self, work: impl Future<Output = ()> + Send + 'static) {
         if let Some(until) = self.spawn_only_until {
             if Instant::now() < until {
                 self.tracker.spawn(work);
@@ -282,7 +282,7 @@ async fn slot_before(
 }
 
 /// Sleeps for `wait` unless shutdown comes first.
-async fn pause(shutdown: &CancellationToken, wait: std::time::Duration) {
+pub(super) async fn pause(shutdown: &CancellationToken, wait: std::time::Duration) {
     tokio::select! {
         () = shutdown.cancelled() => {}
         () = tokio::time::sleep(wait) => {}
@@ -291,7 +291,7 @@ async fn pause(shutdown: &CancellationToken, wait: std::time::Duration) {
 
 /// Waits for the connection, then re-creates the stream and consumer if needed.
 /// `Ok(None)` means shutdown was requested meanwhile.
-async fn recover(
+pub(super) async fn recover(
     inner: &WorkerInner,
     shutdown: &CancellationToken,
 ) -> Result<Option<PullConsumer>, RunError> {

@@ -1,0 +1,183 @@
+//! One worker serving several queues: weighted shares, strict priority, no starvation,
+//! graceful shutdown and bad input, against a real server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use natasks::{Client, Delivery, HandlerError, Task, Worker};
+
+/// Start order of tasks, by queue.
+type Starts = Arc<Mutex<Vec<String>>>;
+
+fn recorder(
+    starts: Starts,
+    work: Duration,
+) -> impl Fn(Task) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
+       + Clone
+       + Send
+       + Sync {
+    use futures_util::FutureExt;
+    move |task: Task| {
+        let queue = task.delivery().map(|d: &Delivery| d.queue.to_string()).unwrap_or_default();
+        starts.lock().unwrap().push(queue);
+        async move {
+            tokio::time::sleep(work).await;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+async fn fill(client: &Client, queue: &str, n: usize) {
+    for i in 0..n {
+        client.dispatch(Task::new("job", format!("{i}")), queue).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn weighted_shares_follow_the_weights_under_load() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let starts: Starts = Arc::default();
+    // The consumers exist before the tasks, so that every queue has a backlog from the start.
+    let worker = Worker::builder(js.clone(), "critical")
+        .weight(6)
+        .queue("default", 3)
+        .queue("low", 1)
+        .concurrency(4)
+        .handle("job", recorder(starts.clone(), Duration::from_millis(2)))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(worker.queues(), [("critical", 6), ("default", 3), ("low", 1)]);
+    for queue in ["critical", "default", "low"] {
+        fill(&client, queue, 250).await;
+    }
+    let running = spawn(worker);
+    eventually(DEADLINE, "400 tasks to start", || async { starts.lock().unwrap().len() >= 400 })
+        .await;
+    running.stop().await.unwrap();
+    // While every queue still had work (critical runs out after 250 of its tasks).
+    let starts = starts.lock().unwrap();
+    let window = &starts[..400];
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for queue in window {
+        *counts.entry(queue.as_str()).or_default() += 1;
+    }
+    println!("shares of the first 400 starts: {counts:?}");
+    for (queue, weight) in [("critical", 6.0), ("default", 3.0), ("low", 1.0)] {
+        let share = counts.get(queue).copied().unwrap_or(0) as f64 / window.len() as f64;
+        let expected = weight / 10.0;
+        assert!(
+            (share - expected).abs() <= expected * 0.1,
+            "{queue}: share {share:.3}, weight share {expected:.3}: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn strict_priority_serves_lower_queues_only_when_higher_ones_are_empty() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let starts: Starts = Arc::default();
+    let worker = Worker::builder(js.clone(), "low")
+        .queue("critical", 10)
+        .strict_priority()
+        .concurrency(2)
+        .handle("job", recorder(starts.clone(), Duration::from_millis(5)))
+        .build()
+        .await
+        .unwrap();
+    fill(&client, "low", 50).await;
+    fill(&client, "critical", 50).await;
+    let running = spawn(worker);
+    eventually(DEADLINE, "every task to start", || async { starts.lock().unwrap().len() == 100 })
+        .await;
+    running.stop().await.unwrap();
+    let starts = starts.lock().unwrap();
+    let last_critical = starts.iter().rposition(|q| q == "critical").unwrap();
+    let low_before = starts[..last_critical].iter().filter(|q| *q == "low").count();
+    println!("low tasks started before the last critical one: {low_before}");
+    // The worker's one waiting low task may start while critical's next delivery is on
+    // its way; no more.
+    assert!(low_before <= 2, "strict priority: {starts:?}");
+}
+
+#[tokio::test]
+async fn a_flooded_low_queue_does_not_starve_critical() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let waits: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let handler = {
+        let waits = waits.clone();
+        move |task: Task| {
+            let waits = waits.clone();
+            async move {
+                if task.name() == "ping" {
+                    let sent: u128 = String::from_utf8_lossy(task.payload()).parse().unwrap();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_micros();
+                    waits.lock().unwrap().push(Duration::from_micros((now - sent) as u64));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let worker = Worker::builder(js.clone(), "critical")
+        .weight(9)
+        .queue("low", 1)
+        .concurrency(4)
+        .handle("ping", handler.clone())
+        .handle("slow", handler)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..200 {
+        client.dispatch(Task::new("slow", format!("{i}")), "low").await.unwrap();
+    }
+    let running = spawn(worker);
+    let started = Instant::now();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        client.dispatch(Task::new("ping", now.as_micros().to_string()), "critical").await.unwrap();
+    }
+    eventually(DEADLINE, "every ping to run", || async { waits.lock().unwrap().len() == 20 }).await;
+    println!("20 pings in {:?}", started.elapsed());
+    running.stop().await.unwrap();
+    let mut waits = waits.lock().unwrap().clone();
+    waits.sort();
+    println!("critical waits: p50 {:?}, max {:?}", waits[10], waits[19]);
+    // At most one slow task (200 ms) ahead of a ping, with margin for a loaded machine.
+    assert!(waits[19] < Duration::from_millis(1500), "critical starved: {waits:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_at_build() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let ok = |_: Task| async { Ok::<(), HandlerError>(()) };
+    let cases: Vec<(natasks::WorkerBuilder, &str)> = vec![
+        (Worker::builder(js.clone(), "a").queue("b", 0), "weight 0 of queue \"b\""),
+        (Worker::builder(js.clone(), "a").weight(0).queue("b", 1), "weight 0 of queue \"a\""),
+        (Worker::builder(js.clone(), "a").queue("a", 2), "served twice"),
+        (Worker::builder(js.clone(), "").queue("default", 2), "served twice"),
+        (Worker::builder(js.clone(), "a").queue("b.c", 2), "queue name \"b.c\""),
+        (Worker::builder(js.clone(), "a").durable("d").queue("b", 2), "durable"),
+    ];
+    for (builder, expected) in cases {
+        let err = builder.handle("t", ok).build().await.err().expect("refused");
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}
