@@ -257,6 +257,13 @@ fn requeued(stream: &str, message: &StreamMessage, target: &str) -> HeaderMap {
         if drop {
             continue;
         }
+        // A tracked task's dead letter carries its tracking aside; the requeued task is
+        // tracked again.
+        let name = if name.eq_ignore_ascii_case(natasks::wire::HEADER_DEAD_LETTER_TRACK) {
+            natasks::wire::HEADER_TRACK
+        } else {
+            name
+        };
         for value in values {
             headers.append(name, value.as_str());
         }

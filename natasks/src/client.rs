@@ -358,6 +358,11 @@ impl Publisher {
             }
             None => {
                 headers.insert(wire::ID_NAME, dispatch.id.as_str());
+                // A tracked task's id is its message id too: a middleware that publishes a
+                // dispatch twice stores it once, and its record stays one task's.
+                if retention.is_some() {
+                    headers.insert(wire::NATS_MSG_ID, dispatch.id.as_str());
+                }
                 dispatch.id
             }
         };

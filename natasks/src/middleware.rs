@@ -66,9 +66,17 @@ pub struct Dispatch {
     pub(crate) receipt: Option<Arc<OnceLock<Receipt>>>,
 }
 
+/// A new task id: a NUID from a generator per thread (the shared one takes a lock).
+fn fresh_id() -> String {
+    thread_local! {
+        static IDS: std::cell::RefCell<nuid::NUID> = std::cell::RefCell::new(nuid::NUID::new());
+    }
+    IDS.with(|ids| ids.borrow_mut().next().to_string())
+}
+
 impl Dispatch {
     pub(crate) fn new(task: Task, queue: &str, due: Option<time::OffsetDateTime>) -> Self {
-        let id = task.dispatch_id().map_or_else(|| nuid::next().to_string(), str::to_owned);
+        let id = task.dispatch_id().map_or_else(fresh_id, str::to_owned);
         Self { task, queue: queue.to_owned(), due, id, receipt: None }
     }
 

@@ -250,8 +250,8 @@ impl Task {
     }
 
     /// Like [`tracked`](Self::tracked), keeping the records for `retention` after the last
-    /// change instead of the worker's default. Whole seconds, at least one: dispatch refuses
-    /// anything else.
+    /// change instead of the worker's default. Whole seconds, from 1 s to 10 years
+    /// ([`MAX_RETENTION`](crate::track::MAX_RETENTION)): dispatch refuses anything else.
     #[must_use]
     pub fn tracked_for(mut self, retention: Duration) -> Self {
         self.track = Some(retention);

@@ -29,6 +29,10 @@ pub const HEADER_ATTEMPTS: &str = "Natasks-Attempts";
 pub const HEADER_LAST_ERROR: &str = "Natasks-Last-Error";
 /// Dead letters: why the task was dead-lettered (see [`DeadLetterReason`](crate::DeadLetterReason)).
 pub const HEADER_DEAD_LETTER_REASON: &str = "Natasks-Dead-Letter-Reason";
+/// Dead letters of tracked tasks: the `Natasks-Track` value the task had. A dead letter is
+/// not tracked (a worker consuming the dead-letter queue must not rewrite the task's
+/// record); a requeue (`natasks dlq requeue`) tracks it again.
+pub const HEADER_DEAD_LETTER_TRACK: &str = "Natasks-Dead-Letter-Track";
 /// Delayed tasks: the message id given at dispatch, kept because the server strips
 /// `Nats-Msg-Id` from the message a schedule produces.
 pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
@@ -53,6 +57,8 @@ pub const HEADER_PERIODIC_DIGEST: &str = "Natasks-Periodic-Digest";
 pub(crate) const NATS_MSG_ID: &str = "Nats-Msg-Id";
 pub(crate) const NATS_SCHEDULE: &str = "Nats-Schedule";
 pub(crate) const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+/// On a message a schedule produced: the schedule's subject.
+pub(crate) const NATS_SCHEDULER: &str = "Nats-Scheduler";
 pub(crate) const NATS_SCHEDULE_TIME_ZONE: &str = "Nats-Schedule-Time-Zone";
 /// On a message a schedule produced: when the schedule fires next (RFC 3339), or `purge`.
 pub(crate) const NATS_SCHEDULE_NEXT: &str = "Nats-Schedule-Next";

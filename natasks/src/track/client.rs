@@ -68,8 +68,10 @@ impl TrackedDispatch {
     }
 
     /// After the server stored it: the `pending` (or `scheduled`) record, unless a worker
-    /// already recorded more. A failure is logged: the task is stored, and a dispatch
-    /// error would make the caller store it again.
+    /// already recorded more. The record of an earlier task with the same id (a message id
+    /// used again after the duplicate window) is replaced once that task has ended. A
+    /// failure is logged: the task is stored, and a dispatch error would make the caller
+    /// store it again.
     pub(crate) async fn stored(&self, tracker: &Tracker, sequence: u64, duplicate: bool) {
         if duplicate {
             return;
@@ -79,25 +81,49 @@ impl TrackedDispatch {
         record.due = self.due;
         record.schedule = self.schedule.clone();
         record.sequence = self.due.is_none().then_some(sequence);
-        let written = match tracker.store().await {
-            Ok(store) => store.put(&self.id, &record, Some(0)).await.map(drop),
+        let store = match tracker.store().await {
+            Ok(store) => store,
             Err(err) => {
                 tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
                 return;
             }
         };
-        match written {
-            Ok(()) => {}
-            // A worker got there first.
-            Err(err) if is_conflict(&err) => {}
-            Err(err) => {
-                tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
+        let mut expect = 0;
+        for _ in 0..5 {
+            match store.put(&self.id, &record, Some(expect)).await {
+                Ok(_) => return,
+                Err(err) if is_conflict(&err) => {}
+                Err(err) => {
+                    tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
+                    return;
+                }
             }
+            expect = match store.get(&self.id).await {
+                // An earlier task's record: replaced once that task has ended.
+                Ok(Lookup::Found { record: found, revision })
+                    if found.is_final()
+                        && found.sequence != record.sequence
+                        && (found.schedule.is_none() || found.schedule != record.schedule) =>
+                {
+                    revision
+                }
+                Ok(Lookup::Expired { revision } | Lookup::Unknown { revision }) => revision,
+                // A worker got there first (or a task with this id is still under way).
+                Ok(Lookup::Found { .. }) => return,
+                Err(err) => {
+                    tracing::warn!(id = %self.id, error = %err, "could not record the dispatched task");
+                    return;
+                }
+            };
         }
     }
 
     /// The server refused the task: `failed`, after the `dispatched` already sent.
     pub(crate) async fn refused(&self, tracker: &Tracker, error: &crate::DispatchError) {
+        // A dispatch that timed out may have been stored, and may still run.
+        if error.kind() == crate::DispatchErrorKind::Timeout {
+            return;
+        }
         let mut event = Event::new(EventKind::Failed, &self.id, &self.queue, &self.task, 0);
         event.error = Some(error.to_string());
         event.publish(tracker).await;
@@ -116,8 +142,8 @@ impl Client {
         let store = self.tracker().store().await?;
         Ok(match store.get(id).await? {
             Lookup::Found { record, .. } => Status::Known(record.status(id)),
-            Lookup::Expired => Status::Expired,
-            Lookup::Unknown => Status::Unknown,
+            Lookup::Expired { .. } => Status::Expired,
+            Lookup::Unknown { .. } => Status::Unknown,
         })
     }
 
@@ -129,8 +155,8 @@ impl Client {
         let store = self.tracker().store().await?;
         match store.get(id).await? {
             Lookup::Found { record, .. } => finished(id, &record),
-            Lookup::Expired => Err(expired(id)),
-            Lookup::Unknown => Err(unknown(id)),
+            Lookup::Expired { .. } => Err(expired(id)),
+            Lookup::Unknown { .. } => Err(unknown(id)),
         }
     }
 
@@ -143,7 +169,10 @@ impl Client {
         timeout: Duration,
     ) -> Result<T, TrackError> {
         validate_id(id)?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too long to add is no deadline at all.
+        let deadline = tokio::time::Instant::now().checked_add(timeout).unwrap_or_else(|| {
+            tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+        });
         let store = self.tracker().store().await?;
         let mut watch = store.watch(id).await?;
         let mut last = None;
@@ -172,8 +201,8 @@ impl Client {
             match super::store::lookup(id, entry.operation, &entry.value, entry.revision)? {
                 Lookup::Found { record, .. } if record.is_final() => return finished(id, &record),
                 Lookup::Found { record, .. } => last = Some(record.status(id).state),
-                Lookup::Expired => return Err(expired(id)),
-                Lookup::Unknown => {}
+                Lookup::Expired { .. } => return Err(expired(id)),
+                Lookup::Unknown { .. } => {}
             }
         }
     }
@@ -191,8 +220,8 @@ impl Client {
         for _ in 0..10 {
             let (record, revision) = match store.get(id).await? {
                 Lookup::Found { record, revision } => (record, revision),
-                Lookup::Expired => return Ok(CancelOutcome::Expired),
-                Lookup::Unknown => return Ok(CancelOutcome::Unknown),
+                Lookup::Expired { .. } => return Ok(CancelOutcome::Expired),
+                Lookup::Unknown { .. } => return Ok(CancelOutcome::Unknown),
             };
             if record.state == Tag::Cancelled {
                 return Ok(CancelOutcome::AlreadyCancelled);
@@ -206,6 +235,8 @@ impl Client {
             cancelled.at = OffsetDateTime::now_utc();
             cancelled.lease_until = None;
             cancelled.next_at = None;
+            // A running task's worker announces the end; the others are announced here.
+            cancelled.cancel_announced = record.state != Tag::Running;
             match store.put(id, &cancelled, Some(revision)).await {
                 Ok(_) => {}
                 Err(err) if is_conflict(&err) => continue,

@@ -54,7 +54,9 @@ pub struct Event {
 #[non_exhaustive]
 pub enum EventKind {
     /// Handed to the server (sent just before the task is stored, so that it precedes
-    /// every other event of the task; a refused dispatch is followed by `failed`).
+    /// every other event of the task; a refused dispatch is followed by `failed`, one that
+    /// timed out by nothing, as it may still be stored). A dispatch the server drops as a
+    /// duplicate of its message id is announced too.
     Dispatched,
     /// An attempt started.
     Started,

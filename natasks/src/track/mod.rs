@@ -38,6 +38,9 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// which the id is [`Status::Unknown`].
 pub const EXPIRED_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest retention: records are kept at most this long after their last change.
+pub const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The longest task id, in bytes.
 pub const MAX_ID: usize = 256;
 
@@ -248,13 +251,14 @@ pub(crate) fn dispatch_retention(
     use crate::{DispatchError, DispatchErrorKind};
     let retention = match task.track() {
         Some(retention) => {
+            let whole = retention.subsec_nanos() == 0;
             if !retention.is_zero()
-                && (retention < Duration::from_secs(1) || retention.subsec_nanos() != 0)
+                && (retention < Duration::from_secs(1) || !whole || retention > MAX_RETENTION)
             {
                 return Err(DispatchError::new(
                     DispatchErrorKind::InvalidTask,
                     format!(
-                        "task {:?}: a tracked task's retention must be whole seconds, at least 1 s (got {retention:?})",
+                        "task {:?}: a tracked task's retention must be whole seconds, from 1 s to 10 years (got {retention:?})",
                         task.name()
                     ),
                 ));

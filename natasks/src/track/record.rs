@@ -58,6 +58,9 @@ pub(crate) struct Record {
     pub(crate) schedule: Option<String>,
     /// Seconds the record is kept after this change.
     pub(crate) retention: u64,
+    /// On `cancelled`: whether the `cancelled` event was published.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) cancel_announced: bool,
 }
 
 /// The state names in a record.
@@ -94,6 +97,7 @@ impl Record {
             sequence: None,
             schedule: None,
             retention,
+            cancel_announced: false,
         }
     }
 

@@ -55,9 +55,18 @@ impl Tracker {
 
 /// What the bucket holds for an id.
 pub(crate) enum Lookup {
-    Found { record: Box<Record>, revision: u64 },
-    Expired,
-    Unknown,
+    Found {
+        record: Box<Record>,
+        revision: u64,
+    },
+    /// The server's marker for an expired record, at this revision.
+    Expired {
+        revision: u64,
+    },
+    /// Nothing (revision 0), or a deleted record at this revision.
+    Unknown {
+        revision: u64,
+    },
 }
 
 pub(crate) struct Store {
@@ -108,6 +117,18 @@ impl Store {
                 TrackError::broker(format!("create the task record bucket {bucket:?}"), create)
             })?,
         };
+        // A bucket made elsewhere without per-message TTL would refuse every record.
+        let config = &kv.stream.cached_info().config;
+        if !config.allow_message_ttl || config.max_messages_per_subject != 1 {
+            return Err(TrackError::new(
+                TrackErrorKind::Unsupported,
+                format!(
+                    "the task record bucket {bucket:?} exists without per-message TTL or with \
+                     history above 1 (made by another tool?); delete it, or give it \
+                     `limit_markers` and history 1"
+                ),
+            ));
+        }
         Ok(Self { js: js.clone(), kv, subject_prefix: format!("$KV.{bucket}.") })
     }
 
@@ -118,7 +139,7 @@ impl Store {
             self.kv.entry(key).await.map_err(|err| {
                 TrackError::broker(format!("read the record of task {id:?}"), err)
             })?;
-        let Some(entry) = entry else { return Ok(Lookup::Unknown) };
+        let Some(entry) = entry else { return Ok(Lookup::Unknown { revision: 0 }) };
         lookup(id, entry.operation, &entry.value, entry.revision)
     }
 
@@ -166,8 +187,8 @@ pub(crate) fn lookup(
             )),
         },
         // The server's marker for a record whose TTL ran out.
-        Operation::Purge => Ok(Lookup::Expired),
-        Operation::Delete => Ok(Lookup::Unknown),
+        Operation::Purge => Ok(Lookup::Expired { revision }),
+        Operation::Delete => Ok(Lookup::Unknown { revision }),
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{Event, EventKind};
 use super::record::{Record, Tag};
-use super::store::{is_too_large, Lookup, Tracker};
+use super::store::{is_conflict, is_too_large, Lookup, Tracker};
 use super::DEFAULT_RETENTION;
 use crate::extract::{Live, ProgressReport};
 use crate::wire;
@@ -84,6 +84,7 @@ impl WorkerTracking {
             .or_else(|| headers.get(wire::MESSAGE_ID_NAME))
             .or_else(|| headers.get(wire::NATS_MSG_ID))
             .map_or_else(|| format!("seq-{sequence}"), |v| v.as_str().to_owned());
+        let scheduler = headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str().to_owned());
         Some(Attempt {
             tracking: self,
             id,
@@ -91,9 +92,14 @@ impl WorkerTracking {
             task,
             attempt,
             retention,
+            sequence,
+            scheduler,
             since: OffsetDateTime::now_utc(),
             registered: 0,
+            cancel: None,
             last_progress: None,
+            revision: 0,
+            stale: false,
         })
     }
 
@@ -133,6 +139,11 @@ impl Drop for ListenGuard {
 }
 
 /// One attempt of a tracked task.
+///
+/// Its writes are conditional on the record's revision it last read or wrote, so that it
+/// never overwrites what someone else wrote meanwhile without looking: a cancel (which it
+/// then obeys), or the record of a newer attempt after this one lost its lease (it then
+/// writes nothing more).
 pub(crate) struct Attempt<'a> {
     tracking: &'a WorkerTracking,
     id: String,
@@ -140,31 +151,59 @@ pub(crate) struct Attempt<'a> {
     task: &'a str,
     attempt: u64,
     retention: u64,
+    /// The stored message this attempt runs, and the schedule that produced it, if any:
+    /// what ties a record to this task rather than to an earlier one with the same id.
+    sequence: u64,
+    scheduler: Option<String>,
     since: OffsetDateTime,
     /// This attempt's number in `running` (0: not registered).
     registered: u64,
+    cancel: Option<CancellationToken>,
     last_progress: Option<ProgressReport>,
+    /// The record's revision as this attempt last read or wrote it (0: none).
+    revision: u64,
+    /// A newer attempt owns the record: this one writes nothing more.
+    stale: bool,
 }
 
 /// Whether a tracked attempt may run.
 pub(crate) enum Begin {
     Run,
-    /// Cancelled before it started: remove it without running.
-    Cancelled,
+    /// Cancelled before it started: remove it without running. `announce`: nobody
+    /// announced the cancel yet.
+    Cancelled {
+        announce: bool,
+    },
 }
+
+/// The longest error text and progress detail a record keeps: a record must fit in one
+/// message whatever the handler reports.
+const MAX_ERROR: usize = 4096;
+const MAX_DETAIL: usize = 16 * 1024;
 
 impl Attempt<'_> {
     fn record(&self, tag: Tag) -> Record {
         let mut record = Record::new(tag, self.queue, self.task, self.attempt, self.retention);
         record.since = Some(self.since);
         record.progress = self.last_progress.clone();
+        record.sequence = Some(self.sequence);
+        record.schedule = self.scheduler.clone();
         record
     }
 
-    /// Before the handler runs: listens for a cancel, checks that none came yet, records
-    /// `running` and announces `started`.
-    pub(crate) async fn begin(&mut self, live: &Live, lease_until: OffsetDateTime) -> Begin {
-        // Listening first, then reading: a cancel recorded after the read is heard.
+    /// Whether `record` is about the message this attempt runs (an earlier task with the
+    /// same id is another task).
+    fn is_ours(&self, record: &Record) -> bool {
+        match (record.sequence, &record.schedule) {
+            (Some(sequence), _) => sequence == self.sequence,
+            (None, Some(schedule)) => self.scheduler.as_deref() == Some(schedule.as_str()),
+            (None, None) => true,
+        }
+    }
+
+    /// Before anything is decided: listens for a cancel, then reads the record; a cancel
+    /// recorded after the read is heard.
+    pub(crate) async fn check(&mut self, live: &Live) -> Begin {
         let number = self.tracking.next_attempt.fetch_add(1, Ordering::Relaxed);
         self.tracking
             .running
@@ -172,25 +211,54 @@ impl Attempt<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(self.id.clone(), (number, live.cancel.clone()));
         self.registered = number;
+        self.cancel = Some(live.cancel.clone());
+        match self.read().await {
+            Some(record) if record.state == Tag::Cancelled && self.is_ours(&record) => {
+                Begin::Cancelled { announce: !record.cancel_announced }
+            }
+            _ => Begin::Run,
+        }
+    }
+
+    /// Reads the record, remembering its revision; `None` when there is none or it cannot
+    /// be read.
+    async fn read(&mut self) -> Option<Record> {
         let store = match self.tracking.tracker.store().await {
             Ok(store) => store,
             Err(err) => {
                 tracing::warn!(id = %self.id, error = %err, "cannot record the task; running it untracked");
-                return Begin::Run;
+                self.stale = true;
+                return None;
             }
         };
         match store.get(&self.id).await {
-            Ok(Lookup::Found { record, .. }) if record.state == Tag::Cancelled => {
-                return Begin::Cancelled
+            Ok(Lookup::Found { record, revision }) => {
+                self.revision = revision;
+                Some(*record)
             }
-            Ok(_) => {}
+            // An expiry marker has a revision too: the next write goes on top of it.
+            Ok(Lookup::Expired { revision } | Lookup::Unknown { revision }) => {
+                self.revision = revision;
+                None
+            }
             Err(err) => {
-                tracing::warn!(id = %self.id, error = %err, "cannot read the task's record")
+                tracing::warn!(id = %self.id, error = %err, "cannot read the task's record");
+                None
             }
         }
+    }
+
+    /// Before the handler runs: records `running` and announces `started`. A cancel found
+    /// on the way ends the attempt instead.
+    pub(crate) async fn start(&mut self, lease_until: OffsetDateTime) -> Begin {
         let mut record = self.record(Tag::Running);
         record.lease_until = Some(lease_until);
-        self.write(&record).await;
+        if let Written::Cancelled = self.write(&mut record, false).await {
+            return Begin::Cancelled { announce: true };
+        }
+        if self.cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            return Begin::Cancelled { announce: true };
+        }
         self.event(EventKind::Started).publish(&self.tracking.tracker).await;
         Begin::Run
     }
@@ -199,18 +267,20 @@ impl Attempt<'_> {
     pub(crate) async fn renewed(&mut self, lease_until: OffsetDateTime) {
         let mut record = self.record(Tag::Running);
         record.lease_until = Some(lease_until);
-        self.write(&record).await;
+        self.write(&mut record, false).await;
     }
 
     /// The handler reported progress.
     pub(crate) async fn progress(&mut self, report: ProgressReport, lease_until: OffsetDateTime) {
+        let report = bounded(report);
         self.last_progress = Some(report.clone());
         let mut record = self.record(Tag::Running);
         record.lease_until = Some(lease_until);
-        self.write(&record).await;
-        let mut event = self.event(EventKind::Progress);
-        event.progress = Some(report);
-        event.publish(&self.tracking.tracker).await;
+        if let Written::Yes = self.write(&mut record, false).await {
+            let mut event = self.event(EventKind::Progress);
+            event.progress = Some(report);
+            event.publish(&self.tracking.tracker).await;
+        }
     }
 
     /// Records how the attempt ended and announces it, before the worker tells the broker.
@@ -231,39 +301,39 @@ impl Attempt<'_> {
         let mut event = self.event(kind);
         match ended {
             Ended::Retrying { delay, error } => {
-                record.next_at = delay.map(|d| OffsetDateTime::now_utc() + d);
-                record.error = Some(error.to_owned());
+                record.next_at = delay
+                    .and_then(|d| time::Duration::try_from(d).ok())
+                    .and_then(|d| OffsetDateTime::now_utc().checked_add(d));
+                record.error = Some(clip(error, MAX_ERROR));
                 event.next_at = record.next_at;
-                event.error = Some(error.to_owned());
+                event.error = record.error.clone();
             }
             Ended::Failed { error } => {
-                record.error = Some(error.to_owned());
-                event.error = Some(error.to_owned());
+                record.error = Some(clip(error, MAX_ERROR));
+                event.error = record.error.clone();
             }
             Ended::DeadLettered { reason, error } => {
-                record.error = Some(error.to_owned());
+                record.error = Some(clip(error, MAX_ERROR));
                 record.reason = Some(reason.to_owned());
-                event.error = Some(error.to_owned());
+                event.error = record.error.clone();
                 event.reason = Some(reason.to_owned());
             }
-            Ended::Succeeded | Ended::Cancelled { .. } => {}
+            Ended::Cancelled { .. } => record.cancel_announced = true,
+            Ended::Succeeded => {}
         }
+        let size = result.as_ref().map(Vec::len);
         if let Some(json) = result {
-            let size = json.len();
             record.result =
                 String::from_utf8(json).ok().and_then(|s| RawValue::from_string(s).ok());
-            if let Err(err) = self.try_write(&record).await {
-                if is_too_large(&err) {
-                    return Err(Unrecorded::ResultTooLarge(format!(
-                        "the result ({size} bytes of JSON) is larger than the server's max_payload; it cannot be stored"
-                    )));
-                }
-                tracing::warn!(id = %self.id, error = %err, "could not record the task's result");
-            }
-        } else {
-            self.write(&record).await;
         }
-        if !matches!(ended, Ended::Cancelled { announce: false }) {
+        let written = self.write(&mut record, true).await;
+        if let (Written::TooLarge, Some(size)) = (&written, size) {
+            return Err(Unrecorded::ResultTooLarge(format!(
+                "the result ({size} bytes of JSON) is larger than the server's max_payload; it cannot be stored"
+            )));
+        }
+        let announce = !matches!(ended, Ended::Cancelled { announce: false });
+        if announce && !matches!(written, Written::Stale) {
             event.publish(&self.tracking.tracker).await;
         }
         Ok(())
@@ -273,22 +343,89 @@ impl Attempt<'_> {
         Event::new(kind, &self.id, self.queue, self.task, self.attempt)
     }
 
-    async fn write(&self, record: &Record) {
-        if let Err(err) = self.try_write(record).await {
-            tracing::warn!(id = %self.id, error = %err, "could not record the task's state");
+    /// Writes `record` if the record is still as this attempt last saw it. When it is not:
+    /// a cancel of this task is obeyed (the handler's signal fires; `finish`, whose outcome
+    /// is decided, writes over it), a newer attempt's record makes this attempt stale, and
+    /// anything else (the dispatcher's first record) is written over.
+    async fn write(&mut self, record: &mut Record, finishing: bool) -> Written {
+        if self.stale {
+            return Written::Stale;
         }
+        // Once cancelled, only the outcome is recorded: a renewal or a progress report
+        // must not write `running` over the cancel.
+        if !finishing && self.cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            return Written::Cancelled;
+        }
+        let Ok(store) = self.tracking.tracker.store().await else { return Written::Stale };
+        for _ in 0..5 {
+            match store.put(&self.id, record, Some(self.revision)).await {
+                Ok(revision) => {
+                    self.revision = revision;
+                    return Written::Yes;
+                }
+                Err(err) if is_conflict(&err) => {}
+                Err(err) if is_too_large(&err) => return Written::TooLarge,
+                Err(err) => {
+                    tracing::warn!(id = %self.id, error = %err, "could not record the task's state");
+                    return Written::Failed;
+                }
+            }
+            let Some(current) = self.read().await else { continue };
+            if !self.is_ours(&current) {
+                // An earlier task with the same id: this one takes the key over.
+                continue;
+            }
+            if current.attempt > self.attempt {
+                tracing::debug!(id = %self.id, "a newer attempt owns the task's record");
+                self.stale = true;
+                return Written::Stale;
+            }
+            if current.state == Tag::Cancelled && !finishing {
+                if let Some(cancel) = &self.cancel {
+                    cancel.cancel();
+                }
+                return Written::Cancelled;
+            }
+        }
+        tracing::warn!(id = %self.id, "the task's record kept changing; not recorded");
+        Written::Failed
     }
+}
 
-    async fn try_write(
-        &self,
-        record: &Record,
-    ) -> Result<(), async_nats::jetstream::context::PublishError> {
-        match self.tracking.tracker.store().await {
-            Ok(store) => store.put(&self.id, record, None).await.map(drop),
-            // Logged when the attempt began.
-            Err(_) => Ok(()),
-        }
+/// What became of a write.
+enum Written {
+    Yes,
+    /// The record says the task was cancelled.
+    Cancelled,
+    /// A newer attempt owns the record (or the bucket cannot be used).
+    Stale,
+    /// The record is larger than the server accepts.
+    TooLarge,
+    Failed,
+}
+
+/// A progress report small enough for a record: a detail over [`MAX_DETAIL`] bytes of JSON
+/// is replaced by a note saying so.
+fn bounded(mut report: ProgressReport) -> ProgressReport {
+    let size = report.detail.as_ref().map_or(0, |d| d.to_string().len());
+    if size > MAX_DETAIL {
+        report.detail = Some(serde_json::json!({
+            "natasks": format!("progress detail of {size} bytes left out (at most {MAX_DETAIL})")
+        }));
     }
+    report
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 impl Drop for Attempt<'_> {

@@ -320,10 +320,14 @@ impl WorkerBuilder {
         let settings = self.validate(&queue)?;
         let routes = self.routes()?;
         if let Some(retention) = self.result_retention {
-            if retention < Duration::from_secs(1) || retention.subsec_nanos() != 0 {
+            let max = crate::track::MAX_RETENTION;
+            if retention < Duration::from_secs(1)
+                || retention.subsec_nanos() != 0
+                || retention > max
+            {
                 return Err(SetupError::invalid_option(
                     "result_retention",
-                    format!("{retention:?} must be whole seconds, at least 1 s"),
+                    format!("{retention:?} must be whole seconds, from 1 s to 10 years"),
                 ));
             }
         }

@@ -90,6 +90,12 @@ async fn publish(
         if name_str.starts_with("Nats-") {
             continue;
         }
+        // A dead letter is not tracked; the value comes back with a requeue.
+        let name = if name_str.eq_ignore_ascii_case(wire::HEADER_TRACK) {
+            async_nats::header::HeaderName::from_static(wire::HEADER_DEAD_LETTER_TRACK)
+        } else {
+            name.clone()
+        };
         for value in values {
             headers.append(name.clone(), value.as_str());
         }

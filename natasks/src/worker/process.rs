@@ -219,6 +219,15 @@ async fn decide(
     tracked: &mut Tracked<'_>,
 ) -> Option<Settle> {
     let Received { message, headers, attempt, sequence } = *delivery;
+    // A tracked task gets its channel first: a cancel is obeyed before anything else.
+    let mut live = None;
+    if let Some(tracking) = tracked.attempt.as_mut() {
+        let (channel, reports) = Live::new(true);
+        if let Begin::Cancelled { announce } = tracking.check(&channel).await {
+            return Some(Settle::Cancelled { announce });
+        }
+        live = Some((channel, reports));
+    }
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
         return Some(Settle::DeadLetter(
@@ -267,15 +276,15 @@ async fn decide(
     }
     // Progress, cancellation and the result need a channel to the handler; most tasks
     // need none.
-    let mut live = None;
-    if handler.live || tracked.attempt.is_some() {
-        let (channel, reports) = Live::new(tracked.attempt.is_some());
-        task.set_live(channel.clone());
-        live = Some((channel, reports));
+    if live.is_none() && handler.live {
+        live = Some(Live::new(false));
     }
-    if let (Some(attempt), Some((channel, _))) = (tracked.attempt.as_mut(), &live) {
-        if let Begin::Cancelled = attempt.begin(channel, lease_end(inner)).await {
-            return Some(Settle::Cancelled { announce: false });
+    if let Some((channel, _)) = &live {
+        task.set_live(channel.clone());
+    }
+    if let Some(tracking) = tracked.attempt.as_mut() {
+        if let Begin::Cancelled { announce } = tracking.start(lease_end(inner)).await {
+            return Some(Settle::Cancelled { announce });
         }
     }
     if let Some(propagator) = &inner.propagator {
@@ -410,7 +419,7 @@ fn failed(inner: &WorkerInner, attempt: u64, error: HandlerError) -> Settle {
             Settle::DeadLetter(DeadLetterReason::RetriesExhausted, text)
         }
         Failure::Retry(after) => {
-            let delay = after.or_else(|| retry.delay(attempt));
+            let delay = after.or_else(|| retry.delay(attempt)).map(|d| d.min(super::MAX_WAIT));
             tracing::warn!(error = %text, retry_in = ?delay, "task failed; will retry");
             span_event(inner, "task failed; will retry", &text);
             Settle::Retry(delay, text)
@@ -500,7 +509,9 @@ pub(super) async fn ack(message: &Message, kind: AckKind) {
 }
 
 pub(super) async fn nak(message: &Message, delay: Option<Duration>) {
-    ack(message, AckKind::Nak(delay)).await;
+    // The server takes the delay in nanoseconds: a longer one would overflow into an
+    // immediate redelivery.
+    ack(message, AckKind::Nak(delay.map(|d| d.min(super::MAX_WAIT)))).await;
 }
 
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
