@@ -69,7 +69,8 @@ pub struct Dispatch {
 /// A new task id: a NUID from a generator per thread (the shared one takes a lock).
 fn fresh_id() -> String {
     thread_local! {
-        static IDS: std::cell::RefCell<nuid::NUID> = std::cell::RefCell::new(nuid::NUID::new());
+        // Randomized on first use, per thread.
+        static IDS: std::cell::RefCell<nuid::NUID> = const { std::cell::RefCell::new(nuid::NUID::new()) };
     }
     IDS.with(|ids| ids.borrow_mut().next().to_string())
 }
