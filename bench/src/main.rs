@@ -34,9 +34,11 @@ const WORKLOADS: &[&str] = &[
     "dispatch_serial",
     "dispatch_concurrent_64",
     "dispatch_concurrent_256",
+    "dispatch_tracked_64",
     "e2e_c1",
     "e2e_c8",
     "e2e_c64",
+    "e2e_tracked_c64",
     "e2e_c64_observed",
     "e2e_c64_observed_all",
     "e2e_c64_observed_lean",
@@ -284,6 +286,9 @@ async fn run(options: Options) -> Result<(), BoxError> {
                     let place = if process { "the worker process" } else { "this process" };
                     line.push_str(&format!(" ({us:.1} µs CPU/task in {place})"));
                 }
+                if let Some(untracked) = &sample.untracked {
+                    line.push_str(&format!(" (untracked {}/s)", thousands(untracked.per_s)));
+                }
                 if let Some(ms) = sample.mean_sleep_ms {
                     line.push_str(&format!(" (a 5 ms sleep took {ms:.2} ms on average)"));
                 }
@@ -363,6 +368,9 @@ async fn run_one(
         "e2e_c1" => workloads::e2e(env, imp, n, 1, None).await,
         "e2e_c8" => workloads::e2e(env, imp, n, 8, None).await,
         "e2e_c64" => workloads::e2e(env, imp, n, 64, None).await,
+        // "natasks" is the tracked run; the untracked run of the round rides in the sample.
+        "dispatch_tracked_64" => workloads::dispatch_tracked(env, imp, n, 64).await,
+        "e2e_tracked_c64" => workloads::e2e_tracked(env, imp, n, 64).await,
         // Both columns run natasks: "natasks" with metrics and OpenTelemetry, "raw" without.
         "e2e_c64_observed" | "e2e_c64_observed_all" | "e2e_c64_observed_lean" => {
             let setup = match workload {
@@ -424,6 +432,22 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
             "workload={} natasks_per_s={nm:.0} raw_per_s={rm:.0} ratio={ratio:.3}",
             row.workload
         );
+        let untracked: Vec<&Sample> =
+            row.natasks.iter().filter_map(|s| s.untracked.as_deref()).collect();
+        if !untracked.is_empty() {
+            let um = median(untracked.iter().map(|s| s.per_s));
+            line.push_str(&format!(
+                " untracked_per_s={um:.0} tracked_vs_untracked={:.3}",
+                crate::ratio(nm, um)
+            ));
+            let cpu: Vec<f64> = untracked.iter().filter_map(|s| s.cpu_us_per_task).collect();
+            if !cpu.is_empty() {
+                line.push_str(&format!(
+                    " untracked_cpu_us_per_task={:.2}",
+                    median(cpu.into_iter())
+                ));
+            }
+        }
         if row.workload == "e2e_io_c64" {
             line.push_str(&format!(
                 " ideal_per_s={IDEAL_IO_C64:.0} ideal_ratio={:.3} raw_ideal_ratio={:.3}",
@@ -476,6 +500,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "e2e_c64_traceparent") {
         println!("  e2e_c64_traceparent: both columns are raw async-nats; \"natasks\" with a traceparent header on every message, \"raw\" without; ratio = what carrying the header costs, natasks aside");
+    }
+    if rows.iter().any(|r| r.workload.contains("tracked")) {
+        println!("  *_tracked_*: \"natasks\" dispatches tracked tasks (Task::tracked); the untracked natasks run of the same round is in the line below (untracked_per_s, tracked_vs_untracked); e2e_tracked_c64's handler returns a small result, stored for tracked tasks");
     }
     if rows.iter().any(|r| r.workload == "alloc_c64") {
         println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");

@@ -27,10 +27,12 @@ use crate::BoxError;
 mod observed;
 mod periodic;
 mod process;
+mod tracking;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
 pub use process::{locate_apalis, Shape};
+pub use tracking::{dispatch_tracked, e2e_tracked};
 
 type Res<T> = Result<T, BoxError>;
 
@@ -76,6 +78,9 @@ pub struct Sample {
     /// CPU time of this process (all threads; not the server) per task, in microseconds,
     /// over the measured interval.
     pub cpu_us_per_task: Option<f64>,
+    /// The same work with untracked natasks tasks, run in the same round (the tracking
+    /// workloads, whose natasks sample is the tracked run).
+    pub untracked: Option<Box<Sample>>,
 }
 
 /// Processing time minus due time, in milliseconds.
