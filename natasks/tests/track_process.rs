@@ -7,7 +7,7 @@
 //! child programs. Each needs `NATASKS_TRACK_URL` (and the other variables below) and
 //! fails without it; a scenario starts them with `--exact --ignored` and reads the lines
 //! they print after `@track-proc: ` on stdout. They are ignored so that a plain run does
-//! not count them as tests. The one other ignored test shows a library bug (see its doc).
+//! not count them as tests.
 
 mod common;
 
@@ -477,21 +477,10 @@ async fn task_of_a_killed_worker_is_rerun_and_recorded() {
 // 4. Cancelling a task whose worker process died: the record says running, nobody runs it.
 // ---------------------------------------------------------------------------------------
 
-/// LIBRARY BUG, ignored until fixed; run it alone (a plain `--ignored` would also start the
-/// child programs, which fail without their environment):
-///
-/// ```text
-/// cargo test -p natasks --test track_process -- --ignored --exact \
-///     cancel_of_a_task_whose_worker_died_is_announced
-/// ```
-///
-/// `Client::cancel` of a task recorded `running` announces nothing itself (it expects the
-/// worker running the handler to publish `cancelled`), and the worker that gets the task
-/// after the dead one's lease finds the record cancelled and removes the task without an
-/// event either (`Ended::Cancelled { announce: false }`). The task ends cancelled, but an
-/// event subscriber never hears it end.
+/// `Client::cancel` of a task recorded `running` leaves the `cancelled` event to the worker
+/// running the handler; when that worker is dead, the worker that gets the task after the
+/// dead one's lease removes it and announces the cancel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "LIBRARY BUG: no `cancelled` event for a task cancelled after its worker died"]
 async fn cancel_of_a_task_whose_worker_died_is_announced() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
