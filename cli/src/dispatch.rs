@@ -35,6 +35,14 @@ pub struct DispatchArgs {
     /// Deliver at this RFC 3339 time, e.g. 2030-01-02T03:04:05Z (needs nats-server 2.12+).
     #[arg(long, value_name = "TIME")]
     at: Option<String>,
+    /// Track the task: its status, result and events are recorded (see `natasks task` and
+    /// `natasks events`), and it can be cancelled. Needs nats-server 2.11+.
+    #[arg(long)]
+    track: bool,
+    /// How long the tracked task's record is kept after its last change, in whole seconds,
+    /// e.g. 1h, 7d (default: the worker's result retention, a day unless configured).
+    #[arg(long, value_name = "DURATION", requires = "track")]
+    retention: Option<String>,
 }
 
 pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
@@ -42,7 +50,16 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
     let payload = payload(args.payload.as_deref(), args.payload_file.as_deref())?;
     let mut task = with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
     if let Some(id) = &args.message_id {
+        if args.track {
+            crate::task::check_id(id).map_err(|err| Error::msg(format!("--message-id: {err}")))?;
+        }
         task = task.with_message_id(id.clone());
+    }
+    if args.track {
+        task = match args.retention.as_deref() {
+            Some(text) => task.tracked_for(retention(text)?),
+            None => task.tracked(),
+        };
     }
     let due = match (&args.delay, &args.at) {
         (Some(delay), _) => Due::In(output::parse_duration(delay)?),
@@ -96,18 +113,35 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             "sequence": receipt.sequence,
             "duplicate": receipt.duplicate,
             "due": due.map(output::time),
+            "tracked": args.track,
         }));
-    } else if let Some(at) = due {
-        println!(
-            "scheduled {} on queue {queue} for {} (id {})",
-            args.task,
-            output::time(at),
-            receipt.id
-        );
     } else {
-        println!("dispatched {} to queue {queue} (id {})", args.task, receipt.id);
+        let tracked = if args.track { ", tracked" } else { "" };
+        match due {
+            Some(at) => println!(
+                "scheduled {} on queue {queue} for {} (id {}{tracked})",
+                args.task,
+                output::time(at),
+                receipt.id
+            ),
+            None => {
+                println!("dispatched {} to queue {queue} (id {}{tracked})", args.task, receipt.id)
+            }
+        }
     }
     Ok(())
+}
+
+/// The `--retention` of a tracked task: whole seconds, at least one.
+fn retention(text: &str) -> Result<Duration> {
+    let retention = output::parse_duration(text)
+        .map_err(|err| Error::msg(format!("invalid --retention: {err}")))?;
+    if retention < Duration::from_secs(1) || retention.subsec_nanos() != 0 {
+        return Err(Error::msg(format!(
+            "invalid --retention {text:?}: a tracked task's retention is whole seconds, at least 1s"
+        )));
+    }
+    Ok(retention)
 }
 
 /// When the task is due, as given on the command line.

@@ -1,15 +1,19 @@
 //! `natasks`: the operator command line for natasks queues.
 //!
 //! See queue depths, dispatch tasks, inspect and requeue dead letters, declare and remove
-//! periodic schedules, list and cancel delayed tasks. Every command talks to NATS directly; nothing runs in the background.
+//! periodic schedules, list and cancel delayed tasks, follow tracked tasks (status, result,
+//! cancel, live events). Every command talks to NATS directly; nothing runs in the
+//! background.
 
 mod conn;
 mod dispatch;
 mod dlq;
+mod events;
 mod output;
 mod queue;
 mod queues;
 mod schedules;
+mod task;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,7 +68,7 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
 }
 
 /// Operate natasks queues on NATS JetStream: queue depths, dispatch, dead letters, periodic
-/// schedules and delayed tasks.
+/// schedules, delayed tasks, and tracked tasks' status, results, cancellation and events.
 #[derive(Debug, Parser)]
 #[command(name = "natasks", version, about, max_term_width = 100)]
 pub struct Cli {
@@ -139,6 +143,12 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Periodic schedules and delayed tasks: list (the default), add, remove, cancel.
     Schedules(schedules::SchedulesArgs),
+    /// Status, result and cancellation of a task dispatched with tracking, by its id.
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Live tail of tracked tasks' lifecycle events until Ctrl-C (one line, or with --json
+    /// one JSON object, per event). Shows what happens while it runs, nothing earlier.
+    Events(events::EventsArgs),
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -149,6 +159,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dispatch(args) => dispatch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
         Command::Schedules(args) => schedules::run(g, args).await,
+        Command::Task(cmd) => task::run(g, cmd).await,
+        Command::Events(args) => events::run(g, args).await,
     }
 }
 
