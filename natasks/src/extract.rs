@@ -71,13 +71,21 @@ impl<T: DeserializeOwned> FromTask for Json<T> {
     }
 }
 
-/// The task's id as a handler argument (see [`Task::id`]).
+/// The task's id as a handler argument (see [`Task::id`]); `seq-<stream sequence>` for a
+/// task dispatched without one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskId(pub String);
 
 impl FromTask for TaskId {
+    /// A received task dispatched without an id (by the Go library, or a periodic tick)
+    /// gets `seq-<stream sequence>`, the id its record would have.
     fn from_task(task: &Task) -> Result<Self, HandlerError> {
-        Ok(Self(task.id().unwrap_or_default().to_owned()))
+        let id = match (task.id(), task.delivery()) {
+            (Some(id), _) => id.to_owned(),
+            (None, Some(delivery)) => format!("seq-{}", delivery.stream_sequence),
+            (None, None) => String::new(),
+        };
+        Ok(Self(id))
     }
 }
 

@@ -270,6 +270,12 @@ impl Attempt<'_> {
         self.write(&mut record, false).await;
     }
 
+    /// The last progress the handler reported before it returned, kept in the final
+    /// record even when it came too late to be recorded on its own.
+    pub(crate) fn last_report(&mut self, report: ProgressReport) {
+        self.last_progress = Some(bounded(report));
+    }
+
     /// The handler reported progress.
     pub(crate) async fn progress(&mut self, report: ProgressReport, lease_until: OffsetDateTime) {
         let report = bounded(report);

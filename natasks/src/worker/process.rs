@@ -315,6 +315,11 @@ async fn decide(
             drive_live(inner, message, timed, lease, reports, attempt).await?
         }
     };
+    if let (Some(tracking), Some((_, reports))) = (tracked.attempt.as_mut(), &live) {
+        if let Some(report) = reports.borrow().clone() {
+            tracking.last_report(report);
+        }
+    }
     if let Some((channel, _)) = &live {
         // Whatever the handler returned after the signal, the task was cancelled.
         if channel.cancel.is_cancelled() {
