@@ -84,7 +84,12 @@ pub async fn run(g: &Global, cmd: QueueCommand) -> Result<()> {
                 (None, Some(d)) => {
                     let d = time::Duration::try_from(output::parse_duration(d)?)
                         .map_err(|err| Error::msg(format!("invalid --for {d:?}: {err}")))?;
-                    Some(OffsetDateTime::now_utc() + d)
+                    Some(OffsetDateTime::now_utc().checked_add(d).ok_or_else(|| {
+                        Error::msg(format!(
+                            "invalid --for {:?}: too long",
+                            args.duration.as_deref().unwrap_or_default()
+                        ))
+                    })?)
                 }
                 (None, None) => None,
             };
@@ -124,7 +129,7 @@ pub async fn run(g: &Global, cmd: QueueCommand) -> Result<()> {
             println!("queue {queue}: at most {limit} tasks in flight across every worker")
         }
         Change::Limit(None) => println!(
-            "queue {queue}: limit back to the workers' default ({})",
+            "queue {queue}: no operator limit; {} until a worker sets its own default when it starts",
             info.limit.map_or_else(|| "-".to_owned(), |l| l.to_string())
         ),
         Change::Rate(task, rate) => {

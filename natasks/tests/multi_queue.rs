@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use natasks::admin::Admin;
 use natasks::{Client, Delivery, HandlerError, Task, Worker};
 
 /// Start order of tasks, by queue.
@@ -180,4 +181,91 @@ async fn bad_input_is_refused_at_build() {
         let err = builder.handle("t", ok).build().await.err().expect("refused");
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
+}
+
+#[tokio::test]
+async fn every_queue_is_served_again_after_a_server_restart() {
+    let mut server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let starts: Starts = Arc::default();
+    let worker = Worker::builder(js.clone(), "a")
+        .queue("b", 1)
+        .concurrency(2)
+        .handle("job", recorder(starts.clone(), Duration::ZERO))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    fill(&client, "a", 1).await;
+    fill(&client, "b", 1).await;
+    eventually(DEADLINE, "both tasks to start", || async { starts.lock().unwrap().len() == 2 })
+        .await;
+    // The server forgets the open pull requests; the worker must notice and ask again.
+    server.restart().await;
+    let client = Client::new(server.jetstream().await).await.unwrap();
+    fill(&client, "a", 1).await;
+    fill(&client, "b", 1).await;
+    eventually(Duration::from_secs(30), "both queues to be served after the restart", || async {
+        starts.lock().unwrap().len() == 4
+    })
+    .await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_stop_keeps_the_leases_of_every_queues_waiting_tasks() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let runs: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let handler = |runs: Arc<Mutex<Vec<(String, u64)>>>| {
+        move |natasks::Attempt(attempt): natasks::Attempt, task: Task| {
+            let payload = String::from_utf8_lossy(task.payload()).into_owned();
+            runs.lock().unwrap().push((payload.clone(), attempt));
+            async move {
+                if payload == "long" {
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let worker = Worker::builder(js.clone(), "a")
+        .queue("b", 1)
+        .concurrency(1)
+        .ack_wait(Duration::from_secs(2))
+        .drain_timeout(Duration::from_secs(20))
+        .handle("t", handler(runs.clone()))
+        .build()
+        .await
+        .unwrap();
+    client.dispatch(Task::new("t", "long"), "a").await.unwrap();
+    let running = spawn(worker);
+    eventually(DEADLINE, "the long task to start", || async { !runs.lock().unwrap().is_empty() })
+        .await;
+    for i in 0..2 {
+        client.dispatch(Task::new("t", format!("b{i}")), "b").await.unwrap();
+    }
+    // Wait until the b tasks are held by the busy worker (in flight on the server).
+    eventually(DEADLINE, "the b tasks to be delivered", || async {
+        Admin::new(js.clone()).queue("b").await.unwrap().in_flight == 2
+    })
+    .await;
+    // A second worker of b is ready to take any task whose lease runs out.
+    let other = spawn(
+        Worker::builder(js.clone(), "b")
+            .ack_wait(Duration::from_secs(2))
+            .handle("t", handler(runs.clone()))
+            .build()
+            .await
+            .unwrap(),
+    );
+    // The stop waits for the long task (6 s, three ack waits) while b's tasks wait.
+    running.stop().await.unwrap();
+    eventually(DEADLINE, "every task to run", || async { runs.lock().unwrap().len() >= 3 }).await;
+    other.stop().await.unwrap();
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3, "each task ran once: {runs:?}");
+    assert!(runs.iter().all(|(_, attempt)| *attempt == 1), "{runs:?}");
 }

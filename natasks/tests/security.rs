@@ -129,6 +129,7 @@ authorization {
         publish: { allow: [
           "$JS.API.STREAM.INFO.NATASKS",
           "$JS.API.CONSUMER.CREATE.NATASKS.natasks-jobs.natasks.jobs",
+          "$JS.API.CONSUMER.INFO.NATASKS.natasks-jobs",
           "$JS.API.CONSUMER.MSG.NEXT.NATASKS.natasks-jobs",
           "$JS.ACK.NATASKS.natasks-jobs.>",
           "natasks.jobs-dlq"

@@ -187,7 +187,8 @@ impl Admin {
     }
 
     /// Sets the most tasks of `queue` in flight at once across every worker (the consumer's
-    /// `max_ack_pending`), or with `None` gives it back to the workers' default. Each
+    /// `max_ack_pending`), or with `None` removes the operator's limit (128 until a worker
+    /// sets its own default, max(128, concurrency + fetch_batch), when it starts). Each
     /// worker still runs at most its own `concurrency`; the queue runs at most
     /// `min(limit, sum of the workers' concurrency)`. A worker whose builder sets
     /// `max_ack_pending` replaces this limit when it starts.

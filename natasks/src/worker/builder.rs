@@ -332,6 +332,14 @@ impl WorkerBuilder {
             }
         }
         let more = self.more_queues()?;
+        if !more.is_empty() && settings.retry.exhausted(1) {
+            tracing::warn!(
+                queue = %queue,
+                "a worker serving several queues holds a few tasks of each waiting for a slot; \
+                 with max_retries(0), one it must hand back (a reconnect) is dead-lettered \
+                 without running"
+            );
+        }
         let layers: Arc<[ProcessLayer]> = self.layers.clone().into();
         let inner_for = |queue: String, settings: Settings| {
             let tracker = Tracker::new(self.js.clone(), self.stream.clone());

@@ -290,15 +290,38 @@ impl WorkerInner {
     pub(crate) async fn ensure(&self) -> Result<consumer::PullConsumer, SetupError> {
         let stream = self.stream.ensure(&self.js).await?.stream;
         let mut config = self.consumer_config();
-        let existing = stream.get_consumer::<consumer::pull::Config>(&self.settings.consumer).await;
-        if let Ok(existing) = existing {
-            let current = &existing.cached_info().config;
-            config.pause_until = current.pause_until;
-            config.metadata = current.metadata.clone();
-            let operator_limit = current.metadata.contains_key(crate::admin::LIMIT_KEY);
-            if operator_limit && !self.settings.max_ack_pending_explicit {
-                config.max_ack_pending = current.max_ack_pending;
+        // Creating is enough when the consumer is missing or already as this worker wants
+        // it; only a consumer that differs (other worker settings, or an operator's pause,
+        // limit or rates) is read and merged, which needs CONSUMER.INFO permission.
+        use async_nats::jetstream::stream::ConsumerCreateStrictErrorKind;
+        match stream.create_consumer_strict(config.clone()).await {
+            Ok(consumer) => return Ok(consumer),
+            Err(err) if err.kind() == ConsumerCreateStrictErrorKind::AlreadyExists => {}
+            Err(err) => {
+                let message = format!(
+                    "create consumer {:?} on {:?} (another consumer with an overlapping filter \
+                     on a work-queue stream is refused)",
+                    self.settings.consumer, self.subject
+                );
+                return Err(SetupError::jetstream(message, err));
             }
+        }
+        match stream.get_consumer::<consumer::pull::Config>(&self.settings.consumer).await {
+            Ok(existing) => {
+                let current = &existing.cached_info().config;
+                config.pause_until = current.pause_until;
+                config.metadata = current.metadata.clone();
+                let operator_limit = current.metadata.contains_key(crate::admin::LIMIT_KEY);
+                if operator_limit && !self.settings.max_ack_pending_explicit {
+                    config.max_ack_pending = current.max_ack_pending;
+                }
+            }
+            Err(err) => tracing::warn!(
+                consumer = %self.settings.consumer,
+                error = %err,
+                "cannot read the existing consumer (no CONSUMER.INFO permission?); updating it \
+                 with this worker's settings, which drops a limit or rates an operator set"
+            ),
         }
         stream.create_consumer(config).await.map_err(|err| {
             let message = format!(

@@ -99,11 +99,12 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
         Picker::new(lanes.lanes.iter().map(|l| i64::from(l.weight)).collect(), lanes.strict);
     let mut guards = Vec::new();
     for lane in &lanes.lanes {
+        // The settings read at build first; `follow` then reads the current ones.
+        lane.inner.limits.adopt(&lane.consumer.cached_info().config.metadata);
         guards.push((
             lane.inner.tracking.listen(&lane.inner.queue).await,
             lane.inner.limits.follow(&lane.inner.settings.consumer).await,
         ));
-        lane.inner.limits.adopt(&lane.consumer.cached_info().config.metadata);
     }
     let queues: Vec<&str> = lanes.lanes.iter().map(|l| l.inner.queue.as_str()).collect();
     tracing::info!(
@@ -188,19 +189,38 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 // way, within the drain timeout, then hand back the rest.
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;
                 drain_deadline = Some(limit);
-                'drain: for (i, puller) in pullers.iter_mut().enumerate() {
-                    while !puller.exhausted() {
+                // Every lane's waiting tasks keep their leases while they wait for a slot.
+                loop {
+                    if let Some(lane) = picker.pick(|i| pullers[i].has_buffered()) {
                         let permit = tokio::select! {
                             biased;
-                            () = tokio::time::sleep_until(limit) => break 'drain,
+                            () = tokio::time::sleep_until(limit) => break,
                             permit = slots.clone().acquire_owned() => match permit {
                                 Ok(permit) => permit,
-                                Err(_) => break 'drain,
+                                Err(_) => break,
+                            },
+                            tended = tend_any(&mut pullers, period) => match tended {
+                                Ok(()) => continue,
+                                Err(_) => break,
                             },
                         };
-                        let Some(leased) = puller.next_requested(limit).await else { break };
-                        let inner = lanes.lanes[i].inner.clone();
+                        let leased =
+                            pullers[lane].pop_buffered().expect("the picked lane holds a task");
+                        let inner = lanes.lanes[lane].inner.clone();
                         starter.start(process::process(inner, leased, permit, abandon.clone()));
+                        continue;
+                    }
+                    for puller in pullers.iter_mut() {
+                        puller.forget_if_expired();
+                    }
+                    if pullers.iter().all(Puller::exhausted) {
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        () = tokio::time::sleep_until(limit) => break,
+                        tended = tend_any(&mut pullers, period) => if tended.is_err() { break },
+                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                     }
                 }
                 hand_back_all(pullers, FLUSH_LIMIT).await;
@@ -241,9 +261,29 @@ async fn top_up_all(pullers: &mut [Puller]) -> Result<(), PullError> {
 }
 
 /// Takes in what any lane's server side delivers, renewing the leases of waiting tasks.
+/// Requests the server went silent on (a restart loses them) are forgotten, so that the
+/// next top-up asks again.
 async fn tend_any(pullers: &mut [Puller], period: std::time::Duration) -> Result<(), PullError> {
-    let tends = pullers.iter_mut().map(|puller| puller.tend(period).boxed());
-    select_all(tends).await.0
+    let silence = pullers.iter().filter_map(Puller::silence_deadline).min();
+    {
+        let tends = pullers.iter_mut().map(|puller| puller.tend(period).boxed());
+        let silent = async {
+            match silence {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            tended = select_all(tends) => return tended.0,
+            () = silent => {}
+        }
+    }
+    for puller in pullers.iter_mut() {
+        if puller.forget_if_silent() {
+            tracing::debug!("pull requests went unanswered; renewing them");
+        }
+    }
+    Ok(())
 }
 
 /// Waits for a free slot while the lanes' waiting tasks keep their leases; `None` at

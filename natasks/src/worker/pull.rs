@@ -221,6 +221,32 @@ impl Puller {
         Some(self.lease(message, since))
     }
 
+    /// When the server will have been silent for too long on this puller's open requests
+    /// (no message, heartbeat or status): past it, they were lost (a server restart, a
+    /// leader change) and must be asked again. `None` without open requests.
+    pub(super) fn silence_deadline(&self) -> Option<Instant> {
+        (self.outstanding > 0)
+            .then(|| self.last_heard + self.heartbeat * 2 + Duration::from_millis(500))
+    }
+
+    /// Forgets requests the server went silent on, if it did; the next top-up asks again.
+    /// Returns whether it forgot any.
+    pub(super) fn forget_if_silent(&mut self) -> bool {
+        let silent = self.silence_deadline().is_some_and(|at| Instant::now() >= at);
+        if silent {
+            self.outstanding = 0;
+        }
+        silent
+    }
+
+    /// At shutdown, when no new request is sent: forgets the requests once they have all
+    /// expired (with a margin for the server's notice on its way).
+    pub(super) fn forget_if_expired(&mut self) {
+        if Instant::now() >= self.last_request + self.expires + Duration::from_millis(500) {
+            self.outstanding = 0;
+        }
+    }
+
     /// Whether a delivered task waits in the buffer.
     pub(super) fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
