@@ -269,3 +269,58 @@ async fn a_graceful_stop_keeps_the_leases_of_every_queues_waiting_tasks() {
     assert_eq!(runs.len(), 3, "each task ran once: {runs:?}");
     assert!(runs.iter().all(|(_, attempt)| *attempt == 1), "{runs:?}");
 }
+
+#[tokio::test]
+async fn tasks_already_held_wait_while_their_queue_is_paused() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let starts: Starts = Arc::default();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let handler = {
+        let starts = starts.clone();
+        move |task: Task| {
+            let starts = starts.clone();
+            let mut release = release_rx.clone();
+            async move {
+                let payload = String::from_utf8_lossy(task.payload()).into_owned();
+                starts.lock().unwrap().push(payload.clone());
+                if payload == "busy" {
+                    let _ = release.wait_for(|r| *r).await;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    // One slot, busy with a task of `other`; `held` gets its tasks delivered and waiting.
+    let worker = Worker::builder(js.clone(), "other")
+        .queue("held", 1)
+        .concurrency(1)
+        .handle("job", handler)
+        .build()
+        .await
+        .unwrap();
+    client.dispatch(Task::new("job", "busy"), "other").await.unwrap();
+    let running = spawn(worker);
+    eventually(DEADLINE, "the busy task to start", || async { starts.lock().unwrap().len() == 1 })
+        .await;
+    for i in 0..2 {
+        client.dispatch(Task::new("job", format!("held-{i}")), "held").await.unwrap();
+    }
+    let admin = Admin::new(js.clone());
+    eventually(DEADLINE, "held's tasks to be delivered", || async {
+        admin.queue("held").await.unwrap().in_flight == 2
+    })
+    .await;
+    admin.pause("held", None).await.unwrap();
+    // The slot frees; the held tasks must not start while the queue is paused.
+    release_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(starts.lock().unwrap().len(), 1, "{:?}", starts.lock().unwrap());
+    admin.resume("held").await.unwrap();
+    eventually(DEADLINE, "the held tasks to start after the resume", || async {
+        starts.lock().unwrap().len() == 3
+    })
+    .await;
+    running.stop().await.unwrap();
+}

@@ -238,3 +238,43 @@ async fn bad_input_changes_nothing() {
     assert_eq!((info.paused_until, info.limit_set, info.rates.len()), (None, false, 0));
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rate_limited_task_name_does_not_hold_the_other_tasks_back() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "api")
+        .concurrency(4)
+        .handle("slow.api", starts(seen.tx.clone()))
+        .handle("local", starts(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    Admin::new(js).set_rate("api", Some("slow.api"), Some("1/s".parse().unwrap())).await.unwrap();
+    let running = spawn(worker);
+    for i in 0..10 {
+        client.dispatch(Task::new("slow.api", format!("api-{i}")), "api").await.unwrap();
+    }
+    for i in 0..20 {
+        client.dispatch(Task::new("local", format!("local-{i}")), "api").await.unwrap();
+    }
+    // The 20 local tasks run while the rate-limited ones wait for their periods.
+    let started = std::time::Instant::now();
+    let mut locals = 0;
+    let mut apis = 0;
+    while locals < 20 {
+        let (what, attempt) = seen.recv().await;
+        assert_eq!(attempt, 1, "waiting spends no attempt");
+        if what.starts_with("local") {
+            locals += 1;
+        } else {
+            apis += 1;
+        }
+    }
+    println!("20 local tasks in {:?}, {apis} rate-limited ones meanwhile", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "local tasks were held back");
+    assert!(apis <= 6, "at most one rate-limited start a second: {apis}");
+    running.stop().await.unwrap();
+}

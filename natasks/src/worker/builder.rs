@@ -344,7 +344,9 @@ impl WorkerBuilder {
         let inner_for = |queue: String, settings: Settings| {
             let tracker = Tracker::new(self.js.clone(), self.stream.clone());
             let limits = Limits::new(self.js.clone(), self.stream.clone(), &queue);
+            let waiting_room = Arc::new(tokio::sync::Semaphore::new(settings.concurrency));
             WorkerInner {
+                waiting_room,
                 limits: Arc::new(limits),
                 tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
                 subject: wire::queue_subject(&self.stream.subject_prefix, &queue),

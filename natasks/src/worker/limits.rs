@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
@@ -26,6 +26,9 @@ pub(crate) struct Limits {
     /// Whether any rate is set: the one check a task pays when none is.
     any: AtomicBool,
     rates: RwLock<Rates>,
+    /// Until when the queue is paused, as last read (the server enforces the pause for
+    /// what it delivers; the worker holds back what it already holds).
+    paused_until: RwLock<Option<SystemTime>>,
     counters: OnceCell<()>,
 }
 
@@ -50,12 +53,27 @@ impl Limits {
             queue: queue.to_owned(),
             any: AtomicBool::new(false),
             rates: RwLock::new(Rates::default()),
+            paused_until: RwLock::new(None),
             counters: OnceCell::new(),
         }
     }
 
-    /// Applies the rates kept in the consumer's metadata.
-    pub(crate) fn adopt(&self, metadata: &HashMap<String, String>) {
+    /// Applies the consumer's pause and the rates kept in its metadata.
+    pub(crate) fn adopt(&self, info: &consumer::Info) {
+        let paused = info.paused.then_some(info.config.pause_until).flatten();
+        *self.paused_until.write().unwrap_or_else(|p| p.into_inner()) =
+            paused.map(SystemTime::from);
+        self.adopt_rates(&info.config.metadata);
+    }
+
+    /// Whether the queue is paused: tasks the worker already holds wait (leases renewed)
+    /// instead of starting.
+    pub(crate) fn paused(&self) -> bool {
+        let until = *self.paused_until.read().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|until| SystemTime::now() < until)
+    }
+
+    fn adopt_rates(&self, metadata: &HashMap<String, String>) {
         let mut next = Rates::default();
         for limit in rates(metadata) {
             match limit.task {
@@ -176,7 +194,7 @@ impl Limits {
     async fn reread(&self, consumer: &str) {
         let Ok(stream) = self.js.get_stream(&self.stream.name).await else { return };
         if let Ok(info) = stream.consumer_info(consumer).await {
-            self.adopt(&info.config.metadata);
+            self.adopt(&info);
         }
     }
 }

@@ -147,8 +147,10 @@ pub(crate) struct WorkerInner {
     pub(crate) observers: Observers,
     /// Status, results and cancellation of tracked tasks.
     pub(crate) tracking: Arc<crate::track::worker::WorkerTracking>,
-    /// The queue's rate limits.
+    /// The queue's rate limits and pause, as the worker last read them.
     pub(crate) limits: Arc<limits::Limits>,
+    /// Tasks that wait (a rate, a pause) without holding a slot: at most `concurrency`.
+    pub(crate) waiting_room: Arc<tokio::sync::Semaphore>,
 }
 
 impl Worker {

@@ -100,7 +100,7 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
     let mut guards = Vec::new();
     for lane in &lanes.lanes {
         // The settings read at build first; `follow` then reads the current ones.
-        lane.inner.limits.adopt(&lane.consumer.cached_info().config.metadata);
+        lane.inner.limits.adopt(lane.consumer.cached_info());
         guards.push((
             lane.inner.tracking.listen(&lane.inner.queue).await,
             lane.inner.limits.follow(&lane.inner.settings.consumer).await,
@@ -160,7 +160,10 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 if let Err(err) = top_up_all(&mut pullers).await {
                     break Err(err);
                 }
-                if let Some(lane) = picker.pick(|i| pullers[i].has_buffered()) {
+                // A paused queue's held tasks wait in its buffer, leases renewed.
+                let ready =
+                    |i: usize| pullers[i].has_buffered() && !lanes.lanes[i].inner.limits.paused();
+                if let Some(lane) = picker.pick(ready) {
                     break Ok(lane);
                 }
                 tokio::select! {

@@ -52,7 +52,7 @@ pub(crate) const UNROUTED_TASK: &str = "(unrouted)";
 pub(super) async fn process(
     inner: Arc<WorkerInner>,
     leased: Leased,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
     let Leased { mut message, since: leased_at } = leased;
@@ -100,11 +100,13 @@ pub(super) async fn process(
     let settle = async {
         let lease = Lease { since: leased_at, abandon: &abandon };
         let delivery = Received { message: &message, headers: &headers, attempt, sequence };
+        let mut slot = Some(slot);
         let mut tracked = Tracked {
             attempt: inner.tracking.attempt(&headers, &inner.queue, name, attempt, sequence),
             result: None,
         };
-        match decide(&inner, &delivery, task_name, route, &lease, &mut tracked).await {
+        let decided = decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
+        match decided.await {
             Some(settle) => {
                 let settle = tracked.record(settle).await;
                 apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
@@ -217,6 +219,7 @@ async fn decide(
     route: Option<(&Arc<str>, &BoxHandler)>,
     lease: &Lease<'_>,
     tracked: &mut Tracked<'_>,
+    slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<Settle> {
     let Received { message, headers, attempt, sequence } = *delivery;
     // A tracked task gets its channel first: a cancel is obeyed before anything else.
@@ -260,18 +263,21 @@ async fn decide(
         message_id(headers).map(str::to_owned),
         Delivery::new(inner.shared_queue.clone(), attempt, sequence),
     );
-    // A task over its queue's rate waits here, its lease renewed, for the next period.
-    if inner.limits.active() {
-        loop {
-            match inner.limits.acquire(name).await {
-                Permit::Go => break,
-                Permit::WaitUntil(at) => {
-                    let wait = tokio::time::sleep_until(at);
-                    tokio::pin!(wait);
-                    renew_lease_until(message, wait, inner.settings.progress_interval, lease)
-                        .await?;
-                }
-            }
+    // A task of a paused queue the worker already held, or one over its rate, waits here
+    // (its lease renewed, its slot lent to other tasks while the waiting room has space)
+    // until the pause ends or the rate's next period.
+    loop {
+        if inner.limits.paused() {
+            let recheck = tokio::time::Instant::now() + PAUSE_RECHECK;
+            wait_aside(inner, message, lease, slot, recheck).await?;
+            continue;
+        }
+        if !inner.limits.active() {
+            break;
+        }
+        match inner.limits.acquire(name).await {
+            Permit::Go => break,
+            Permit::WaitUntil(at) => wait_aside(inner, message, lease, slot, at).await?,
         }
     }
     // Progress, cancellation and the result need a channel to the handler; most tasks
@@ -365,6 +371,46 @@ pub(super) async fn renew_lease_until<F: Future>(
             }
         }
     }
+}
+
+/// How often a held task of a paused queue looks whether the pause ended (a resume is
+/// heard at once, a pause's end by its time only when it comes).
+const PAUSE_RECHECK: Duration = Duration::from_millis(200);
+
+/// Waits until `at` with the task's lease renewed. Meanwhile its slot goes to other tasks
+/// if the worker's waiting room has space (at most `concurrency` tasks wait without a
+/// slot), and is taken back after; `None` when shutdown abandons the task.
+async fn wait_aside(
+    inner: &WorkerInner,
+    message: &Message,
+    lease: &Lease<'_>,
+    slot: &mut Option<OwnedSemaphorePermit>,
+    at: tokio::time::Instant,
+) -> Option<()> {
+    let period = inner.settings.progress_interval;
+    let room = inner.waiting_room.clone().try_acquire_owned().ok();
+    let lent = match (&room, slot.take()) {
+        (Some(_), Some(permit)) => {
+            let semaphore = permit.semaphore().clone();
+            drop(permit);
+            Some(semaphore)
+        }
+        (_, permit) => {
+            *slot = permit;
+            None
+        }
+    };
+    let wait = tokio::time::sleep_until(at);
+    tokio::pin!(wait);
+    renew_lease_until(message, wait, period, lease).await?;
+    if let Some(semaphore) = lent {
+        let back = semaphore.acquire_owned();
+        tokio::pin!(back);
+        let permit = renew_lease_until(message, back, period, lease).await?;
+        *slot = Some(permit.expect("the slot semaphore is never closed"));
+    }
+    drop(room);
+    Some(())
 }
 
 /// Like [`renew_lease_until`], for a handler with a channel: a progress report renews the

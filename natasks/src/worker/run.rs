@@ -44,7 +44,7 @@ pub(super) async fn run(
     let _cancels = inner.tracking.listen(&inner.queue).await;
     // The queue's rate limits, as operators change them.
     if let Some(consumer) = &consumer {
-        inner.limits.adopt(&consumer.cached_info().config.metadata);
+        inner.limits.adopt(consumer.cached_info());
     }
     let _rates = inner.limits.follow(&settings.consumer).await;
 
@@ -313,7 +313,7 @@ pub(super) async fn recover(
         if client.connection_state() == State::Connected {
             match inner.ensure().await {
                 Ok(consumer) => {
-                    inner.limits.adopt(&consumer.cached_info().config.metadata);
+                    inner.limits.adopt(consumer.cached_info());
                     if announced {
                         tracing::info!(queue = %inner.queue, "connection restored; worker resumes");
                     }
