@@ -27,10 +27,12 @@ use crate::BoxError;
 mod observed;
 mod periodic;
 mod process;
+mod queues;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
 pub use process::{locate_apalis, Shape};
+pub use queues::{many_queues, rate_limit_overhead, starvation, Starvation};
 
 type Res<T> = Result<T, BoxError>;
 
@@ -76,6 +78,8 @@ pub struct Sample {
     /// CPU time of this process (all threads; not the server) per task, in microseconds,
     /// over the measured interval.
     pub cpu_us_per_task: Option<f64>,
+    /// More figures of the workload, printed as `<implementation>_<key>=<median>`.
+    pub extra: Vec<(String, f64)>,
 }
 
 /// Processing time minus due time, in milliseconds.
