@@ -50,6 +50,9 @@ const WORKLOADS: &[&str] = &[
     "e2e_process_c64",
     "delayed_burst",
     "periodic_1000",
+    "starvation",
+    "rate_limit_overhead",
+    "many_queues_500",
     "alloc_c64",
     "memory",
 ];
@@ -57,8 +60,9 @@ const WORKLOADS: &[&str] = &[
 /// Workloads whose worker runs in a process of its own.
 const PROCESS_WORKLOADS: &[&str] = &["drain_c8", "drain_c64", "e2e_process_c8", "e2e_process_c64"];
 
-/// Workloads `--smoke` leaves out unless named: the c8 process workloads cover the same code.
-const SMOKE_SKIPS: &[&str] = &["drain_c64", "e2e_process_c64"];
+/// Workloads `--smoke` leaves out unless named: the c8 process workloads cover the same code,
+/// and setting up 500 queues twice takes longer than the rest of a smoke run's workloads.
+const SMOKE_SKIPS: &[&str] = &["drain_c64", "e2e_process_c64", "many_queues_500"];
 
 /// Throughput of e2e_io_c64 if every slot were always busy: 64 slots / 5 ms.
 const IDEAL_IO_C64: f64 = 64.0 / 0.005;
@@ -75,6 +79,7 @@ struct Options {
     periodic_schedules: usize,
     periodic_window: Duration,
     memory_checkpoints: (usize, usize),
+    starvation: workloads::Starvation,
     workloads: Vec<String>,
     smoke: bool,
     /// The apalis peer binary, with `--peer apalis`.
@@ -90,7 +95,7 @@ const USAGE: &str = "usage: natasks-bench [--rounds N] [--tasks N] [--drain-task
   --peer apalis      also run an apalis worker in the process workloads (drain_*,
                      e2e_process_*); scripts/bench builds it (bench/peers/apalis)
   --smoke            quick pass: 500 tasks (2000 per drain), 1 round, small memory run,
-                     every workload but drain_c64 and e2e_process_c64
+                     every workload but drain_c64, e2e_process_c64 and many_queues_500
 
 Starts its own nats-server unless NATS_URL is set.";
 
@@ -104,6 +109,7 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
         periodic_schedules: 1_000,
         periodic_window: Duration::from_secs(10),
         memory_checkpoints: (50_000, 500_000),
+        starvation: workloads::Starvation { flood: 2_000, trickle: 200 },
         workloads: Vec::new(),
         smoke: false,
         apalis: None,
@@ -152,6 +158,7 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
                 options.periodic_schedules = 100;
                 options.periodic_window = Duration::from_secs(3);
                 options.memory_checkpoints = (500, 2_000);
+                options.starvation = workloads::Starvation { flood: 400, trickle: 50 };
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -389,6 +396,9 @@ async fn run_one(
         "periodic_1000" => {
             workloads::periodic(env, imp, options.periodic_schedules, options.periodic_window).await
         }
+        "starvation" => workloads::starvation(env, imp, options.starvation).await,
+        "rate_limit_overhead" => workloads::rate_limit_overhead(env, imp, n).await,
+        "many_queues_500" => workloads::many_queues(env, imp).await,
         "alloc_c64" => workloads::alloc_c64(env, imp, n).await,
         "drain_c8" | "drain_c64" => {
             let shape = process_shape(workload)?;
@@ -477,6 +487,17 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
                     " {label}_p50_ms={p50:.0} {label}_p99_ms={p99:.0} {label}_max_ms={max:.0}"
                 ));
             }
+            let mut keys: Vec<&str> = Vec::new();
+            for (key, _) in samples.iter().flat_map(|s| &s.extra) {
+                if !keys.contains(&key.as_str()) {
+                    keys.push(key);
+                }
+            }
+            for key in keys {
+                let values = samples.iter().flat_map(|s| &s.extra).filter(|(k, _)| k == key);
+                let value = median(values.map(|(_, v)| *v));
+                line.push_str(&format!(" {label}_{key}={}", decimals(value)));
+            }
             let allocs: Vec<_> = samples.iter().filter_map(|s| s.allocs.as_ref()).collect();
             if !allocs.is_empty() {
                 line.push_str(&format!(
@@ -503,6 +524,15 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload.contains("tracked")) {
         println!("  *_tracked_*: \"natasks\" dispatches tracked tasks (Task::tracked); the untracked natasks run of the same round is in the line below (untracked_per_s, tracked_vs_untracked); e2e_tracked_c64's handler returns a small result, stored for tracked tasks");
+    }
+    if rows.iter().any(|r| r.workload == "starvation") {
+        println!("  starvation: critical (weight 9) and low (weight 1), 8 slots; low flooded with 20 ms tasks, critical a trickle every 10 ms; tasks/s over both queues; critical's wait from dispatch to handler start in the line below (natasks weighted, natasks_strict_ with strict priority; raw: a raw consumer per queue sharing one semaphore, no priority)");
+    }
+    if rows.iter().any(|r| r.workload == "rate_limit_overhead") {
+        println!("  rate_limit_overhead: e2e_c64 with a rate of 10,000,000/s (every start counted, none waits); natasks_norate_ fields: the same without a rate");
+    }
+    if rows.iter().any(|r| r.workload == "many_queues_500") {
+        println!("  many_queues_500: one worker (64 slots) serving 500 queues, 20 tasks dispatched to each; raw: 500 raw pull consumers sharing one semaphore; RSS growth of this process and the server's consumer count in the line below");
     }
     if rows.iter().any(|r| r.workload == "alloc_c64") {
         println!("  alloc_c64: tasks/s = draining a pre-filled queue; allocations per task in the line below");
@@ -659,6 +689,17 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
         values[mid]
     } else {
         (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// A figure with as many decimals as it needs: `1234`, `12.3`, `0.42`.
+fn decimals(value: f64) -> String {
+    if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else if value.abs() >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
     }
 }
 

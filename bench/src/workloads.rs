@@ -27,11 +27,13 @@ use crate::BoxError;
 mod observed;
 mod periodic;
 mod process;
+mod queues;
 mod tracking;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
 pub use process::{locate_apalis, Shape};
+pub use queues::{many_queues, rate_limit_overhead, starvation, Starvation};
 pub use tracking::{dispatch_tracked, e2e_tracked};
 
 type Res<T> = Result<T, BoxError>;
@@ -81,6 +83,8 @@ pub struct Sample {
     /// The same work with untracked natasks tasks, run in the same round (the tracking
     /// workloads, whose natasks sample is the tracked run).
     pub untracked: Option<Box<Sample>>,
+    /// More figures of the workload, printed as `<implementation>_<key>=<median>`.
+    pub extra: Vec<(String, f64)>,
 }
 
 /// Processing time minus due time, in milliseconds.
