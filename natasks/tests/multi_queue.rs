@@ -324,3 +324,46 @@ async fn tasks_already_held_wait_while_their_queue_is_paused() {
     .await;
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_queues_error_costs_the_other_queues_waiting_tasks_nothing() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let runs: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let seen = runs.clone();
+    // No retries: a waiting task handed back would be dead-lettered without running.
+    let worker = Worker::builder(js.clone(), "a")
+        .queue("b", 1)
+        .concurrency(1)
+        .max_retries(0)
+        .handle("t", move |natasks::Attempt(attempt): natasks::Attempt, task: Task| {
+            seen.lock()
+                .unwrap()
+                .push((String::from_utf8_lossy(task.payload()).into_owned(), attempt));
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    for i in 0..4 {
+        client.dispatch(Task::new("t", format!("a{i}")), "a").await.unwrap();
+    }
+    let running = spawn(worker);
+    eventually(DEADLINE, "a's tasks to wait in the worker", || async {
+        Admin::new(js.clone()).queue("a").await.unwrap().in_flight >= 2
+    })
+    .await;
+    // Queue b's consumer disappears: the worker re-creates its pullers.
+    let stream = js.get_stream("NATASKS").await.unwrap();
+    stream.delete_consumer("natasks-b").await.unwrap();
+    eventually(DEADLINE, "every task of a to run", || async { runs.lock().unwrap().len() == 4 })
+        .await;
+    running.stop().await.unwrap();
+    let runs = runs.lock().unwrap().clone();
+    assert!(runs.iter().all(|(_, attempt)| *attempt == 1), "{runs:?}");
+    assert_eq!(stored(&js, "natasks.a-dlq").await, 0, "nothing dead-lettered unrun");
+}

@@ -117,6 +117,10 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
         lanes.lanes.iter().map(|l| Some(l.consumer.clone())).collect();
     let mut drain_deadline = None;
     let period = settings.progress_interval;
+    // Tasks waiting in a lane when the worker reopens its pullers (one lane's error
+    // reopens them all): kept, leases and all, rather than handed back, which would cost
+    // each an attempt.
+    let mut kept: Vec<Waiting> = Vec::new();
 
     let result = 'outer: loop {
         if shutdown.is_cancelled() {
@@ -135,10 +139,15 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
             let inner = &lane.inner;
             match Puller::open(consumer, inner.js.clone(), settings.fetch_timeout, depths[i]).await
             {
-                Ok(puller) => pullers.push(puller),
+                Ok(mut puller) => {
+                    if let Some(waiting) = kept.get_mut(i) {
+                        puller.adopt_buffer(std::mem::take(waiting));
+                    }
+                    pullers.push(puller);
+                }
                 Err(err) => {
                     tracing::warn!(queue = %inner.queue, error = %err, "cannot start pulling; recovering");
-                    hand_back_all(pullers, settings.idle_wait).await;
+                    keep_and_hand_back(&mut kept, pullers, settings.idle_wait).await;
                     pause(&shutdown, settings.idle_wait).await;
                     continue 'outer;
                 }
@@ -230,7 +239,7 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 break Ok(());
             }
             Exit::Reopen => {
-                hand_back_all(pullers, settings.idle_wait).await;
+                keep_and_hand_back(&mut kept, pullers, settings.idle_wait).await;
                 pause(&shutdown, settings.idle_wait).await;
             }
         }
@@ -308,6 +317,24 @@ async fn wait_for_slot(
             tended = tend_any(pullers, period) => tended?,
         }
     }
+}
+
+/// The tasks waiting in one lane.
+type Waiting = std::collections::VecDeque<(tokio::time::Instant, async_nats::Message)>;
+
+/// Keeps the tasks waiting in each lane for the pullers that replace these, and hands back
+/// only what arrives on the old inboxes after they stopped asking.
+async fn keep_and_hand_back(
+    kept: &mut Vec<Waiting>,
+    pullers: Vec<Puller>,
+    limit: std::time::Duration,
+) {
+    kept.resize_with(kept.len().max(pullers.len()), Waiting::new);
+    let mut pullers = pullers;
+    for (i, puller) in pullers.iter_mut().enumerate() {
+        kept[i].extend(puller.take_buffer());
+    }
+    hand_back_all(pullers, limit).await;
 }
 
 async fn hand_back_all(pullers: Vec<Puller>, limit: std::time::Duration) {

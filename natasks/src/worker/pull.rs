@@ -247,6 +247,17 @@ impl Puller {
         }
     }
 
+    /// The delivered tasks waiting in the buffer, with when their leases began, taken out
+    /// (for the puller that replaces this one).
+    pub(super) fn take_buffer(&mut self) -> VecDeque<(Instant, async_nats::Message)> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// Takes over tasks another puller of the same consumer had waiting.
+    pub(super) fn adopt_buffer(&mut self, waiting: VecDeque<(Instant, async_nats::Message)>) {
+        self.buffer.extend(waiting);
+    }
+
     /// Whether a delivered task waits in the buffer.
     pub(super) fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
