@@ -367,3 +367,49 @@ async fn one_queues_error_costs_the_other_queues_waiting_tasks_nothing() {
     assert!(runs.iter().all(|(_, attempt)| *attempt == 1), "{runs:?}");
     assert_eq!(stored(&js, "natasks.a-dlq").await, 0, "nothing dead-lettered unrun");
 }
+
+#[tokio::test]
+async fn weighted_shares_hold_with_handlers_that_finish_at_once() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let starts: Starts = Arc::default();
+    let worker = Worker::builder(js.clone(), "critical")
+        .weight(6)
+        .queue("default", 3)
+        .queue("low", 1)
+        .concurrency(4)
+        .handle("job", {
+            // Finishes on its first poll, never yielding.
+            let starts = starts.clone();
+            move |task: Task| {
+                let queue = task.delivery().map(|d: &Delivery| d.queue.to_string());
+                starts.lock().unwrap().push(queue.unwrap_or_default());
+                std::future::ready(Ok::<(), HandlerError>(()))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    for queue in ["critical", "default", "low"] {
+        fill(&client, queue, 300).await;
+    }
+    let running = spawn(worker);
+    eventually(DEADLINE, "400 tasks to start", || async { starts.lock().unwrap().len() >= 400 })
+        .await;
+    running.stop().await.unwrap();
+    let starts = starts.lock().unwrap();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for queue in &starts[..400] {
+        *counts.entry(queue.as_str()).or_default() += 1;
+    }
+    println!("shares of the first 400 starts, instant handlers: {counts:?}");
+    for (queue, weight) in [("critical", 6.0), ("default", 3.0), ("low", 1.0)] {
+        let share = counts.get(queue).copied().unwrap_or(0) as f64 / 400.0;
+        let expected = weight / 10.0;
+        assert!(
+            (share - expected).abs() <= expected * 0.1,
+            "{queue}: share {share:.3}, weight share {expected:.3}: {counts:?}"
+        );
+    }
+}

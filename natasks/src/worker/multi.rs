@@ -71,6 +71,12 @@ impl Picker {
     }
 }
 
+/// How recently a queue must have delivered a task to keep its turn while its next one is
+/// on its way.
+const FLOWING: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a slot waits for the task of the queue whose turn it is.
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
 enum Exit {
     Shutdown,
     Reopen,
@@ -121,6 +127,8 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
     // reopens them all): kept, leases and all, rather than handed back, which would cost
     // each an attempt.
     let mut kept: Vec<Waiting> = Vec::new();
+    // The queue whose turn it is while its next task is on its way.
+    let mut turn: Option<usize> = None;
 
     let result = 'outer: loop {
         if shutdown.is_cancelled() {
@@ -169,17 +177,45 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 if let Err(err) = top_up_all(&mut pullers).await {
                     break Err(err);
                 }
-                // A paused queue's held tasks wait in its buffer, leases renewed.
-                let ready =
-                    |i: usize| pullers[i].has_buffered() && !lanes.lanes[i].inner.limits.paused();
-                if let Some(lane) = picker.pick(ready) {
-                    break Ok(lane);
+                if let Err(err) = pullers.iter_mut().try_for_each(Puller::take_in_ready) {
+                    break Err(err);
                 }
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break Ok(usize::MAX),
-                    tended = tend_any(&mut pullers, period) => if let Err(err) = tended {
-                        break Err(err);
+                // A paused queue's held tasks wait in its buffer, leases renewed.
+                let open = |i: usize| !lanes.lanes[i].inner.limits.paused();
+                let holding = |i: usize| open(i) && pullers[i].has_buffered();
+                // A queue whose next task is on its way keeps its turn for a moment: with
+                // handlers that finish at once, slots free faster than deliveries arrive,
+                // and giving the turn away would favour the lighter queues.
+                let active = |i: usize| holding(i) || (open(i) && pullers[i].is_flowing(FLOWING));
+                let choice = turn.take().or_else(|| picker.pick(active));
+                match choice {
+                    Some(lane) if holding(lane) => break Ok(lane),
+                    Some(lane) => {
+                        turn = Some(lane);
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => break Ok(usize::MAX),
+                            tended = tend_any(&mut pullers, period) => if let Err(err) = tended {
+                                break Err(err);
+                            },
+                            () = tokio::time::sleep(TURN_WAIT) => {
+                                // Its task is late: the slot goes to a queue holding one.
+                                turn = None;
+                                let holding = |i: usize| {
+                                    !lanes.lanes[i].inner.limits.paused() && pullers[i].has_buffered()
+                                };
+                                if let Some(lane) = picker.pick(holding) {
+                                    break Ok(lane);
+                                }
+                            }
+                        }
+                    }
+                    None => tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break Ok(usize::MAX),
+                        tended = tend_any(&mut pullers, period) => if let Err(err) = tended {
+                            break Err(err);
+                        },
                     },
                 }
             };

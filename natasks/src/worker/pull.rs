@@ -76,6 +76,8 @@ pub(super) struct Puller {
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
+    /// When the server last delivered a task.
+    last_delivered: Option<Instant>,
 }
 
 impl Puller {
@@ -102,6 +104,7 @@ impl Puller {
             last_request: now,
             buffer: VecDeque::new(),
             last_heard: now,
+            last_delivered: None,
         })
     }
 
@@ -258,6 +261,24 @@ impl Puller {
         self.buffer.extend(waiting);
     }
 
+    /// Takes in, without waiting, what the server already delivered on the inbox.
+    pub(super) fn take_in_ready(&mut self) -> Result<(), PullError> {
+        use futures_util::FutureExt;
+        while let Some(message) = self.subscriber.next().now_or_never() {
+            let message = message.ok_or(PullError::Closed)?;
+            if let Some(message) = self.receive(message)? {
+                self.buffer.push_back((Instant::now(), message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether tasks are on their way: requests are open and the server delivered a task
+    /// within `window` (a queue with work whose next task has not arrived yet).
+    pub(super) fn is_flowing(&self, window: Duration) -> bool {
+        self.outstanding > 0 && self.last_delivered.is_some_and(|at| at.elapsed() < window)
+    }
+
     /// Whether a delivered task waits in the buffer.
     pub(super) fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
@@ -277,6 +298,7 @@ impl Puller {
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
+                self.last_delivered = Some(self.last_heard);
                 Ok(Some(message))
             }
             Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
