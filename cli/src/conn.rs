@@ -143,7 +143,7 @@ pub async fn queue_consumers(
         if queue.is_empty() || queue.contains(['.', '*', '>']) {
             continue;
         }
-        let preferred = format!("{}-{queue}", natasks::wire::DEFAULT_CONSUMER_PREFIX);
+        let preferred = format!("{}-{queue}", g.consumer_prefix);
         match out.get(queue) {
             Some(existing) if existing.name == preferred => {}
             _ => {

@@ -120,6 +120,9 @@ pub struct Global {
     /// Subject prefix: queue `q` is subject `<prefix>.q`.
     #[arg(long, global = true, default_value = natasks::wire::DEFAULT_SUBJECT_PREFIX)]
     pub subject_prefix: String,
+    /// Prefix of the workers' durable consumers: queue `q` is consumed by `<prefix>-q`.
+    #[arg(long, global = true, default_value = natasks::wire::DEFAULT_CONSUMER_PREFIX)]
+    pub consumer_prefix: String,
     /// Suffix of dead-letter queues: queue `q` dead-letters into `q<suffix>`.
     #[arg(long, global = true, default_value = natasks::wire::DEFAULT_DLQ_SUFFIX)]
     pub dlq_suffix: String,

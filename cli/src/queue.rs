@@ -156,6 +156,7 @@ pub async fn admin(g: &Global) -> Result<Admin> {
     Ok(Admin::new(js)
         .stream_name(g.stream.clone())
         .subject_prefix(g.subject_prefix.clone())
+        .consumer_prefix(g.consumer_prefix.clone())
         .dlq_suffix(g.dlq_suffix.clone()))
 }
 

@@ -388,7 +388,7 @@ pub async fn rate_limit_overhead(env: &Env, imp: Impl, n: usize) -> Res<Sample> 
 /// `e2e_c64` with natasks, the rate set (before the worker starts) or not.
 async fn e2e_c64(env: &Env, n: usize, rated: bool) -> Res<Sample> {
     env.with_stream(|layout, client| async move {
-        let counters = format!("{}_RATES", layout.stream);
+        let counters = format!("{}_RATES_MINUTE", layout.stream);
         let result = e2e_c64_in(env, &layout, client, n, rated).await;
         if rated {
             if let Err(err) = env.publish.delete_stream(&counters).await {
@@ -441,7 +441,7 @@ async fn e2e_c64_in(
     waited?;
     if rated {
         // Every start was counted: the counter stream holds a counter per second.
-        let mut stream = env.publish.get_stream(format!("{}_RATES", layout.stream)).await?;
+        let mut stream = env.publish.get_stream(format!("{}_RATES_MINUTE", layout.stream)).await?;
         if stream.info().await?.state.messages == 0 {
             return Err("the rate counted no start".into());
         }

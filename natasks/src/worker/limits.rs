@@ -15,8 +15,13 @@ use crate::stream::StreamSettings;
 use crate::track::record::key as token;
 use crate::wire;
 
-/// How long a counter is kept: longer than the longest period.
-const COUNTER_AGE: Duration = Duration::from_secs(2 * 24 * 3600);
+/// The counter streams, by the periods they count: each keeps its counters a little longer
+/// than its longest period, so that the streams hold a few hundred subjects per rate, not
+/// one per period since the start (`(suffix, subject token, longest period, kept for)`).
+const CLASSES: [(&str, &str, u64, Duration); 2] = [
+    ("RATES_MINUTE", "m", 60, Duration::from_secs(5 * 60)),
+    ("RATES_DAY", "d", 24 * 3600, Duration::from_secs(2 * 24 * 3600)),
+];
 
 /// The rates in force for one queue, refreshed when an operator changes them.
 pub(crate) struct Limits {
@@ -29,7 +34,8 @@ pub(crate) struct Limits {
     /// Until when the queue is paused, as last read (the server enforces the pause for
     /// what it delivers; the worker holds back what it already holds).
     paused_until: RwLock<Option<SystemTime>>,
-    counters: OnceCell<()>,
+    /// The counter streams, opened on first use, by class.
+    counters: [OnceCell<()>; 2],
 }
 
 #[derive(Default)]
@@ -54,7 +60,7 @@ impl Limits {
             any: AtomicBool::new(false),
             rates: RwLock::new(Rates::default()),
             paused_until: RwLock::new(None),
-            counters: OnceCell::new(),
+            counters: [OnceCell::new(), OnceCell::new()],
         }
     }
 
@@ -122,14 +128,16 @@ impl Limits {
         let window = now.as_secs() / period;
         let next = Duration::from_secs((window + 1) * period).saturating_sub(now);
         let retry = tokio::time::Instant::now() + next;
-        if let Err(err) = self.counters.get_or_try_init(|| self.open()).await {
+        let class = CLASSES.iter().position(|c| period <= c.2).unwrap_or(CLASSES.len() - 1);
+        if let Err(err) = self.counters[class].get_or_try_init(|| self.open(class)).await {
             tracing::warn!(queue = %self.queue, error = %err, "cannot open the rate counters; waiting");
             return Some(tokio::time::Instant::now() + Duration::from_secs(1));
         }
         let scope = scope.map_or_else(|| "_".to_owned(), |task| format!("t{}", token(task)));
         let subject = format!(
-            "{}.{}.{scope}.{period}.{window}",
+            "{}.{}.{}.{scope}.{period}.{window}",
             rates_root(&self.stream.subject_prefix),
+            CLASSES[class].1,
             self.queue
         );
         let message = PublishMessage::build().header("Nats-Incr", "+1");
@@ -146,20 +154,21 @@ impl Limits {
         }
     }
 
-    /// Creates the counter stream, or adopts it.
-    async fn open(&self) -> Result<(), async_nats::Error> {
-        let name = format!("{}_RATES", self.stream.name);
+    /// Creates the counter stream of `class`, or adopts it.
+    async fn open(&self, class: usize) -> Result<(), async_nats::Error> {
+        let (suffix, token, _, age) = CLASSES[class];
+        let name = format!("{}_{suffix}", self.stream.name);
         if self.js.get_stream(&name).await.is_ok() {
             return Ok(());
         }
         let config = stream::Config {
             name,
             description: Some("natasks: tasks started per period, for rate limits".to_owned()),
-            subjects: vec![format!("{}.>", rates_root(&self.stream.subject_prefix))],
+            subjects: vec![format!("{}.{token}.>", rates_root(&self.stream.subject_prefix))],
             storage: stream::StorageType::File,
             num_replicas: self.stream.replicas,
             max_messages_per_subject: 1,
-            max_age: COUNTER_AGE,
+            max_age: age,
             allow_message_counter: true,
             ..Default::default()
         };
