@@ -19,6 +19,7 @@ use crate::task::Task;
 use crate::track::worker::WorkerTracking;
 use crate::track::Tracker;
 use crate::wire;
+use tokio_util::sync::CancellationToken;
 
 use super::{Unroutable, Worker, WorkerInner};
 
@@ -347,6 +348,7 @@ impl WorkerBuilder {
             let waiting_room = Arc::new(tokio::sync::Semaphore::new(settings.concurrency));
             WorkerInner {
                 waiting_room,
+                stopping: CancellationToken::new(),
                 limits: Arc::new(limits),
                 tracking: Arc::new(WorkerTracking::new(tracker, self.result_retention)),
                 subject: wire::queue_subject(&self.stream.subject_prefix, &queue),

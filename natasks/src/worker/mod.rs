@@ -151,6 +151,9 @@ pub(crate) struct WorkerInner {
     pub(crate) limits: Arc<limits::Limits>,
     /// Tasks that wait (a rate, a pause) without holding a slot: at most `concurrency`.
     pub(crate) waiting_room: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the worker begins to stop: tasks waiting for a rate or a pause are
+    /// handed back at once instead of waiting out the drain.
+    pub(crate) stopping: CancellationToken,
 }
 
 impl Worker {
@@ -161,9 +164,9 @@ impl Worker {
 
     fn new(inner: WorkerInner, consumer: consumer::PullConsumer) -> Self {
         Self {
+            shutdown: inner.stopping.clone(),
             inner: Arc::new(inner),
             consumer,
-            shutdown: CancellationToken::new(),
             running: Arc::new(AtomicBool::new(false)),
             lanes: None,
         }

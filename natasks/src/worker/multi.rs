@@ -233,6 +233,9 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
         };
         match exit {
             Exit::Shutdown => {
+                for lane in &lanes.lanes {
+                    lane.inner.stopping.cancel();
+                }
                 // As a worker of one queue does: run what was delivered or is still on its
                 // way, within the drain timeout, then hand back the rest.
                 let limit = tokio::time::Instant::now() + settings.drain_timeout;

@@ -402,7 +402,12 @@ async fn wait_aside(
     };
     let wait = tokio::time::sleep_until(at);
     tokio::pin!(wait);
-    renew_lease_until(message, wait, period, lease).await?;
+    tokio::select! {
+        biased;
+        // Stopping: the task goes back now rather than wait out the drain.
+        () = inner.stopping.cancelled() => return None,
+        waited = renew_lease_until(message, wait, period, lease) => waited?,
+    }
     if let Some(semaphore) = lent {
         let back = semaphore.acquire_owned();
         tokio::pin!(back);
