@@ -6,15 +6,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{AckKind, Message};
-use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
+use async_nats::{Client, HeaderMap, Subject};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::dead_letter;
 use super::pull::Leased;
+use super::{ack, dead_letter};
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
 use crate::handler::BoxHandler;
@@ -49,18 +50,27 @@ pub(super) async fn process(
     _slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
-    let Leased { mut message, since: leased_at } = leased;
-    let (attempt, sequence) = match message.info() {
-        Ok(info) => (u64::try_from(info.delivered).unwrap_or(1).max(1), info.stream_sequence),
-        Err(err) => {
-            tracing::warn!(queue = inner.queue.as_str(), error = %err, "delivery without JetStream metadata; handing it back");
-            nak(&message, None).await;
-            return;
-        }
+    let Leased { message, since: leased_at } = leased;
+    let async_nats::Message { reply, payload, headers, .. } = message;
+    let client = &inner.client;
+    let Some(reply) = reply else {
+        tracing::warn!(
+            queue = inner.queue.as_str(),
+            "delivery without a reply subject cannot be acknowledged; dropped"
+        );
+        return;
     };
-    // The headers are shared with the task instead of copied; the message keeps what acks
-    // need (its reply subject).
-    let headers = Arc::new(message.message.headers.take().unwrap_or_default());
+    let Some((attempt, sequence)) = ack::delivery_info(&reply) else {
+        tracing::warn!(
+            queue = inner.queue.as_str(),
+            reply = reply.as_str(),
+            "delivery without JetStream metadata; handing it back"
+        );
+        settle_with(client, reply, AckKind::Nak(None)).await;
+        return;
+    };
+    // The headers are shared with the task instead of copied.
+    let headers = Arc::new(headers.unwrap_or_default());
     let task_name = headers.get(wire::TASK_NAME).map(|v| v.as_str());
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
@@ -93,16 +103,15 @@ pub(super) async fn process(
     observers.started(&Started { queue: &inner.queue, task: label, attempt });
     let settle = async {
         let lease = Lease { since: leased_at, abandon: &abandon };
-        let delivery = Received { message: &message, headers: &headers, attempt, sequence };
-        match decide(&inner, &delivery, task_name, route, &lease).await {
-            Some(settle) => {
-                apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
-            }
-            None => {
-                nak(&message, None).await;
-                Outcome::HandedBack
-            }
-        }
+        let delivery =
+            Received { reply: &reply, payload: &payload, headers: &headers, attempt, sequence };
+        let (outcome, kind) = match decide(&inner, &delivery, task_name, route, &lease).await {
+            Some(settle) => apply(&inner, &delivery, settle, &lease).await,
+            None => (Outcome::HandedBack, AckKind::Nak(None)),
+        };
+        // The reply subject goes with the final ack instead of being copied for it.
+        settle_with(client, reply, kind).await;
+        outcome
     };
     // The OpenTelemetry span's context is current while the middleware and the handler run.
     #[cfg(feature = "opentelemetry")]
@@ -157,11 +166,13 @@ pub(super) struct Lease<'a> {
 }
 
 /// A delivery as the worker read it.
-struct Received<'a> {
-    message: &'a Message,
-    headers: &'a Arc<HeaderMap>,
-    attempt: u64,
-    sequence: u64,
+pub(super) struct Received<'a> {
+    /// Where its acks go.
+    pub(super) reply: &'a Subject,
+    pub(super) payload: &'a Bytes,
+    pub(super) headers: &'a Arc<HeaderMap>,
+    pub(super) attempt: u64,
+    pub(super) sequence: u64,
 }
 
 /// Runs the handler if the delivery can be routed (`route`: the task name's entry in the
@@ -173,7 +184,7 @@ async fn decide(
     route: Option<(&Arc<str>, &BoxHandler)>,
     lease: &Lease<'_>,
 ) -> Option<Settle> {
-    let Received { message, headers, attempt, sequence } = *delivery;
+    let Received { reply, payload, headers, attempt, sequence } = *delivery;
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
         return Some(Settle::DeadLetter(
@@ -201,7 +212,7 @@ async fn decide(
     };
     let mut task = Task::received(
         name.clone(),
-        message.payload.clone(),
+        payload.clone(),
         headers.clone(),
         message_id(headers).map(str::to_owned),
         Delivery::new(inner.shared_queue.clone(), attempt, sequence),
@@ -227,7 +238,10 @@ async fn decide(
     // Most handlers finish on their first poll; only the others need a lease timer.
     let result = match timed.as_mut().now_or_never() {
         Some(result) => result,
-        None => renew_lease_until(message, timed, inner.settings.progress_interval, lease).await?,
+        None => {
+            let period = inner.settings.progress_interval;
+            renew_lease_until(&inner.client, reply, timed, period, lease).await?
+        }
     };
     let error = match result {
         Some(Ok(Ok(()))) => return Some(Settle::Ack),
@@ -247,7 +261,8 @@ async fn decide(
 /// `period` from when the lease began (not from when the handler started); `None` when
 /// shutdown abandons it.
 pub(super) async fn renew_lease_until<F: Future>(
-    message: &Message,
+    client: &Client,
+    reply: &Subject,
     mut work: Pin<&mut F>,
     period: Duration,
     lease: &Lease<'_>,
@@ -261,9 +276,7 @@ pub(super) async fn renew_lease_until<F: Future>(
             () = lease.abandon.cancelled() => return None,
             () = &mut progress => {
                 progress.as_mut().reset(tokio::time::Instant::now() + period);
-                if let Err(err) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %err, "could not renew the task's lease");
-                }
+                renew(client, reply).await;
             }
         }
     }
@@ -331,48 +344,36 @@ pub(super) fn span_event(inner: &WorkerInner, name: &'static str, error: &str) {
     let _ = (inner, name, error);
 }
 
-/// Tells the broker what became of the delivery.
+/// What became of the delivery, and the ack that tells the broker.
 async fn apply(
     inner: &WorkerInner,
-    message: &Message,
-    headers: &HeaderMap,
-    attempt: u64,
-    sequence: u64,
+    delivery: &Received<'_>,
     settle: Settle,
     lease: &Lease<'_>,
-) -> Outcome {
+) -> (Outcome, AckKind) {
     match settle {
-        Settle::Ack => {
-            ack(message, AckKind::Ack).await;
-            Outcome::Succeeded
-        }
-        Settle::GiveUp => {
-            ack(message, AckKind::Ack).await;
-            Outcome::GaveUp
-        }
-        Settle::Discard => {
-            ack(message, AckKind::Term).await;
-            Outcome::Discarded
-        }
-        Settle::Retry(delay) => {
-            nak(message, delay).await;
-            Outcome::Retried(delay)
-        }
+        Settle::Ack => (Outcome::Succeeded, AckKind::Ack),
+        Settle::GiveUp => (Outcome::GaveUp, AckKind::Ack),
+        Settle::Discard => (Outcome::Discarded, AckKind::Term),
+        Settle::Retry(delay) => (Outcome::Retried(delay), AckKind::Nak(delay)),
         Settle::DeadLetter(reason, error) => {
-            dead_letter::settle(inner, message, headers, attempt, sequence, reason, &error, lease)
-                .await
+            dead_letter::settle(inner, delivery, reason, &error, lease).await
         }
     }
 }
 
-pub(super) async fn ack(message: &Message, kind: AckKind) {
-    if let Err(err) = message.ack_with(kind).await {
+/// Settles the delivery: its one final ack (`Ack`, `Nak` or `Term`).
+async fn settle_with(client: &Client, reply: Subject, kind: AckKind) {
+    if let Err(err) = ack::send(client, reply, kind).await {
         tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
     }
 }
 
-pub(super) async fn nak(message: &Message, delay: Option<Duration>) {
-    ack(message, AckKind::Nak(delay)).await;
+/// Renews the delivery's lease (an in-progress ack).
+pub(super) async fn renew(client: &Client, reply: &Subject) {
+    if let Err(err) = ack::send(client, reply.clone(), AckKind::Progress).await {
+        tracing::warn!(error = %err, "could not renew the task's lease");
+    }
 }
 
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
