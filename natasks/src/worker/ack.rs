@@ -5,18 +5,23 @@
 //! keeps the plain message instead, and publishes the same ack bodies (`AckKind`'s own
 //! encoding) to the message's reply subject on one client shared by the whole worker.
 
+use std::future::Future;
+
 use async_nats::client::PublishError;
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 
 /// Sends `kind` for the delivery whose reply subject is `reply`: what
 /// `jetstream::Message::ack_with` sends.
-pub(super) async fn send(
+///
+/// Returns the client's own future rather than wrapping it in another: what is awaited
+/// is kept in the processing future of every task.
+pub(super) fn send(
     client: &Client,
     reply: Subject,
     kind: AckKind,
-) -> Result<(), PublishError> {
-    client.publish(reply, kind.into()).await
+) -> impl Future<Output = Result<(), PublishError>> + Send + '_ {
+    client.publish(reply, kind.into())
 }
 
 /// The delivery count (at least 1) and the stream sequence of a delivery, read from its

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, HeaderMap, Subject};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -44,14 +45,32 @@ enum Settle {
 /// per name.
 pub(crate) const UNROUTED_TASK: &str = "(unrouted)";
 
-pub(super) async fn process(
+/// Processes one delivery: the future the worker starts for it.
+///
+/// The message is taken apart before the future is built, so that the future (allocated
+/// and moved for every task) holds only the parts processing uses, once.
+pub(super) fn process(
     inner: Arc<WorkerInner>,
     leased: Leased,
+    slot: OwnedSemaphorePermit,
+    abandon: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Leased { message, since } = leased;
+    let async_nats::Message { reply, payload, headers, .. } = message;
+    // The headers are shared with the task instead of copied.
+    let headers = Arc::new(headers.unwrap_or_default());
+    process_parts(inner, reply, payload, headers, since, slot, abandon)
+}
+
+async fn process_parts(
+    inner: Arc<WorkerInner>,
+    reply: Option<Subject>,
+    payload: Bytes,
+    headers: Arc<HeaderMap>,
+    leased_at: tokio::time::Instant,
     _slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
-    let Leased { message, since: leased_at } = leased;
-    let async_nats::Message { reply, payload, headers, .. } = message;
     let client = &inner.client;
     let Some(reply) = reply else {
         tracing::warn!(
@@ -69,8 +88,6 @@ pub(super) async fn process(
         settle_with(client, reply, AckKind::Nak(None)).await;
         return;
     };
-    // The headers are shared with the task instead of copied.
-    let headers = Arc::new(headers.unwrap_or_default());
     let task_name = headers.get(wire::TASK_NAME).map(|v| v.as_str());
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
@@ -101,28 +118,31 @@ pub(super) async fn process(
         span.record("message_id", id);
     }
     observers.started(&Started { queue: &inner.queue, task: label, attempt });
-    let settle = async {
-        let lease = Lease { since: leased_at, abandon: &abandon };
-        let delivery =
-            Received { reply: &reply, payload: &payload, headers: &headers, attempt, sequence };
-        let (outcome, kind) = match decide(&inner, &delivery, task_name, route, &lease).await {
-            Some(settle) => apply(&inner, &delivery, settle, &lease).await,
-            None => (Outcome::HandedBack, AckKind::Nak(None)),
-        };
-        // The reply subject goes with the final ack instead of being copied for it.
-        settle_with(client, reply, kind).await;
-        outcome
-    };
-    // The OpenTelemetry span's context is current while the middleware and the handler run.
-    #[cfg(feature = "opentelemetry")]
-    let settle = {
-        use opentelemetry::trace::FutureExt as _;
-        match &otel {
-            Some(cx) => futures_util::future::Either::Left(settle.with_context(cx.clone())),
-            None => futures_util::future::Either::Right(settle),
-        }
-    };
-    let outcome = settle.instrument(span.clone()).await;
+    // Built in the call that wraps it, not bound first: see `traced`.
+    let outcome = traced(
+        async {
+            let lease = Lease { since: leased_at, abandon: &abandon };
+            let delivery = Received {
+                reply: &reply,
+                payload: &payload,
+                headers: &headers,
+                message_id,
+                attempt,
+                sequence,
+            };
+            let (outcome, kind) = match decide(&inner, &delivery, task_name, route, &lease).await {
+                Some(settle) => apply(&inner, &delivery, settle, &lease).await,
+                None => (Outcome::HandedBack, AckKind::Nak(None)),
+            };
+            // The reply subject goes with the final ack instead of being copied for it.
+            settle_with(client, reply, kind).await;
+            outcome
+        },
+        span.clone(),
+        #[cfg(feature = "opentelemetry")]
+        otel.as_ref(),
+    )
+    .await;
     #[cfg(feature = "opentelemetry")]
     if let Some(cx) = &otel {
         crate::otel::end_process(cx, outcome);
@@ -138,6 +158,28 @@ pub(super) async fn process(
         elapsed: received.map(|at| at.elapsed()).unwrap_or_default(),
         outcome,
     });
+}
+
+/// `settle` in the attempt's span, with the OpenTelemetry span's context (if any) current
+/// while the middleware and the handler run.
+///
+/// Built by a function so that it is awaited where it is built: each binding a future is
+/// moved through in `process` would keep a copy of it in the processing future, which is
+/// boxed (and so allocated and copied) for every task.
+fn traced<F: Future>(
+    settle: F,
+    span: tracing::Span,
+    #[cfg(feature = "opentelemetry")] otel: Option<&opentelemetry::Context>,
+) -> impl Future<Output = F::Output> {
+    #[cfg(feature = "opentelemetry")]
+    let settle = {
+        use opentelemetry::trace::FutureExt as _;
+        match otel {
+            Some(cx) => futures_util::future::Either::Left(settle.with_context(cx.clone())),
+            None => futures_util::future::Either::Right(settle),
+        }
+    };
+    settle.instrument(span)
 }
 
 fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing::Span {
@@ -171,6 +213,8 @@ pub(super) struct Received<'a> {
     pub(super) reply: &'a Subject,
     pub(super) payload: &'a Bytes,
     pub(super) headers: &'a Arc<HeaderMap>,
+    /// The id the task was dispatched with.
+    pub(super) message_id: Option<&'a str>,
     pub(super) attempt: u64,
     pub(super) sequence: u64,
 }
@@ -184,7 +228,7 @@ async fn decide(
     route: Option<(&Arc<str>, &BoxHandler)>,
     lease: &Lease<'_>,
 ) -> Option<Settle> {
-    let Received { reply, payload, headers, attempt, sequence } = *delivery;
+    let Received { reply, attempt, .. } = *delivery;
     let retry = &inner.settings.retry;
     if retry.overdue(attempt) {
         return Some(Settle::DeadLetter(
@@ -210,11 +254,61 @@ async fn decide(
             format!("no handler for task {name:?} on queue {:?}", inner.queue),
         ));
     };
+    let mut run = match start_handler(inner, name, handler, delivery) {
+        Ok(run) => AssertUnwindSafe(run).catch_unwind(),
+        Err(settle) => return Some(settle),
+    };
+    // Pinned where it is built, and the timeout only borrowing the handler's future: moved
+    // from binding to binding, each would keep a copy in the processing future.
+    let mut timed = std::pin::pin!(async {
+        match inner.settings.task_timeout {
+            None => Some((&mut run).await),
+            Some(limit) => tokio::time::timeout(limit, &mut run).await.ok(),
+        }
+    });
+    // Most handlers finish on their first poll; only the others need a lease timer. It is
+    // boxed: held inline, the timer and its acks would make the processing future of every
+    // task larger, and that future is allocated and copied for every task (the others get
+    // a task of their own and an allocation anyway).
+    let result = match timed.as_mut().now_or_never() {
+        Some(result) => result,
+        None => {
+            let period = inner.settings.progress_interval;
+            let renewing = renew_lease_until(&inner.client, reply, timed.as_mut(), period, lease);
+            Box::pin(renewing).await?
+        }
+    };
+    let error = match result {
+        Some(Ok(Ok(()))) => return Some(Settle::Ack),
+        Some(Ok(Err(error))) => error,
+        Some(Err(panic)) => handler_panicked(&*panic),
+        None => HandlerError::msg(format!(
+            "task timed out after {:?}",
+            inner.settings.task_timeout.unwrap_or_default()
+        )),
+    };
+    Some(failed(inner, attempt, error))
+}
+
+/// Hands the task to the middleware and the handler (after the propagator, if any, read
+/// it): their future, called at once, so that what they do before their first await runs
+/// here, under the same panic guard as their polls.
+///
+/// Not part of `decide`'s future, and returning the chain's boxed future rather than one
+/// wrapping it: the task and everything the call needs would otherwise stay in the
+/// processing future of every task after they moved on to the handler.
+fn start_handler(
+    inner: &WorkerInner,
+    name: &Arc<str>,
+    handler: &BoxHandler,
+    delivery: &Received<'_>,
+) -> Result<BoxFuture<'static, Result<(), HandlerError>>, Settle> {
+    let Received { payload, headers, message_id, attempt, sequence, .. } = *delivery;
     let mut task = Task::received(
         name.clone(),
         payload.clone(),
         headers.clone(),
-        message_id(headers).map(str::to_owned),
+        message_id.map(str::to_owned),
         Delivery::new(inner.shared_queue.clone(), attempt, sequence),
     );
     if let Some(propagator) = &inner.propagator {
@@ -223,38 +317,16 @@ async fn decide(
             std::panic::catch_unwind(AssertUnwindSafe(|| propagator.extract(&mut task)));
         if let Err(panic) = extracted {
             let error = format!("propagator panicked: {}", panic_message(&*panic));
-            return Some(failed(inner, attempt, HandlerError::msg(error)));
+            return Err(failed(inner, attempt, HandlerError::msg(error)));
         }
     }
-    let run =
-        AssertUnwindSafe(Next::new(inner.layers.clone(), handler.clone()).run(task)).catch_unwind();
-    let timed = async {
-        match inner.settings.task_timeout {
-            None => Some(run.await),
-            Some(limit) => tokio::time::timeout(limit, run).await.ok(),
-        }
-    };
-    tokio::pin!(timed);
-    // Most handlers finish on their first poll; only the others need a lease timer.
-    let result = match timed.as_mut().now_or_never() {
-        Some(result) => result,
-        None => {
-            let period = inner.settings.progress_interval;
-            renew_lease_until(&inner.client, reply, timed, period, lease).await?
-        }
-    };
-    let error = match result {
-        Some(Ok(Ok(()))) => return Some(Settle::Ack),
-        Some(Ok(Err(error))) => error,
-        Some(Err(panic)) => {
-            HandlerError::msg(format!("handler panicked: {}", panic_message(&*panic)))
-        }
-        None => HandlerError::msg(format!(
-            "task timed out after {:?}",
-            inner.settings.task_timeout.unwrap_or_default()
-        )),
-    };
-    Some(failed(inner, attempt, error))
+    let next = Next::new(inner.layers.clone(), handler.clone());
+    std::panic::catch_unwind(AssertUnwindSafe(|| next.start(task)))
+        .map_err(|panic| failed(inner, attempt, handler_panicked(&*panic)))
+}
+
+fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    HandlerError::msg(format!("handler panicked: {}", panic_message(panic)))
 }
 
 /// Drives a handler that did not finish on its first poll, renewing its lease every
@@ -357,30 +429,35 @@ async fn apply(
         Settle::Discard => (Outcome::Discarded, AckKind::Term),
         Settle::Retry(delay) => (Outcome::Retried(delay), AckKind::Nak(delay)),
         Settle::DeadLetter(reason, error) => {
-            dead_letter::settle(inner, delivery, reason, &error, lease).await
+            // Boxed for the same reason as the lease timer: it is rare and large.
+            Box::pin(dead_letter::settle(inner, delivery, reason, &error, lease)).await
         }
     }
 }
 
 /// Settles the delivery: its one final ack (`Ack`, `Nak` or `Term`).
-async fn settle_with(client: &Client, reply: Subject, kind: AckKind) {
-    if let Err(err) = ack::send(client, reply, kind).await {
-        tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
-    }
+fn settle_with(client: &Client, reply: Subject, kind: AckKind) -> impl Future<Output = ()> + '_ {
+    ack::send(client, reply, kind).map(|sent| {
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
+        }
+    })
 }
 
 /// Renews the delivery's lease (an in-progress ack).
-pub(super) async fn renew(client: &Client, reply: &Subject) {
-    if let Err(err) = ack::send(client, reply.clone(), AckKind::Progress).await {
-        tracing::warn!(error = %err, "could not renew the task's lease");
-    }
+pub(super) fn renew<'a>(client: &'a Client, reply: &Subject) -> impl Future<Output = ()> + 'a {
+    ack::send(client, reply.clone(), AckKind::Progress).map(|sent| {
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "could not renew the task's lease");
+        }
+    })
 }
 
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
 fn message_id(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(wire::MESSAGE_ID_NAME)
-        .or_else(|| headers.get(wire::NATS_MSG_ID))
+        .or_else(|| headers.get(wire::NATS_MSG_ID_NAME))
         .map(|v| v.as_str())
 }
 
