@@ -31,14 +31,24 @@ pub(super) fn send(
 /// when the subject has neither form or a number does not parse.
 pub(super) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
+    // The first nine tokens and how many there are, in one pass over the bytes (cheaper
+    // than `split` for a subject read for every task).
     let mut tokens: [&str; 9] = [""; 9];
     let mut count = 0;
-    for token in rest.split('.') {
-        if count < tokens.len() {
-            tokens[count] = token;
+    let mut start = 0;
+    for (at, byte) in rest.bytes().enumerate() {
+        if byte == b'.' {
+            if let Some(token) = tokens.get_mut(count) {
+                *token = &rest[start..at];
+            }
+            count += 1;
+            start = at + 1;
         }
-        count += 1;
     }
+    if let Some(token) = tokens.get_mut(count) {
+        *token = &rest[start..];
+    }
+    count += 1;
     let fields = match count {
         7 => &tokens[..7],
         n if n >= 9 => &tokens[2..9],
