@@ -150,12 +150,18 @@ impl Next {
 
     /// Passes the task on to the next middleware, or to the handler.
     pub async fn run(self, task: Task) -> Result<(), HandlerError> {
+        self.start(task).await
+    }
+
+    /// The future of the next middleware, or of the handler, for `task`: called at once,
+    /// so what it does before its first await runs in this call.
+    pub(crate) fn start(self, task: Task) -> BoxFuture<'static, Result<(), HandlerError>> {
         match self.layers.get(self.index).cloned() {
             Some(layer) => {
                 let next = Self { index: self.index + 1, ..self };
-                layer(task, next).await
+                layer(task, next)
             }
-            None => self.handler.call(task).await,
+            None => self.handler.call(task),
         }
     }
 }

@@ -75,6 +75,8 @@ pub(crate) const ID_NAME: HeaderName = HeaderName::from_static(HEADER_ID);
 pub(crate) const TRACK_NAME: HeaderName = HeaderName::from_static(HEADER_TRACK);
 /// [`HEADER_MESSAGE_ID`] as a header name.
 pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
+/// [`NATS_MSG_ID`] as a header name: looked up for every received task.
+pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG_ID);
 
 /// The subject token reserved for schedules; no queue may use it.
 pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";

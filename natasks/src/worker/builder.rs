@@ -355,6 +355,7 @@ impl WorkerBuilder {
                 dlq_subject: wire::queue_subject(&self.stream.subject_prefix, &settings.dlq_queue),
                 shared_queue: Arc::from(queue.as_str()),
                 queue,
+                client: self.js.client(),
                 js: self.js.clone(),
                 stream: self.stream.clone(),
                 settings,

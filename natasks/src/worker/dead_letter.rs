@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::AckKind;
 use async_nats::HeaderMap;
 
-use super::process::{ack, nak, renew_lease_until, span_event, Lease};
+use super::process::{renew, renew_lease_until, span_event, Lease, Received};
 use super::{DeadLetterReason, WorkerInner};
 use crate::observe::Outcome;
 use crate::wire;
@@ -15,25 +15,22 @@ use crate::wire;
 /// Longest `Natasks-Last-Error` value.
 const LAST_ERROR_MAX: usize = 2048;
 
-/// Stores the dead letter, then acknowledges the task.
+/// Stores the dead letter; the outcome, and the final ack for the caller to send (`Ack`
+/// once the dead letter is stored).
 ///
 /// Until the dead letter is stored, the worker keeps the task (renewing its lease, also
 /// while a publish waits for its acknowledgement) and tries again: handing it back would
 /// spend a delivery, and the redelivery could no longer tell why the task was given up. It
 /// hands the task back only when shutdown abandons it, or when the dead letter cannot fit
 /// the server's `max_payload` (after its last error was cut to fit).
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn settle(
     inner: &WorkerInner,
-    message: &Message,
-    headers: &HeaderMap,
-    attempt: u64,
-    sequence: u64,
+    delivery: &Received<'_>,
     reason: DeadLetterReason,
     error: &str,
     lease: &Lease<'_>,
-) -> Outcome {
-    let publish = || publish(inner, message, headers, attempt, sequence, reason, error);
+) -> (Outcome, AckKind) {
+    let publish = || publish(inner, delivery, reason, error);
     let stored = async {
         let mut wait = inner.settings.idle_wait.max(Duration::from_millis(100));
         loop {
@@ -51,38 +48,33 @@ pub(super) async fn settle(
     tokio::pin!(stored);
     // The handler may have run for most of a lease: renew it before the publish, which can
     // wait for its acknowledgement longer than the ack wait.
-    ack(message, AckKind::Progress).await;
+    let (client, reply) = (&inner.client, delivery.reply);
+    renew(client, reply).await;
     let renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
-    match renew_lease_until(message, stored, inner.settings.progress_interval, &renewing).await {
+    let period = inner.settings.progress_interval;
+    match renew_lease_until(client, reply, stored, period, &renewing).await {
         Some(Ok(())) => {
             tracing::warn!(%reason, error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
             span_event(inner, "task dead-lettered", error);
-            ack(message, AckKind::Ack).await;
-            Outcome::DeadLettered(reason)
+            (Outcome::DeadLettered(reason), AckKind::Ack)
         }
         Some(Err(err)) => {
             let delay = Some(inner.settings.ack_wait);
             tracing::error!(error = %err, retry_in = ?delay, "the dead letter does not fit the server's max_payload; the task is handed back");
             span_event(inner, "the dead letter does not fit max_payload", &err.to_string());
-            nak(message, delay).await;
-            Outcome::Retried(delay)
+            (Outcome::Retried(delay), AckKind::Nak(delay))
         }
-        None => {
-            nak(message, None).await;
-            Outcome::HandedBack
-        }
+        None => (Outcome::HandedBack, AckKind::Nak(None)),
     }
 }
 
 async fn publish(
     inner: &WorkerInner,
-    message: &Message,
-    original: &HeaderMap,
-    attempt: u64,
-    sequence: u64,
+    delivery: &Received<'_>,
     reason: DeadLetterReason,
     error: &str,
 ) -> Result<(), PublishError> {
+    let Received { payload, headers: original, attempt, sequence, .. } = *delivery;
     let mut headers = HeaderMap::new();
     for (name, values) in original.iter() {
         // Server-managed headers (message id, schedule, rollup) must not follow the task.
@@ -113,8 +105,8 @@ async fn publish(
     headers.insert(wire::NATS_MSG_ID, id.as_str());
     // The last error is cut to what still fits the server's max_payload: a task near the
     // limit must not become a dead letter that can never be stored.
-    let max_payload = inner.js.client().server_info().max_payload;
-    let used = message.payload.len() + encoded_len(&headers);
+    let max_payload = inner.client.server_info().max_payload;
+    let used = payload.len() + encoded_len(&headers);
     let room = max_payload.saturating_sub(used + wire::HEADER_LAST_ERROR.len() + 4);
     headers.insert(
         wire::HEADER_LAST_ERROR,
@@ -122,7 +114,7 @@ async fn publish(
     );
     inner
         .js
-        .publish_with_headers(inner.dlq_subject.clone(), headers, message.payload.clone())
+        .publish_with_headers(inner.dlq_subject.clone(), headers, payload.clone())
         .await?
         .await?;
     Ok(())

@@ -6,6 +6,7 @@
 //! broker, so a worker that crashes loses nothing: its tasks are redelivered after the ack
 //! wait.
 
+mod ack;
 mod builder;
 mod dead_letter;
 mod limits;
@@ -133,6 +134,8 @@ impl ShutdownHandle {
 
 pub(crate) struct WorkerInner {
     pub(crate) js: jetstream::Context,
+    /// The context's client, where acks are published.
+    pub(crate) client: async_nats::Client,
     pub(crate) stream: StreamSettings,
     pub(crate) queue: String,
     /// The queue name, shared with every received task's delivery details.
@@ -192,7 +195,7 @@ impl Worker {
 
     /// Whether the NATS connection is currently up.
     pub fn is_ready(&self) -> bool {
-        self.inner.js.client().connection_state() == async_nats::connection::State::Connected
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// A handle that triggers a graceful shutdown, for use from another task.

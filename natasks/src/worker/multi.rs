@@ -145,7 +145,8 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 },
             };
             let inner = &lane.inner;
-            match Puller::open(consumer, inner.js.clone(), settings.fetch_timeout, depths[i]).await
+            match Puller::open(consumer, inner.client.clone(), settings.fetch_timeout, depths[i])
+                .await
             {
                 Ok(mut puller) => {
                     if let Some(waiting) = kept.get_mut(i) {

@@ -6,16 +6,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{AckKind, Message};
-use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
+use async_nats::{Client, HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::dead_letter;
 use super::limits::Permit;
 use super::pull::Leased;
+use super::{ack, dead_letter};
 use super::{DeadLetterReason, Unroutable, WorkerInner};
 use crate::error::{Failure, HandlerError};
 use crate::extract::{Live, ProgressReport};
@@ -49,24 +51,49 @@ enum Settle {
 /// per name.
 pub(crate) const UNROUTED_TASK: &str = "(unrouted)";
 
-pub(super) async fn process(
+/// Processes one delivery: the future the worker starts for it.
+///
+/// The message is taken apart before the future is built, so that the future (allocated
+/// and moved for every task) holds only the parts processing uses, once.
+pub(super) fn process(
     inner: Arc<WorkerInner>,
     leased: Leased,
     slot: OwnedSemaphorePermit,
     abandon: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Leased { message, since } = leased;
+    let async_nats::Message { reply, payload, headers, .. } = message;
+    // The headers are shared with the task instead of copied.
+    let headers = Arc::new(headers.unwrap_or_default());
+    process_parts(inner, reply, payload, headers, since, slot, abandon)
+}
+
+async fn process_parts(
+    inner: Arc<WorkerInner>,
+    reply: Option<Subject>,
+    payload: Bytes,
+    headers: Arc<HeaderMap>,
+    leased_at: tokio::time::Instant,
+    slot: OwnedSemaphorePermit,
+    abandon: CancellationToken,
 ) {
-    let Leased { mut message, since: leased_at } = leased;
-    let (attempt, sequence) = match message.info() {
-        Ok(info) => (u64::try_from(info.delivered).unwrap_or(1).max(1), info.stream_sequence),
-        Err(err) => {
-            tracing::warn!(queue = inner.queue.as_str(), error = %err, "delivery without JetStream metadata; handing it back");
-            nak(&message, None).await;
-            return;
-        }
+    let client = &inner.client;
+    let Some(reply) = reply else {
+        tracing::warn!(
+            queue = inner.queue.as_str(),
+            "delivery without a reply subject cannot be acknowledged; dropped"
+        );
+        return;
     };
-    // The headers are shared with the task instead of copied; the message keeps what acks
-    // need (its reply subject).
-    let headers = Arc::new(message.message.headers.take().unwrap_or_default());
+    let Some((attempt, sequence)) = ack::delivery_info(&reply) else {
+        tracing::warn!(
+            queue = inner.queue.as_str(),
+            reply = reply.as_str(),
+            "delivery without JetStream metadata; handing it back"
+        );
+        settle_with(client, reply, AckKind::Nak(None)).await;
+        return;
+    };
     let task_name = headers.get(wire::TASK_NAME).map(|v| v.as_str());
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
@@ -97,36 +124,44 @@ pub(super) async fn process(
         span.record("message_id", id);
     }
     observers.started(&Started { queue: &inner.queue, task: label, attempt });
-    let settle = async {
-        let lease = Lease { since: leased_at, abandon: &abandon };
-        let delivery = Received { message: &message, headers: &headers, attempt, sequence };
-        let mut slot = Some(slot);
-        let mut tracked = Tracked {
-            attempt: inner.tracking.attempt(&headers, &inner.queue, name, attempt, sequence),
-            result: None,
-        };
-        let decided = decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
-        match decided.await {
-            Some(settle) => {
-                let settle = tracked.record(settle).await;
-                apply(&inner, &message, &headers, attempt, sequence, settle, &lease).await
-            }
-            None => {
-                nak(&message, None).await;
-                Outcome::HandedBack
-            }
-        }
-    };
-    // The OpenTelemetry span's context is current while the middleware and the handler run.
-    #[cfg(feature = "opentelemetry")]
-    let settle = {
-        use opentelemetry::trace::FutureExt as _;
-        match &otel {
-            Some(cx) => futures_util::future::Either::Left(settle.with_context(cx.clone())),
-            None => futures_util::future::Either::Right(settle),
-        }
-    };
-    let outcome = settle.instrument(span.clone()).await;
+    // Built in the call that wraps it, not bound first: see `traced`.
+    let outcome = traced(
+        async {
+            let lease = Lease { since: leased_at, abandon: &abandon };
+            let delivery = Received {
+                reply: &reply,
+                payload: &payload,
+                headers: &headers,
+                message_id,
+                attempt,
+                sequence,
+            };
+            let mut slot = Some(slot);
+            let mut tracked = Tracked {
+                attempt: inner
+                    .tracking
+                    .attempt(&headers, &inner.queue, name, attempt, sequence)
+                    .map(Box::new),
+                result: None,
+            };
+            let decided =
+                decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
+            let (outcome, kind) = match decided.await {
+                Some(settle) => {
+                    let settle = tracked.record(settle).await;
+                    apply(&inner, &delivery, settle, &lease).await
+                }
+                None => (Outcome::HandedBack, AckKind::Nak(None)),
+            };
+            // The reply subject goes with the final ack instead of being copied for it.
+            settle_with(client, reply, kind).await;
+            outcome
+        },
+        span.clone(),
+        #[cfg(feature = "opentelemetry")]
+        otel.as_ref(),
+    )
+    .await;
     #[cfg(feature = "opentelemetry")]
     if let Some(cx) = &otel {
         crate::otel::end_process(cx, outcome);
@@ -142,6 +177,28 @@ pub(super) async fn process(
         elapsed: received.map(|at| at.elapsed()).unwrap_or_default(),
         outcome,
     });
+}
+
+/// `settle` in the attempt's span, with the OpenTelemetry span's context (if any) current
+/// while the middleware and the handler run.
+///
+/// Built by a function so that it is awaited where it is built: each binding a future is
+/// moved through in `process` would keep a copy of it in the processing future, which is
+/// boxed (and so allocated and copied) for every task.
+fn traced<F: Future>(
+    settle: F,
+    span: tracing::Span,
+    #[cfg(feature = "opentelemetry")] otel: Option<&opentelemetry::Context>,
+) -> impl Future<Output = F::Output> {
+    #[cfg(feature = "opentelemetry")]
+    let settle = {
+        use opentelemetry::trace::FutureExt as _;
+        match otel {
+            Some(cx) => futures_util::future::Either::Left(settle.with_context(cx.clone())),
+            None => futures_util::future::Either::Right(settle),
+        }
+    };
+    settle.instrument(span)
 }
 
 fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing::Span {
@@ -171,7 +228,9 @@ pub(super) struct Lease<'a> {
 
 /// The tracking of a tracked task's attempt, and the handler's result to record.
 struct Tracked<'a> {
-    attempt: Option<Attempt<'a>>,
+    /// Boxed: most tasks are not tracked, and the processing future is allocated for
+    /// every task.
+    attempt: Option<Box<Attempt<'a>>>,
     result: Option<Vec<u8>>,
 }
 
@@ -203,11 +262,15 @@ impl Tracked<'_> {
 }
 
 /// A delivery as the worker read it.
-struct Received<'a> {
-    message: &'a Message,
-    headers: &'a Arc<HeaderMap>,
-    attempt: u64,
-    sequence: u64,
+pub(super) struct Received<'a> {
+    /// Where its acks go.
+    pub(super) reply: &'a Subject,
+    pub(super) payload: &'a Bytes,
+    pub(super) headers: &'a Arc<HeaderMap>,
+    /// The id the task was dispatched with.
+    pub(super) message_id: Option<&'a str>,
+    pub(super) attempt: u64,
+    pub(super) sequence: u64,
 }
 
 /// Runs the handler if the delivery can be routed (`route`: the task name's entry in the
@@ -221,7 +284,7 @@ async fn decide(
     tracked: &mut Tracked<'_>,
     slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<Settle> {
-    let Received { message, headers, attempt, sequence } = *delivery;
+    let Received { reply, attempt, .. } = *delivery;
     // A tracked task gets its channel first: a cancel is obeyed before anything else.
     let mut live = None;
     if let Some(tracking) = tracked.attempt.as_mut() {
@@ -256,77 +319,58 @@ async fn decide(
             format!("no handler for task {name:?} on queue {:?}", inner.queue),
         ));
     };
-    let mut task = Task::received(
-        name.clone(),
-        message.payload.clone(),
-        headers.clone(),
-        message_id(headers).map(str::to_owned),
-        Delivery::new(inner.shared_queue.clone(), attempt, sequence),
-    );
     // A task of a paused queue the worker already held, or one over its rate, waits here
     // (its lease renewed, its slot lent to other tasks while the waiting room has space)
-    // until the pause ends or the rate's next period.
-    loop {
-        if inner.limits.paused() {
-            let recheck = tokio::time::Instant::now() + PAUSE_RECHECK;
-            wait_aside(inner, message, lease, slot, recheck).await?;
-            continue;
-        }
-        if !inner.limits.active() {
-            break;
-        }
-        match inner.limits.acquire(name).await {
-            Permit::Go => break,
-            Permit::WaitUntil(at) => wait_aside(inner, message, lease, slot, at).await?,
-        }
+    // until the pause ends or the rate's next period. Boxed: rare, and the processing
+    // future is allocated for every task.
+    if inner.limits.paused() || inner.limits.active() {
+        Box::pin(wait_for_limits(inner, reply, name, lease, slot)).await?;
     }
     // Progress, cancellation and the result need a channel to the handler; most tasks
     // need none.
     if live.is_none() && handler.live {
         live = Some(Live::new(false));
     }
-    if let Some((channel, _)) = &live {
-        task.set_live(channel.clone());
-    }
     if let Some(tracking) = tracked.attempt.as_mut() {
         if let Begin::Cancelled { announce } = tracking.start(lease_end(inner)).await {
             return Some(Settle::Cancelled { announce });
         }
     }
-    if let Some(propagator) = &inner.propagator {
-        // A propagator is user code: a panic in it fails the attempt like a handler's.
-        let extracted =
-            std::panic::catch_unwind(AssertUnwindSafe(|| propagator.extract(&mut task)));
-        if let Err(panic) = extracted {
-            let error = format!("propagator panicked: {}", panic_message(&*panic));
-            return Some(failed(inner, attempt, HandlerError::msg(error)));
-        }
-    }
-    let run =
-        AssertUnwindSafe(Next::new(inner.layers.clone(), handler.clone()).run(task)).catch_unwind();
-    let period = inner.settings.progress_interval;
-    let timed = async {
-        match inner.settings.task_timeout {
-            None => Some(run.await),
-            Some(limit) => tokio::time::timeout(limit, run).await.ok(),
-        }
+    let channel = live.as_ref().map(|(channel, _)| channel);
+    let mut run = match start_handler(inner, name, handler, delivery, channel) {
+        Ok(run) => AssertUnwindSafe(run).catch_unwind(),
+        Err(settle) => return Some(settle),
     };
-    tokio::pin!(timed);
-    // Most handlers finish on their first poll; only the others need a lease timer.
+    // Pinned where it is built, and the timeout only borrowing the handler's future: moved
+    // from binding to binding, each would keep a copy in the processing future.
+    let mut timed = std::pin::pin!(async {
+        match inner.settings.task_timeout {
+            None => Some((&mut run).await),
+            Some(limit) => tokio::time::timeout(limit, &mut run).await.ok(),
+        }
+    });
+    // Most handlers finish on their first poll; only the others need a lease timer. It is
+    // boxed: held inline, the timer and its acks would make the processing future of every
+    // task larger, and that future is allocated and copied for every task (the others get
+    // a task of their own and an allocation anyway).
     let result = match (timed.as_mut().now_or_never(), &mut live) {
         (Some(result), _) => result,
-        (None, None) => renew_lease_until(message, timed, period, lease).await?,
+        (None, None) => {
+            let period = inner.settings.progress_interval;
+            let renewing = renew_lease_until(&inner.client, reply, timed.as_mut(), period, lease);
+            Box::pin(renewing).await?
+        }
         (None, Some((_, reports))) => {
-            let attempt = tracked.attempt.as_mut();
-            drive_live(inner, message, timed, lease, reports, attempt).await?
+            let attempt = tracked.attempt.as_deref_mut();
+            Box::pin(drive_live(inner, reply, timed.as_mut(), lease, reports, attempt)).await?
         }
     };
-    if let (Some(tracking), Some((_, reports))) = (tracked.attempt.as_mut(), &live) {
-        if let Some(report) = reports.borrow().clone() {
-            tracking.last_report(report);
+    if let Some((channel, reports)) = &live {
+        if let Some(tracking) = tracked.attempt.as_mut() {
+            if let Some(report) = reports.borrow().clone() {
+                tracking.last_report(report);
+            }
         }
-    }
-    if let Some((channel, _)) = &live {
         // Whatever the handler returned after the signal, the task was cancelled.
         if channel.cancel.is_cancelled() {
             return Some(Settle::Cancelled { announce: true });
@@ -336,9 +380,7 @@ async fn decide(
     let error = match result {
         Some(Ok(Ok(()))) => return Some(Settle::Ack),
         Some(Ok(Err(error))) => error,
-        Some(Err(panic)) => {
-            HandlerError::msg(format!("handler panicked: {}", panic_message(&*panic)))
-        }
+        Some(Err(panic)) => handler_panicked(&*panic),
         None => HandlerError::msg(format!(
             "task timed out after {:?}",
             inner.settings.task_timeout.unwrap_or_default()
@@ -347,11 +389,80 @@ async fn decide(
     Some(failed(inner, attempt, error))
 }
 
+/// Hands the task to the middleware and the handler (after the propagator, if any, read
+/// it): their future, called at once, so that what they do before their first await runs
+/// here, under the same panic guard as their polls.
+///
+/// Not part of `decide`'s future, and returning the chain's boxed future rather than one
+/// wrapping it: the task and everything the call needs would otherwise stay in the
+/// processing future of every task after they moved on to the handler.
+fn start_handler(
+    inner: &WorkerInner,
+    name: &Arc<str>,
+    handler: &BoxHandler,
+    delivery: &Received<'_>,
+    live: Option<&Arc<Live>>,
+) -> Result<BoxFuture<'static, Result<(), HandlerError>>, Settle> {
+    let Received { payload, headers, message_id, attempt, sequence, .. } = *delivery;
+    let mut task = Task::received(
+        name.clone(),
+        payload.clone(),
+        headers.clone(),
+        message_id.map(str::to_owned),
+        Delivery::new(inner.shared_queue.clone(), attempt, sequence),
+    );
+    if let Some(live) = live {
+        task.set_live(live.clone());
+    }
+    if let Some(propagator) = &inner.propagator {
+        // A propagator is user code: a panic in it fails the attempt like a handler's.
+        let extracted =
+            std::panic::catch_unwind(AssertUnwindSafe(|| propagator.extract(&mut task)));
+        if let Err(panic) = extracted {
+            let error = format!("propagator panicked: {}", panic_message(&*panic));
+            return Err(failed(inner, attempt, HandlerError::msg(error)));
+        }
+    }
+    let next = Next::new(inner.layers.clone(), handler.clone());
+    std::panic::catch_unwind(AssertUnwindSafe(|| next.start(task)))
+        .map_err(|panic| failed(inner, attempt, handler_panicked(&*panic)))
+}
+
+/// Holds a task while its queue is paused or over its rate; `None` when the worker stops
+/// or gives up on it.
+async fn wait_for_limits(
+    inner: &WorkerInner,
+    reply: &Subject,
+    name: &str,
+    lease: &Lease<'_>,
+    slot: &mut Option<OwnedSemaphorePermit>,
+) -> Option<()> {
+    loop {
+        if inner.limits.paused() {
+            let recheck = tokio::time::Instant::now() + PAUSE_RECHECK;
+            wait_aside(inner, reply, lease, slot, recheck).await?;
+            continue;
+        }
+        if !inner.limits.active() {
+            return Some(());
+        }
+        match inner.limits.acquire(name).await {
+            Permit::Go => return Some(()),
+            Permit::WaitUntil(at) => wait_aside(inner, reply, lease, slot, at).await?,
+        }
+    }
+}
+
+fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    HandlerError::msg(format!("handler panicked: {}", panic_message(panic)))
+}
+
 /// Drives a handler that did not finish on its first poll, renewing its lease every
 /// `period` from when the lease began (not from when the handler started); `None` when
 /// shutdown abandons it.
 pub(super) async fn renew_lease_until<F: Future>(
-    message: &Message,
+    client: &Client,
+    reply: &Subject,
     mut work: Pin<&mut F>,
     period: Duration,
     lease: &Lease<'_>,
@@ -365,9 +476,7 @@ pub(super) async fn renew_lease_until<F: Future>(
             () = lease.abandon.cancelled() => return None,
             () = &mut progress => {
                 progress.as_mut().reset(tokio::time::Instant::now() + period);
-                if let Err(err) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %err, "could not renew the task's lease");
-                }
+                renew(client, reply).await;
             }
         }
     }
@@ -379,15 +488,16 @@ const PAUSE_RECHECK: Duration = Duration::from_millis(200);
 
 /// Waits until `at` with the task's lease renewed. Meanwhile its slot goes to other tasks
 /// if the worker's waiting room has space (at most `concurrency` tasks wait without a
-/// slot), and is taken back after; `None` when shutdown abandons the task.
+/// slot), and is taken back after; `None` when the worker stops or gives up on the task.
 async fn wait_aside(
     inner: &WorkerInner,
-    message: &Message,
+    reply: &Subject,
     lease: &Lease<'_>,
     slot: &mut Option<OwnedSemaphorePermit>,
     at: tokio::time::Instant,
 ) -> Option<()> {
     let period = inner.settings.progress_interval;
+    let client = &inner.client;
     let room = inner.waiting_room.clone().try_acquire_owned().ok();
     let lent = match (&room, slot.take()) {
         (Some(_), Some(permit)) => {
@@ -400,18 +510,16 @@ async fn wait_aside(
             None
         }
     };
-    let wait = tokio::time::sleep_until(at);
-    tokio::pin!(wait);
+    let wait = std::pin::pin!(tokio::time::sleep_until(at));
     tokio::select! {
         biased;
         // Stopping: the task goes back now rather than wait out the drain.
         () = inner.stopping.cancelled() => return None,
-        waited = renew_lease_until(message, wait, period, lease) => waited?,
+        waited = renew_lease_until(client, reply, wait, period, lease) => waited?,
     }
     if let Some(semaphore) = lent {
-        let back = semaphore.acquire_owned();
-        tokio::pin!(back);
-        let permit = renew_lease_until(message, back, period, lease).await?;
+        let back = std::pin::pin!(semaphore.acquire_owned());
+        let permit = renew_lease_until(client, reply, back, period, lease).await?;
         *slot = Some(permit.expect("the slot semaphore is never closed"));
     }
     drop(room);
@@ -422,15 +530,15 @@ async fn wait_aside(
 /// lease too, and a tracked task's record follows the lease and the reports.
 async fn drive_live<F: Future>(
     inner: &WorkerInner,
-    message: &Message,
+    reply: &Subject,
     mut work: Pin<&mut F>,
     lease: &Lease<'_>,
     reports: &mut watch::Receiver<Option<ProgressReport>>,
     mut tracked: Option<&mut Attempt<'_>>,
 ) -> Option<F::Output> {
     let period = inner.settings.progress_interval;
-    let renew = tokio::time::sleep_until(lease.since + period);
-    tokio::pin!(renew);
+    let renewal = tokio::time::sleep_until(lease.since + period);
+    tokio::pin!(renewal);
     loop {
         let report = tokio::select! {
             biased;
@@ -438,12 +546,10 @@ async fn drive_live<F: Future>(
             () = lease.abandon.cancelled() => return None,
             // The sender lives as long as the task: `changed` fails only after the handler.
             Ok(()) = reports.changed() => reports.borrow_and_update().clone(),
-            () = &mut renew => None,
+            () = &mut renewal => None,
         };
-        renew.as_mut().reset(tokio::time::Instant::now() + period);
-        if let Err(err) = message.ack_with(AckKind::Progress).await {
-            tracing::warn!(error = %err, "could not renew the task's lease");
-        }
+        renewal.as_mut().reset(tokio::time::Instant::now() + period);
+        renew(&inner.client, reply).await;
         if let Some(attempt) = tracked.as_deref_mut() {
             match report {
                 Some(report) => attempt.progress(report, lease_end(inner)).await,
@@ -520,61 +626,54 @@ pub(super) fn span_event(inner: &WorkerInner, name: &'static str, error: &str) {
     let _ = (inner, name, error);
 }
 
-/// Tells the broker what became of the delivery.
+/// What became of the delivery, and the ack that tells the broker.
 async fn apply(
     inner: &WorkerInner,
-    message: &Message,
-    headers: &HeaderMap,
-    attempt: u64,
-    sequence: u64,
+    delivery: &Received<'_>,
     settle: Settle,
     lease: &Lease<'_>,
-) -> Outcome {
+) -> (Outcome, AckKind) {
     match settle {
-        Settle::Ack => {
-            ack(message, AckKind::Ack).await;
-            Outcome::Succeeded
-        }
-        Settle::GiveUp(_) => {
-            ack(message, AckKind::Ack).await;
-            Outcome::GaveUp
-        }
-        Settle::Discard(_) => {
-            ack(message, AckKind::Term).await;
-            Outcome::Discarded
-        }
-        Settle::Cancelled { .. } => {
-            ack(message, AckKind::Term).await;
-            Outcome::Cancelled
-        }
+        Settle::Ack => (Outcome::Succeeded, AckKind::Ack),
+        Settle::GiveUp(_) => (Outcome::GaveUp, AckKind::Ack),
+        Settle::Discard(_) => (Outcome::Discarded, AckKind::Term),
+        Settle::Cancelled { .. } => (Outcome::Cancelled, AckKind::Term),
+        // The server takes the delay in nanoseconds: a longer one would overflow into an
+        // immediate redelivery.
         Settle::Retry(delay, _) => {
-            nak(message, delay).await;
-            Outcome::Retried(delay)
+            let delay = delay.map(|d| d.min(super::MAX_WAIT));
+            (Outcome::Retried(delay), AckKind::Nak(delay))
         }
         Settle::DeadLetter(reason, error) => {
-            dead_letter::settle(inner, message, headers, attempt, sequence, reason, &error, lease)
-                .await
+            // Boxed for the same reason as the lease timer: it is rare and large.
+            Box::pin(dead_letter::settle(inner, delivery, reason, &error, lease)).await
         }
     }
 }
 
-pub(super) async fn ack(message: &Message, kind: AckKind) {
-    if let Err(err) = message.ack_with(kind).await {
-        tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
-    }
+/// Settles the delivery: its one final ack (`Ack`, `Nak` or `Term`).
+fn settle_with(client: &Client, reply: Subject, kind: AckKind) -> impl Future<Output = ()> + '_ {
+    ack::send(client, reply, kind).map(|sent| {
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "could not acknowledge the task; it will be redelivered");
+        }
+    })
 }
 
-pub(super) async fn nak(message: &Message, delay: Option<Duration>) {
-    // The server takes the delay in nanoseconds: a longer one would overflow into an
-    // immediate redelivery.
-    ack(message, AckKind::Nak(delay.map(|d| d.min(super::MAX_WAIT)))).await;
+/// Renews the delivery's lease (an in-progress ack).
+pub(super) fn renew<'a>(client: &'a Client, reply: &Subject) -> impl Future<Output = ()> + 'a {
+    ack::send(client, reply.clone(), AckKind::Progress).map(|sent| {
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "could not renew the task's lease");
+        }
+    })
 }
 
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
 fn message_id(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(wire::MESSAGE_ID_NAME)
-        .or_else(|| headers.get(wire::NATS_MSG_ID))
+        .or_else(|| headers.get(wire::NATS_MSG_ID_NAME))
         .map(|v| v.as_str())
 }
 

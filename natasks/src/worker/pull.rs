@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, AckKind};
-use async_nats::{StatusCode, Subscriber};
+use async_nats::jetstream::AckKind;
+use async_nats::{Client, StatusCode, Subscriber};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use super::process::nak;
+use super::ack;
 
 /// Why pulling stopped; the caller recovers (reconnect, re-create the consumer) and pulls
 /// again.
@@ -52,14 +52,15 @@ impl std::fmt::Display for PullError {
 
 /// A delivered task and when its lease began (its delivery, or its last renewal).
 pub(super) struct Leased {
-    pub(super) message: jetstream::Message,
+    pub(super) message: async_nats::Message,
     pub(super) since: Instant,
 }
 
 /// Pulls messages for one durable consumer, never requesting more than the free slots.
 pub(super) struct Puller {
     consumer: PullConsumer,
-    context: jetstream::Context,
+    /// Where acks for waiting and handed-back tasks are published.
+    client: Client,
     inbox: String,
     subscriber: Subscriber,
     expires: Duration,
@@ -83,18 +84,17 @@ pub(super) struct Puller {
 impl Puller {
     pub(super) async fn open(
         consumer: PullConsumer,
-        context: jetstream::Context,
+        client: Client,
         expires: Duration,
         prefetch: usize,
     ) -> Result<Self, PullError> {
-        let client = context.client();
         let inbox = client.new_inbox();
         let subscriber =
             client.subscribe(inbox.clone()).await.map_err(|e| PullError::Request(e.to_string()))?;
         let now = Instant::now();
         Ok(Self {
             consumer,
-            context,
+            client,
             inbox,
             subscriber,
             expires,
@@ -178,12 +178,13 @@ impl Puller {
                 let now = Instant::now();
                 for (since, message) in &mut self.buffer {
                     if now.duration_since(*since) >= period {
-                        let message = jetstream::Message {
-                            message: message.clone(),
-                            context: self.context.clone(),
-                        };
-                        if let Err(err) = message.ack_with(AckKind::Progress).await {
-                            tracing::warn!(error = %err, "could not renew the lease of a waiting task");
+                        // Tasks without a reply subject are handed to `process`, which
+                        // reports them.
+                        if let Some(reply) = &message.reply {
+                            let renewed = ack::send(&self.client, reply.clone(), AckKind::Progress).await;
+                            if let Err(err) = renewed {
+                                tracing::warn!(error = %err, "could not renew the lease of a waiting task");
+                            }
                         }
                         *since = now;
                     }
@@ -332,7 +333,7 @@ impl Puller {
     }
 
     fn lease(&self, message: async_nats::Message, since: Instant) -> Leased {
-        Leased { message: jetstream::Message { message, context: self.context.clone() }, since }
+        Leased { message, since }
     }
 
     async fn request(&mut self, batch: usize) -> Result<(), PullError> {
@@ -359,7 +360,7 @@ impl Puller {
         // subscription ends when the server's answer to the following ping arrives.
         let mut handed_back = 0;
         for (_, message) in std::mem::take(&mut self.buffer) {
-            nak(&self.lease(message, Instant::now()).message, None).await;
+            self.nak(message).await;
             handed_back += 1;
         }
         if self.subscriber.drain().await.is_err() {
@@ -370,10 +371,21 @@ impl Puller {
             tokio::time::timeout_at(deadline, self.subscriber.next()).await
         {
             if matches!(message.status, None | Some(StatusCode::OK)) {
-                nak(&self.lease(message, Instant::now()).message, None).await;
+                self.nak(message).await;
                 handed_back += 1;
             }
         }
         handed_back
+    }
+
+    /// Hands a delivered task back for immediate redelivery.
+    async fn nak(&self, message: async_nats::Message) {
+        let Some(reply) = message.reply else {
+            tracing::warn!("delivery without a reply subject cannot be handed back");
+            return;
+        };
+        if let Err(err) = ack::send(&self.client, reply, AckKind::Nak(None)).await {
+            tracing::warn!(error = %err, "could not hand a task back; it is redelivered after the ack wait");
+        }
     }
 }

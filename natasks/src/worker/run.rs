@@ -61,7 +61,7 @@ pub(super) async fn run(
             },
         };
         let opened =
-            Puller::open(current, inner.js.clone(), settings.fetch_timeout, settings.prefetch)
+            Puller::open(current, inner.client.clone(), settings.fetch_timeout, settings.prefetch)
                 .await;
         let mut puller = match opened {
             Ok(puller) => puller,
@@ -92,7 +92,7 @@ pub(super) async fn run(
                     starter.start(process::process(inner.clone(), leased, permit, abandon.clone()));
                 }
                 Err(err) => {
-                    let connected = inner.js.client().connection_state() == State::Connected;
+                    let connected = inner.client.connection_state() == State::Connected;
                     if matches!(err, PullError::Silent) && connected {
                         tracing::debug!(queue = %inner.queue, "pull requests went unanswered; renewing them");
                         continue;
@@ -150,7 +150,7 @@ pub(super) async fn run(
     }
     // Acks and hand-backs are fire-and-forget publishes: make sure they left the process
     // before `run` returns (the caller may exit right after).
-    if tokio::time::timeout(settings.idle_wait.max(FLUSH_LIMIT), inner.js.client().flush())
+    if tokio::time::timeout(settings.idle_wait.max(FLUSH_LIMIT), inner.client.flush())
         .await
         .is_err()
     {
@@ -295,13 +295,13 @@ pub(super) async fn recover(
     inner: &WorkerInner,
     shutdown: &CancellationToken,
 ) -> Result<Option<PullConsumer>, RunError> {
-    let client = inner.js.client();
+    let client = &inner.client;
     let mut announced = false;
     loop {
         if shutdown.is_cancelled() {
             return Ok(None);
         }
-        if is_closed(&client) {
+        if is_closed(client) {
             return Err(RunError::new(
                 RunErrorKind::ConnectionClosed,
                 format!(
