@@ -234,8 +234,10 @@ impl Admin {
                 .map_err(|err| AdminError::new(AdminErrorKind::InvalidInput, err.to_string()))?;
         }
         if rate.is_some() {
-            let level = self.js.query_account().await.map(|a| a.requests.level).unwrap_or(0);
-            if level < 2 {
+            let account = self.js.query_account().await.map_err(|err| {
+                AdminError::broker("read the account's JetStream API level (for counters)", err)
+            })?;
+            if account.requests.level < 2 {
                 return Err(AdminError::new(
                     AdminErrorKind::Unsupported,
                     format!(
