@@ -30,6 +30,24 @@ pub(super) fn send(
 /// (ADR-15) by `<domain>.<account hash>.` and those seven, and possibly more tokens. `None`
 /// when the subject has neither form or a number does not parse.
 pub(super) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
+    let fields = fields(reply)?;
+    let delivered: u64 = fields[2].parse().ok()?;
+    let stream_sequence: u64 = fields[3].parse().ok()?;
+    // The other numbers are checked as the client checks them.
+    fields[4].parse::<u64>().ok()?;
+    fields[5].parse::<i128>().ok()?;
+    fields[6].parse::<u64>().ok()?;
+    Some((delivered.max(1), stream_sequence))
+}
+
+/// How many messages the consumer still had pending after this delivery, from its reply
+/// subject (see [`delivery_info`]).
+pub(super) fn pending(reply: &str) -> Option<u64> {
+    fields(reply)?[6].parse().ok()
+}
+
+/// The seven fields after `$JS.ACK.` (and the domain and account hash, when present).
+fn fields(reply: &str) -> Option<[&str; 7]> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
     // The first nine tokens and how many there are, in one pass over the bytes (cheaper
     // than `split` for a subject read for every task).
@@ -54,13 +72,7 @@ pub(super) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
         n if n >= 9 => &tokens[2..9],
         _ => return None,
     };
-    let delivered: u64 = fields[2].parse().ok()?;
-    let stream_sequence: u64 = fields[3].parse().ok()?;
-    // The other numbers are checked as the client checks them.
-    fields[4].parse::<u64>().ok()?;
-    fields[5].parse::<i128>().ok()?;
-    fields[6].parse::<u64>().ok()?;
-    Some((delivered.max(1), stream_sequence))
+    fields.try_into().ok()
 }
 
 #[cfg(test)]
@@ -71,6 +83,9 @@ mod tests {
     fn reads_the_original_form() {
         let reply = "$JS.ACK.NATASKS.natasks-default.3.1042.17.1700000000000000000.5";
         assert_eq!(delivery_info(reply), Some((3, 1042)));
+        assert_eq!(super::pending(reply), Some(5));
+        assert_eq!(super::pending("$JS.ACK.hub.H.S.c.1.2.3.1700000000000000000.0"), Some(0));
+        assert_eq!(super::pending("not.an.ack"), None);
     }
 
     #[test]

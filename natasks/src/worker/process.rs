@@ -148,7 +148,10 @@ async fn process_parts(
                 decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
             let (outcome, kind) = match decided.await {
                 Some(settle) => {
-                    let settle = tracked.record(settle).await;
+                    let settle = match tracked.attempt {
+                        Some(_) => Box::pin(tracked.record(settle)).await,
+                        None => settle,
+                    };
                     apply(&inner, &delivery, settle, &lease).await
                 }
                 None => (Outcome::HandedBack, AckKind::Nak(None)),
@@ -289,7 +292,8 @@ async fn decide(
     let mut live = None;
     if let Some(tracking) = tracked.attempt.as_mut() {
         let (channel, reports) = Live::new(true);
-        if let Begin::Cancelled { announce } = tracking.check(&channel).await {
+        // Boxed, as every tracking step: the processing future of untracked tasks stays small.
+        if let Begin::Cancelled { announce } = Box::pin(tracking.check(&channel)).await {
             return Some(Settle::Cancelled { announce });
         }
         live = Some((channel, reports));
@@ -332,7 +336,7 @@ async fn decide(
         live = Some(Live::new(false));
     }
     if let Some(tracking) = tracked.attempt.as_mut() {
-        if let Begin::Cancelled { announce } = tracking.start(lease_end(inner)).await {
+        if let Begin::Cancelled { announce } = Box::pin(tracking.start(lease_end(inner))).await {
             return Some(Settle::Cancelled { announce });
         }
     }

@@ -77,8 +77,9 @@ pub(super) struct Puller {
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
-    /// When the server last delivered a task.
-    last_delivered: Option<Instant>,
+    /// When the server last delivered a task, and whether the consumer still had tasks
+    /// pending after it.
+    last_delivered: Option<(Instant, bool)>,
 }
 
 impl Puller {
@@ -274,10 +275,12 @@ impl Puller {
         Ok(())
     }
 
-    /// Whether tasks are on their way: requests are open and the server delivered a task
-    /// within `window` (a queue with work whose next task has not arrived yet).
+    /// Whether tasks are on their way: requests are open, and the server delivered a task
+    /// within `window` saying more were pending (a queue with a backlog whose next task has
+    /// not arrived yet, not one that receives a trickle).
     pub(super) fn is_flowing(&self, window: Duration) -> bool {
-        self.outstanding > 0 && self.last_delivered.is_some_and(|at| at.elapsed() < window)
+        self.outstanding > 0
+            && self.last_delivered.is_some_and(|(at, more)| more && at.elapsed() < window)
     }
 
     /// Whether a delivered task waits in the buffer.
@@ -299,7 +302,9 @@ impl Puller {
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
-                self.last_delivered = Some(self.last_heard);
+                let more =
+                    message.reply.as_deref().and_then(super::ack::pending).is_some_and(|n| n > 0);
+                self.last_delivered = Some((self.last_heard, more));
                 Ok(Some(message))
             }
             Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
