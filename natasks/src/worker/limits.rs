@@ -34,6 +34,8 @@ pub(crate) struct Limits {
     /// Until when the queue is paused, as last read (the server enforces the pause for
     /// what it delivers; the worker holds back what it already holds).
     paused_until: RwLock<Option<SystemTime>>,
+    /// Whether a pause was read at all: the one check a task pays when none was.
+    any_pause: AtomicBool,
     /// The counter streams, opened on first use, by class.
     counters: [OnceCell<()>; 2],
 }
@@ -60,6 +62,7 @@ impl Limits {
             any: AtomicBool::new(false),
             rates: RwLock::new(Rates::default()),
             paused_until: RwLock::new(None),
+            any_pause: AtomicBool::new(false),
             counters: [OnceCell::new(), OnceCell::new()],
         }
     }
@@ -69,12 +72,16 @@ impl Limits {
         let paused = info.paused.then_some(info.config.pause_until).flatten();
         *self.paused_until.write().unwrap_or_else(|p| p.into_inner()) =
             paused.map(SystemTime::from);
+        self.any_pause.store(paused.is_some(), Ordering::Release);
         self.adopt_rates(&info.config.metadata);
     }
 
     /// Whether the queue is paused: tasks the worker already holds wait (leases renewed)
     /// instead of starting.
     pub(crate) fn paused(&self) -> bool {
+        if !self.any_pause.load(Ordering::Acquire) {
+            return false;
+        }
         let until = *self.paused_until.read().unwrap_or_else(|p| p.into_inner());
         until.is_some_and(|until| SystemTime::now() < until)
     }
