@@ -149,6 +149,7 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                 .await
             {
                 Ok(mut puller) => {
+                    puller.watch_backlog();
                     if let Some(waiting) = kept.get_mut(i) {
                         puller.adopt_buffer(std::mem::take(waiting));
                     }

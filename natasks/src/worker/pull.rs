@@ -80,6 +80,9 @@ pub(super) struct Puller {
     /// When the server last delivered a task, and whether the consumer still had tasks
     /// pending after it.
     last_delivered: Option<(Instant, bool)>,
+    /// Whether `last_delivered` is kept: only a worker serving several queues reads it, and
+    /// it costs a parse of every delivery's reply subject.
+    watch_backlog: bool,
 }
 
 impl Puller {
@@ -106,6 +109,7 @@ impl Puller {
             buffer: VecDeque::new(),
             last_heard: now,
             last_delivered: None,
+            watch_backlog: false,
         })
     }
 
@@ -275,6 +279,12 @@ impl Puller {
         Ok(())
     }
 
+    /// Keeps track of whether the server said more tasks were pending (see
+    /// [`is_flowing`](Self::is_flowing)).
+    pub(super) fn watch_backlog(&mut self) {
+        self.watch_backlog = true;
+    }
+
     /// Whether tasks are on their way: requests are open, and the server delivered a task
     /// within `window` saying more were pending (a queue with a backlog whose next task has
     /// not arrived yet, not one that receives a trickle).
@@ -302,9 +312,10 @@ impl Puller {
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
-                let more =
-                    message.reply.as_deref().and_then(super::ack::pending).is_some_and(|n| n > 0);
-                self.last_delivered = Some((self.last_heard, more));
+                if self.watch_backlog {
+                    let pending = message.reply.as_deref().and_then(super::ack::pending);
+                    self.last_delivered = Some((self.last_heard, pending.is_some_and(|n| n > 0)));
+                }
                 Ok(Some(message))
             }
             Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
