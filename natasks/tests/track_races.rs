@@ -33,11 +33,12 @@ async fn reused_message_id_after_cancel_runs() {
     let first = Task::new("job", "1").with_message_id("order-42").tracked();
     client.dispatch(first, "jobs").await.unwrap();
     assert!(matches!(client.cancel("order-42").await.unwrap(), CancelOutcome::Cancelled { .. }));
+    // The duplicate window (1 s) has to pass: time itself is the condition here.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let second = Task::new("job", "2").with_message_id("order-42").tracked();
     let receipt = client.dispatch(second, "jobs").await.unwrap();
     assert!(!receipt.duplicate, "outside the window: a new task");
-    eprintln!("state after the new dispatch: {:?}", state(&client, "order-42").await);
+    assert_eq!(state(&client, "order-42").await, Some(TaskState::Pending), "the new task's record");
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
     let worker = Worker::builder(js.clone(), "jobs")
@@ -52,15 +53,14 @@ async fn reused_message_id_after_cancel_runs() {
         .await
         .unwrap();
     let running = spawn(worker);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!(
-        "runs={} state={:?} stream={}",
-        runs.load(Ordering::SeqCst),
-        state(&client, "order-42").await,
-        stream_messages(&js).await
-    );
+    eventually(DEADLINE, "the second task runs and succeeds", || async {
+        runs.load(Ordering::SeqCst) == 1
+            && matches!(state(&client, "order-42").await, Some(TaskState::Succeeded))
+    })
+    .await;
     running.stop().await.unwrap();
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the second task must run");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the second task runs once");
+    assert_eq!(stream_messages(&js).await, 0, "nothing left on the stream");
 }
 
 /// Same, with a succeeded first task: waiting on the new task must not return the earlier
@@ -86,6 +86,7 @@ async fn reused_message_id_waits_for_the_new_result() {
         .unwrap();
     assert_eq!(client.wait::<String>("m", DEADLINE).await.unwrap(), "first");
     running.stop().await.unwrap();
+    // The duplicate window (1 s) has to pass.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r =
         client.dispatch(Task::new("job", "second").with_message_id("m").tracked(), "jobs").await;
@@ -125,10 +126,9 @@ async fn huge_progress_detail_is_left_out_of_the_record() {
     let running = spawn(worker);
     let receipt = client.dispatch(Task::new("job", "x").tracked(), "jobs").await.unwrap();
     let res = client.wait::<u8>(&receipt.id, Duration::from_secs(5)).await;
-    eprintln!("wait: {:?}", res.as_ref().map_err(|e| (e.kind(), e.to_string())));
-    eprintln!("state: {:?}", state(&client, &receipt.id).await);
     running.stop().await.unwrap();
-    assert_eq!(res.unwrap(), 1);
+    assert_eq!(res.map_err(|e| (e.kind(), e.to_string())).unwrap(), 1);
+    assert!(matches!(state(&client, &receipt.id).await, Some(TaskState::Succeeded)));
 }
 
 /// A huge handler error: the retrying/failed record cannot be written.
@@ -149,9 +149,9 @@ async fn huge_error_is_cut_to_fit_the_record() {
     let receipt = client.dispatch(Task::new("job", "x").tracked(), "jobs").await.unwrap();
     let res = client.wait::<()>(&receipt.id, Duration::from_secs(5)).await;
     let kind = res.as_ref().err().map(|e| e.kind());
-    eprintln!("wait: {kind:?}; state: {:?}", state(&client, &receipt.id).await);
     running.stop().await.unwrap();
-    assert_eq!(kind, Some(TrackErrorKind::Failed));
+    assert_eq!(kind, Some(TrackErrorKind::Failed), "{res:?}");
+    assert!(matches!(state(&client, &receipt.id).await, Some(TaskState::Failed)));
 }
 
 /// retry_after(Duration::MAX) on a tracked task panics in the worker (OffsetDateTime
@@ -177,8 +177,12 @@ async fn retry_after_the_longest_delay_runs_once() {
         .unwrap();
     let running = spawn(worker);
     let receipt = client.dispatch(Task::new("job", "x").tracked(), "jobs").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    eprintln!("runs={} state={:?}", runs.load(Ordering::SeqCst), state(&client, &receipt.id).await);
+    eventually(DEADLINE, "the retry recorded", || async {
+        matches!(state(&client, &receipt.id).await, Some(TaskState::Retrying { .. }))
+    })
+    .await;
+    // What must not happen is a redelivery after the ack wait (1 s): give it three.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     running.stop().await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -218,29 +222,15 @@ async fn unroutable_retry_does_not_revive_a_cancelled_task() {
         matches!(state(&client, &receipt.id).await, Some(TaskState::Retrying { .. }))
     })
     .await;
-    let outcome = client.cancel(&receipt.id).await.unwrap();
-    eprintln!("cancel: {outcome:?}");
+    client.cancel(&receipt.id).await.unwrap();
+    // The old worker keeps seeing the task every 300 ms until the cancel has removed it;
+    // what must not happen is a retry record written over `cancelled`.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    eprintln!("state after the old worker saw it again: {:?}", state(&client, &receipt.id).await);
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
     old.stop().await.unwrap();
-    let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
-    let new = Worker::builder(js.clone(), "jobs")
-        .handle("job", move |_: Task| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), HandlerError>(())
-            }
-        })
-        .build()
-        .await
-        .unwrap();
-    let new = spawn(new);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!("runs={} state={:?}", runs.load(Ordering::SeqCst), state(&client, &receipt.id).await);
-    new.stop().await.unwrap();
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "a cancelled task ran");
+    let runs = runs_after_a_sentinel(&client, &js).await;
+    assert_eq!(runs, 0, "a cancelled task ran");
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
 }
 
 /// A worker on the dead-letter queue rewrites the original task's record.
@@ -264,12 +254,11 @@ async fn a_dead_letter_worker_keeps_the_dead_lettered_record() {
         .await
         .unwrap();
     let d = spawn(dlq);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(DEADLINE, "the dead letter processed", || async {
+        stored(&js, "natasks.jobs-dlq").await == 0
+    })
+    .await;
     let st = state(&client, &receipt.id).await;
-    eprintln!(
-        "state after the DLQ worker: {st:?}; result: {:?}",
-        client.result::<String>(&receipt.id).await.map_err(|e| e.kind())
-    );
     d.stop().await.unwrap();
     w.stop().await.unwrap();
     assert!(matches!(st, Some(TaskState::DeadLettered { .. })));
@@ -334,12 +323,25 @@ async fn a_renewal_after_a_cancel_does_not_revive_the_task() {
     })
     .await;
     assert_eq!(client.cancel(&receipt.id).await.unwrap(), CancelOutcome::Signalled);
+    // Two lease renewals (every 300 ms) after the cancel: neither may write `running` back.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    eprintln!("state 800 ms after the cancel: {:?}", state(&client, &receipt.id).await);
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
     first.stop().await.unwrap();
+    let runs = runs_after_a_sentinel(&client, &js).await;
+    assert_eq!(runs, 0, "a cancelled task ran again");
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
+}
+
+/// Starts a worker of one slot on `jobs`, dispatches a sentinel task behind whatever is
+/// still on the queue, and returns how many `job` tasks the worker ran by the time the
+/// sentinel ran: a task still on the queue is delivered, and started, before it.
+async fn runs_after_a_sentinel(client: &Client, js: &async_nats::jetstream::Context) -> u32 {
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
-    let second = Worker::builder(js.clone(), "jobs")
+    let mut sentinels = Seen::new();
+    let seen = sentinels.tx.clone();
+    let worker = Worker::builder(js.clone(), "jobs")
+        .concurrency(1)
         .handle("job", move |_: Task| {
             let r = r.clone();
             async move {
@@ -347,12 +349,19 @@ async fn a_renewal_after_a_cancel_does_not_revive_the_task() {
                 Ok::<(), HandlerError>(())
             }
         })
+        .handle("sentinel", move |_: Task| {
+            let seen = seen.clone();
+            async move {
+                let _ = seen.send(());
+                Ok::<(), HandlerError>(())
+            }
+        })
         .build()
         .await
         .unwrap();
-    let second = spawn(second);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!("runs={} state={:?}", runs.load(Ordering::SeqCst), state(&client, &receipt.id).await);
-    second.stop().await.unwrap();
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "a cancelled task ran again");
+    let running = spawn(worker);
+    client.dispatch(Task::new("sentinel", ""), "jobs").await.unwrap();
+    sentinels.recv().await;
+    running.stop().await.unwrap();
+    runs.load(Ordering::SeqCst)
 }
