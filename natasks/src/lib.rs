@@ -59,6 +59,7 @@ mod batch;
 mod client;
 mod error;
 mod extract;
+mod guard;
 mod handler;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -83,6 +84,7 @@ pub use error::{
 pub use extract::{
     Attempt, Cancellation, Extension, FromTask, Json, Progress, ProgressReport, TaskId,
 };
+pub use guard::{OnConflict, MAX_GUARD_TTL, MAX_KEY_LEN};
 pub use handler::Handler;
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;

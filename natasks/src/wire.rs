@@ -37,6 +37,14 @@ pub const HEADER_DEAD_LETTER_TRACK: &str = "Natasks-Dead-Letter-Track";
 /// `Nats-Msg-Id` from the message a schedule produces.
 pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
 
+/// Unique tasks: the task's unique key in its queue (see
+/// [`Task::unique`](crate::Task::unique)). A Go worker ignores it.
+pub const HEADER_UNIQUE_KEY: &str = "Natasks-Unique-Key";
+/// Throttled tasks: the task's throttle key (see [`Task::throttle`](crate::Task::throttle)).
+pub const HEADER_THROTTLE_KEY: &str = "Natasks-Throttle-Key";
+/// Debounced tasks: the task's debounce key (see [`Task::debounce`](crate::Task::debounce)).
+pub const HEADER_DEBOUNCE_KEY: &str = "Natasks-Debounce-Key";
+
 /// The task id natasks gives a task at dispatch: the message id when one is given, else
 /// a fresh one. A Go worker ignores it.
 pub const HEADER_ID: &str = "Natasks-Id";
@@ -83,6 +91,8 @@ pub(crate) const ID_NAME: HeaderName = HeaderName::from_static(HEADER_ID);
 pub(crate) const TRACK_NAME: HeaderName = HeaderName::from_static(HEADER_TRACK);
 /// [`HEADER_MESSAGE_ID`] as a header name.
 pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
+/// [`HEADER_UNIQUE_KEY`] as a header name: looked up for every task that ends.
+pub(crate) const UNIQUE_KEY_NAME: HeaderName = HeaderName::from_static(HEADER_UNIQUE_KEY);
 /// [`NATS_MSG_ID`] as a header name: looked up for every received task.
 pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG_ID);
 
@@ -191,6 +201,12 @@ pub(crate) fn decode_token(token: &str) -> Option<String> {
         }
     }
     String::from_utf8(bytes).ok()
+}
+
+/// The schedule subject of the debounced tasks of `queue` with `key`: one subject per queue
+/// and key, so each new schedule replaces the pending one.
+pub(crate) fn debounce_subject(prefix: &str, queue: &str, key: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.debounce.{queue}.{}", encode_token(key))
 }
 
 /// The subject of periodic schedule `id` (a valid id, see [`validate_schedule_id`]).
@@ -306,6 +322,9 @@ pub(crate) fn is_message_header(name: &str) -> bool {
         || name.eq_ignore_ascii_case(HEADER_PERIODIC)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_SCHEDULE)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_DIGEST)
+        || name.eq_ignore_ascii_case(HEADER_UNIQUE_KEY)
+        || name.eq_ignore_ascii_case(HEADER_THROTTLE_KEY)
+        || name.eq_ignore_ascii_case(HEADER_DEBOUNCE_KEY)
 }
 
 /// Whether header `name` is one of the server's (`Nats-*`, in any case).

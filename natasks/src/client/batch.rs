@@ -8,7 +8,6 @@ use super::prepare::About;
 use super::{Client, Receipt};
 use crate::batch::{self, Outgoing, MAX_BATCH};
 use crate::error::{DispatchError, DispatchErrorKind};
-use crate::middleware::Dispatch;
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
 use crate::task::Task;
@@ -126,8 +125,7 @@ impl Client {
                 DispatchError::with_source(kind, format!("task {index} of the batch"), err)
             };
             let due = due.map_err(what)?;
-            let ready =
-                publisher.prepare(Dispatch::new(task, &queue, due)).map_err(|r| what(r.error))?;
+            let ready = self.outgoing(task, &queue, due).map_err(what)?;
             prepared.push(ready);
         }
         let messages = prepared.iter().map(|p| 1 + usize::from(p.marker.is_some())).sum();
