@@ -71,6 +71,8 @@ pub(crate) const NATS_SCHEDULE_TIME_ZONE: &str = "Nats-Schedule-Time-Zone";
 /// On a message a schedule produced: when the schedule fires next (RFC 3339), or `purge`.
 pub(crate) const NATS_SCHEDULE_NEXT: &str = "Nats-Schedule-Next";
 pub(crate) const NATS_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// `sub`: the message replaces every other message on its subject.
+pub(crate) const NATS_ROLLUP: &str = "Nats-Rollup";
 /// Per-message TTL (nats-server 2.11+): whole seconds.
 pub(crate) const NATS_TTL: &str = "Nats-TTL";
 /// Atomic batches (nats-server 2.12+): the batch's id.

@@ -60,6 +60,11 @@ impl Publisher {
                 Some(held) => return conflict(guard, about, held),
             };
             tracing::trace!(error = %refused, expect, "the key changed hands; trying again");
+            if expect != 0 {
+                // The new lock replaces the stale one on its subject (the stream allows
+                // rollups with message schedules).
+                marker.headers.insert(wire::NATS_ROLLUP, "sub");
+            }
             let expect = expect.to_string();
             marker.headers.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expect.as_str());
         }
