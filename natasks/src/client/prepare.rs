@@ -87,6 +87,7 @@ impl Publisher {
             retention: TrackedDispatch::retention(retention),
             due: dispatch.due,
             schedule: dispatch.due.is_some().then(|| subject.clone()),
+            unique_key: guard.as_ref().filter(|g| g.is_unique()).map(|g| g.key.clone()),
         });
         let about = About { queue, task, delayed: dispatch.due.is_some() };
         let message = Outgoing { subject, headers, payload };

@@ -47,6 +47,7 @@ pub(crate) struct TrackedDispatch {
     pub(crate) retention: u64,
     pub(crate) due: Option<OffsetDateTime>,
     pub(crate) schedule: Option<String>,
+    pub(crate) unique_key: Option<String>,
 }
 
 impl TrackedDispatch {
@@ -80,6 +81,7 @@ impl TrackedDispatch {
         let mut record = Record::new(tag, &self.queue, &self.task, 0, self.retention);
         record.due = self.due;
         record.schedule = self.schedule.clone();
+        record.unique_key = self.unique_key.clone();
         record.sequence = self.due.is_none().then_some(sequence);
         let store = match tracker.store().await {
             Ok(store) => store,

@@ -77,6 +77,8 @@ pub struct TaskStatus {
     pub progress: Option<ProgressReport>,
     /// The last error, from a failed attempt.
     pub last_error: Option<String>,
+    /// The task's unique key, for a unique task ([`Task::unique`](crate::Task::unique)).
+    pub unique_key: Option<String>,
 }
 
 /// Where a tracked task is in its lifecycle.
