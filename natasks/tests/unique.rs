@@ -239,3 +239,22 @@ async fn an_old_server_gets_an_error_naming_its_version() {
     assert!(err.to_string().contains("2.11"), "{err}");
     assert_eq!(stream_messages(&js).await, 0);
 }
+
+#[tokio::test]
+async fn more_unique_dispatches_at_once_than_the_server_has_batch_slots_all_succeed() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    // The server runs at most 50 atomic batches at once per stream.
+    let dispatches = (0..200).map(|i| {
+        let client = client.clone();
+        async move {
+            let task = Task::new("job", i.to_string()).unique(format!("key-{i}"), HOUR);
+            client.dispatch(task, "jobs").await
+        }
+    });
+    for result in join_all(dispatches).await {
+        result.unwrap();
+    }
+    assert_eq!(stored(&js, "natasks.jobs").await, 200);
+}
