@@ -314,8 +314,9 @@ pub(crate) fn is_header_name(name: &str) -> bool {
 }
 
 /// Whether header `name` describes one stored message rather than the task: the server's
-/// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id` and
-/// the `Natasks-Periodic*` headers of a periodic tick. A received task dispatched again
+/// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id`,
+/// the `Natasks-Periodic*` headers of a periodic tick and the guard keys (a task dispatched
+/// again holds no lock). A received task dispatched again
 /// leaves the ones it arrived with behind.
 pub(crate) fn is_message_header(name: &str) -> bool {
     is_server_header(name)

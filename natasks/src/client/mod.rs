@@ -57,7 +57,9 @@ pub struct Receipt {
     /// the dispatch without publishing.
     pub sequence: Option<u64>,
     /// The server dropped the task as a duplicate of one with the same message id, stored
-    /// within the duplicate window (`sequence` is then the original's).
+    /// within the duplicate window (`sequence` is then the original's); or, for a unique or
+    /// throttled task dispatched with [`Task::return_existing`], the key was held and this is
+    /// the receipt of the task that holds it (`id` and `sequence` are that task's).
     pub duplicate: bool,
 }
 

@@ -30,6 +30,7 @@ use crate::wire;
 
 pub(crate) mod lock;
 pub(crate) mod release;
+mod task;
 
 /// The longest unique, throttle or debounce key, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
