@@ -120,9 +120,9 @@ impl Client {
         }
         let mut prepared = Vec::with_capacity(batch.items.len());
         for (index, Item { task, queue, due }) in batch.items.into_iter().enumerate() {
+            // The task's own error, saying which task of the batch it is.
             let what = |err: DispatchError| {
-                let kind = err.kind();
-                DispatchError::with_source(kind, format!("task {index} of the batch"), err)
+                DispatchError::new(err.kind(), format!("task {index} of the batch: {err}"))
             };
             let due = due.map_err(what)?;
             let ready = self.outgoing(task, &queue, due).map_err(what)?;
