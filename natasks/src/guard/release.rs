@@ -65,7 +65,7 @@ pub(crate) async fn release(
 }
 
 /// The id the task was dispatched with, as its lock names it.
-fn task_id(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn task_id(headers: &HeaderMap) -> Option<&str> {
     [wire::HEADER_ID, wire::HEADER_MESSAGE_ID, wire::NATS_MSG_ID]
         .into_iter()
         .find_map(|name| headers.get(name).map(|v| v.as_str()))
