@@ -258,3 +258,36 @@ async fn more_unique_dispatches_at_once_than_the_server_has_batch_slots_all_succ
     }
     assert_eq!(stored(&js, "natasks.jobs").await, 200);
 }
+
+#[tokio::test]
+async fn a_key_with_leading_or_trailing_whitespace_is_refused_before_anything_is_stored() {
+    // Received header values are trimmed by the client library: a worker would read a key
+    // other than the one the lock was taken for, and never release it.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    for key in ["k ", " k", "k\t", "k\u{a0}", "\u{2003}k"] {
+        let err = client
+            .dispatch(Task::new("reports.render", "x").unique(key, HOUR), "reports")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), DispatchErrorKind::InvalidTask, "{key:?}: {err}");
+        assert!(err.to_string().contains("whitespace"), "{err}");
+    }
+    assert_eq!(stream_messages(&js).await, 0);
+    // Whitespace inside a key is fine, and the worker releases it.
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "reports")
+        .handle("reports.render", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    client.dispatch(Task::new("reports.render", "y").unique("a b", HOUR), "reports").await.unwrap();
+    seen.recv().await;
+    eventually(DEADLINE, "the lock to be released", || async {
+        stored(&js, &lock("reports", "a%20b")).await == 0
+    })
+    .await;
+    running.stop().await.unwrap();
+}

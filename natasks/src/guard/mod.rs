@@ -136,6 +136,15 @@ impl Guard {
         if self.key.contains(['\r', '\n']) {
             return Err(invalid(format!("{:?} must not contain CR or LF", self.key)));
         }
+        // Received header values are trimmed (async-nats, like other clients): a worker
+        // would read another key than the one its lock was taken for.
+        if self.key.starts_with(char::is_whitespace) || self.key.ends_with(char::is_whitespace) {
+            return Err(invalid(format!(
+                "{:?} must not start or end with whitespace (header values are trimmed on \
+                 receipt)",
+                self.key
+            )));
+        }
         let server_has_it =
             crate::stream::atomic_support(version) == crate::stream::Support::Supported;
         let unsupported = |what: &str, needs: &str| {
@@ -264,6 +273,8 @@ mod tests {
             (unique("", hour), "is empty"),
             (unique(&"k".repeat(1025), hour), "longer than 1024"),
             (unique("a\nb", hour), "CR or LF"),
+            (unique(" k", hour), "whitespace"),
+            (unique("k\u{a0}", hour), "whitespace"),
             (unique("k", Duration::from_millis(999)), "outside 1 s"),
             (unique("k", MAX_GUARD_TTL + Duration::from_secs(1)), "outside 1 s"),
         ] {

@@ -18,7 +18,8 @@ impl Task {
     /// after it the key is free whatever happened. Whole seconds, 1 s to 10 years.
     ///
     /// Any string is a key (e-mail addresses, spaces, dots, any Unicode), up to 1,024
-    /// bytes, without CR or LF. The server enforces uniqueness (an atomic batch stores the
+    /// bytes, without CR or LF and not starting or ending with whitespace (received header
+    /// values are trimmed). The server enforces uniqueness (an atomic batch stores the
     /// key's lock and the task, or neither), so racing dispatchers in many processes store
     /// one task. Needs nats-server 2.12 or newer. The task's subject is its queue's as
     /// always, so Go workers process unique tasks too (without releasing the key: it is
