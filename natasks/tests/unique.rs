@@ -291,3 +291,51 @@ async fn a_key_with_leading_or_trailing_whitespace_is_refused_before_anything_is
     .await;
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_delayed_unique_task_holds_its_key_past_the_ttl_until_it_is_due() {
+    // The TTL bounds how long the task may take once due; counted from the dispatch, a
+    // delay longer than it freed the key while the first task was still scheduled.
+    let server = NatsServer::start().await;
+    let client = Client::new(server.jetstream().await).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let first = client
+        .dispatch_in(Task::new("t", "1").unique("k", ttl), "q", Duration::from_secs(6))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = client
+        .dispatch(Task::new("t", "2").unique("k", ttl), "q")
+        .await
+        .expect_err("the key is held while the first task is scheduled");
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    assert_eq!(err.existing_id(), Some(first.id.as_str()));
+}
+
+#[tokio::test]
+async fn a_delayed_unique_task_that_is_gone_frees_its_key_for_the_next_dispatch() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let stream = js.get_stream("NATASKS").await.unwrap();
+
+    // Fired, then processed by a worker that does not release the lock (a Go worker, or
+    // one killed between its ack and the release).
+    let first = client
+        .dispatch_in(Task::new("t", "1").unique("k", HOUR), "q", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let produced = first_on(&js, "natasks.q").await;
+    let err = client.dispatch(Task::new("t", "2").unique("k", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "pending after it fired: {err}");
+    assert_eq!(err.existing_id(), Some(first.id.as_str()));
+    stream.delete_message(produced.sequence).await.unwrap();
+    client.dispatch(Task::new("t", "3").unique("k", HOUR), "q").await.unwrap();
+
+    // Its schedule cancelled by purging it, as `natasks schedules cancel` does.
+    client.dispatch_in(Task::new("t", "4").unique("j", HOUR), "q", HOUR).await.unwrap();
+    let err = client.dispatch(Task::new("t", "5").unique("j", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "scheduled: {err}");
+    stream.purge().filter("natasks.__natasks_schedule.>").await.unwrap();
+    client.dispatch(Task::new("t", "6").unique("j", HOUR), "q").await.unwrap();
+}

@@ -31,6 +31,7 @@ impl Publisher {
         id: String,
     ) -> Result<Receipt, DispatchError> {
         let what = || format!("task {:?} for queue {:?}", about.task, about.queue);
+        let queue_subject = wire::queue_subject(&self.stream.subject_prefix, &about.queue);
         for _ in 0..ATTEMPTS {
             let batch = vec![marker.clone(), message.clone()];
             let refused = match batch::publish_atomic(&self.js, batch).await {
@@ -48,9 +49,10 @@ impl Publisher {
                 // Released or expired meanwhile: try again on an empty subject.
                 None => 0,
                 Some(held) if guard.is_unique() => {
-                    let alive = lock::task_alive(&self.js, &self.stream.name, &held)
-                        .await
-                        .map_err(|err| self.lock_error(about, guard, err))?;
+                    let alive =
+                        lock::task_alive(&self.js, &self.stream.name, &queue_subject, &held)
+                            .await
+                            .map_err(|err| self.lock_error(about, guard, err))?;
                     if alive {
                         return conflict(guard, about, held);
                     }

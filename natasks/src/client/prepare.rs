@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
+use time::OffsetDateTime;
 
 use super::Publisher;
 use crate::batch::Outgoing;
@@ -77,9 +78,13 @@ impl Publisher {
             }
         };
         let delayed = dispatch.due.is_some();
-        let marker = guard
-            .as_ref()
-            .and_then(|g| g.marker(prefix, &queue, &id, delayed.then_some(subject.as_str())));
+        // A delayed task's key is held until it is due, then for the TTL.
+        let delay = dispatch.due.map_or(Duration::ZERO, |due| {
+            Duration::try_from(due - OffsetDateTime::now_utc()).unwrap_or_default()
+        });
+        let marker = guard.as_ref().and_then(|g| {
+            g.marker(prefix, &queue, &id, delayed.then_some(subject.as_str()), delay)
+        });
         let track = retention.map(|retention| TrackedDispatch {
             id: id.clone(),
             queue: queue.clone(),

@@ -213,16 +213,18 @@ impl Guard {
         (self.kind == GuardKind::Debounce).then(|| wire::debounce_subject(prefix, queue, &self.key))
     }
 
-    /// The marker stored in the task's batch, for a unique or throttled task.
+    /// The marker stored in the task's batch, for a unique or throttled task. A unique
+    /// task due after `delay` holds its key until then, and for its TTL after that.
     pub(crate) fn marker(
         &self,
         prefix: &str,
         queue: &str,
         id: &str,
         schedule: Option<&str>,
+        delay: Duration,
     ) -> Option<crate::batch::Outgoing> {
         let ttl = match self.kind {
-            GuardKind::Unique { ttl } => ttl,
+            GuardKind::Unique { ttl } => ttl.saturating_add(delay),
             GuardKind::Throttle { window } => window,
             GuardKind::Debounce => return None,
         };

@@ -15,7 +15,8 @@ impl Task {
     ///
     /// The key is released when the task ends: success, failure without retry, dead letter
     /// or cancel. `ttl` is the safety net should no worker ever end it (the fleet is gone):
-    /// after it the key is free whatever happened. Whole seconds, 1 s to 10 years.
+    /// after it the key is free whatever happened (for a delayed task, counted from when it
+    /// is due). Whole seconds, 1 s to 10 years.
     ///
     /// Any string is a key (e-mail addresses, spaces, dots, any Unicode), up to 1,024
     /// bytes, without CR or LF and not starting or ending with whitespace (received header
