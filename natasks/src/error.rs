@@ -147,6 +147,12 @@ impl DispatchError {
         Self { kind, message: message.into(), source: Some(source.into()), conflict: None }
     }
 
+    /// The same error, its message preceded by `prefix` (which task of a batch).
+    pub(crate) fn prefixed(mut self, prefix: &str) -> Self {
+        self.message = format!("{prefix}{}", self.message);
+        self
+    }
+
     pub(crate) fn conflict(
         kind: DispatchErrorKind,
         message: impl Into<String>,

@@ -145,3 +145,40 @@ async fn a_held_unique_key_refuses_the_whole_batch() {
     // The earlier task and its lock only.
     assert_eq!(stream_messages(&js).await, 2);
 }
+
+#[tokio::test]
+async fn a_held_key_in_a_batch_names_its_holder_and_a_stale_lock_is_taken_over() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    let first = client.dispatch(Task::new("a", "0").unique("k", hour), "q").await.unwrap();
+
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "1"), "q");
+    batch.add(Task::new("a", "2").unique("k", hour), "q");
+    let err = client.dispatch_batch(batch).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    assert_eq!(err.existing_id(), Some(first.id.as_str()), "{err}");
+    assert!(err.to_string().contains("task 1 of the batch"), "{err}");
+
+    client.dispatch(Task::new("a", "3").throttle("t", hour), "q").await.unwrap();
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "4").throttle("t", hour), "q");
+    let err = client.dispatch_batch(batch).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Throttled, "{err}");
+    assert!(err.retry_at().is_some(), "{err}");
+
+    // The first task is acked by a worker that does not release its lock (as a Go worker
+    // does): the lock is stale, and the next batch with the key takes it over.
+    let task = first_on(&js, "natasks.q").await;
+    assert_eq!(task.payload.as_ref(), b"0");
+    js.get_stream("NATASKS").await.unwrap().delete_message(task.sequence).await.unwrap();
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "5"), "q");
+    batch.add(Task::new("a", "6").unique("k", hour), "q");
+    let receipts = client.dispatch_batch(batch).await.expect("the stale lock is taken over");
+    assert_eq!(receipts.len(), 2);
+    let err = client.dispatch(Task::new("a", "7").unique("k", hour), "q").await.unwrap_err();
+    assert_eq!(err.existing_id(), Some(receipts[1].id.as_str()), "{err}");
+}
