@@ -182,3 +182,33 @@ async fn a_held_key_in_a_batch_names_its_holder_and_a_stale_lock_is_taken_over()
     let err = client.dispatch(Task::new("a", "7").unique("k", hour), "q").await.unwrap_err();
     assert_eq!(err.existing_id(), Some(receipts[1].id.as_str()), "{err}");
 }
+
+#[tokio::test]
+async fn a_message_over_max_payload_is_refused_before_the_batch_opens() {
+    // A message the client refuses to send used to fail the batch after its first message
+    // had opened it on the server, where it sat for 10 s: 50 of them blocked every atomic
+    // batch on the stream.
+    let server = NatsServer::builder().config_file("max_payload: 8192\n").start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    for _ in 0..60 {
+        let mut batch = Batch::new();
+        batch.add(Task::new("a", "small"), "q");
+        batch.add(Task::new("a", vec![b'x'; 9 * 1024]), "q");
+        let err = client.dispatch_batch(batch).await.unwrap_err();
+        assert_eq!(err.kind(), DispatchErrorKind::PayloadTooLarge, "{err}");
+        assert!(err.to_string().contains("task 1 of the batch"), "{err}");
+    }
+    // No batch was left open: the next ones find a free slot at once (they waited for
+    // the abandoned ones to expire, about 10 s).
+    let next = async {
+        for i in 0..60 {
+            let mut batch = Batch::new();
+            batch.add(Task::new("a", format!("{i}")), "q");
+            batch.add(Task::new("a", vec![b'x'; 4 * 1024]), "q");
+            client.dispatch_batch(batch).await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), next).await.expect("batches were blocked");
+    assert_eq!(stream_messages(&js).await, 120);
+}

@@ -249,6 +249,20 @@ async fn publish(
             Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) && !guarded.is_empty() => {
                 tracing::trace!(error = %err, "a key of the batch is held or changed hands");
             }
+            Err(batch::BatchPublishError::MessageTooLarge { index, size, max_payload }) => {
+                // The task the message belongs to: a marker precedes its task.
+                let task = guarded.iter().find(|g| g.marker == index).map_or_else(
+                    || index - guarded.iter().filter(|g| g.marker < index).count(),
+                    |g| g.task,
+                );
+                let about = &abouts[task];
+                let what = format!(
+                    "task {task} of the batch: task {:?} for queue {:?}",
+                    about.task, about.queue
+                );
+                let err = batch::BatchPublishError::MessageTooLarge { index, size, max_payload };
+                return Err(publisher.batch_error(what, err));
+            }
             Err(err) => return Err(publisher.batch_error(format!("a batch of {count} tasks"), err)),
         }
         for Guarded { task, marker, guard } in guarded {

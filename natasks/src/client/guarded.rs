@@ -114,6 +114,13 @@ impl Publisher {
             BatchPublishError::Empty | BatchPublishError::TooLarge(_) => {
                 (DispatchErrorKind::InvalidBatch, "is not a valid batch".to_owned())
             }
+            BatchPublishError::MessageTooLarge { size, max_payload, .. } => (
+                DispatchErrorKind::PayloadTooLarge,
+                format!(
+                    "is larger than the server's max_payload ({size} bytes with its headers, \
+                     at most {max_payload}); nothing was sent"
+                ),
+            ),
             BatchPublishError::Timeout(_) => (
                 DispatchErrorKind::Timeout,
                 "was not confirmed in time: it may still be stored".to_owned(),
