@@ -339,3 +339,55 @@ async fn a_delayed_unique_task_that_is_gone_frees_its_key_for_the_next_dispatch(
     stream.purge().filter("natasks.__natasks_schedule.>").await.unwrap();
     client.dispatch(Task::new("t", "6").unique("j", HOUR), "q").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_task_reusing_an_id_does_not_release_another_tasks_lock() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    // An earlier task with the same id and key, stored without a lock (brought back from
+    // the dead-letter queue, or published by another program), comes first.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "t");
+    headers.insert("Natasks-Queue", "q");
+    headers.insert("Natasks-Id", "order-1");
+    headers.insert("Natasks-Unique-Key", "k");
+    js.publish_with_headers("natasks.q", headers, "copy".into()).await.unwrap().await.unwrap();
+    let task = Task::new("t", "task").with_message_id("order-1").unique("k", HOUR);
+    client.dispatch(task, "q").await.unwrap();
+
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let worker = Worker::builder(js.clone(), "q")
+        .concurrency(1)
+        .handle("t", move |task: Task| {
+            let tx = tx.clone();
+            let mut release_rx = release_rx.clone();
+            async move {
+                let payload = String::from_utf8(task.payload().to_vec()).unwrap();
+                let _ = tx.send(payload.clone());
+                if payload == "task" {
+                    let _ = release_rx.wait_for(|go| *go).await;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    assert_eq!(seen.recv().await, "copy");
+    assert_eq!(seen.recv().await, "task");
+    // The copy has been settled (the worker runs one task at a time): the lock of the
+    // task still running must be there.
+    assert_eq!(stored(&js, &lock("q", "k")).await, 1, "the copy released the task's lock");
+    let err = client.dispatch(Task::new("t", "again").unique("k", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    release_tx.send(true).unwrap();
+    eventually(DEADLINE, "the lock to be released", || async {
+        stored(&js, &lock("q", "k")).await == 0
+    })
+    .await;
+    running.stop().await.unwrap();
+}

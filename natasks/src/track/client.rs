@@ -12,6 +12,7 @@ use super::record::{Record, Tag};
 use super::store::{is_conflict, Lookup, Tracker};
 use super::{validate_id, Status, TaskState, TrackError, TrackErrorKind, DEFAULT_RETENTION};
 use crate::client::Client;
+use crate::guard::release::Stored;
 use crate::wire;
 
 /// What [`Client::cancel`] did.
@@ -320,6 +321,7 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     };
     // A unique task's key is released once its message is gone.
     let mut unique_key = None;
+    let mut stored = None;
     if let Some(subject) = record.schedule.as_deref().filter(|_| record.state == Tag::Scheduled) {
         // The schedule on the subject may be another task's: a debounced task's subject
         // is shared by its key, and a later dispatch replaced it. Only this task's own
@@ -332,6 +334,7 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
             return;
         }
         unique_key = header(&schedule.headers, wire::HEADER_UNIQUE_KEY);
+        stored = Some(Stored::Schedule(subject));
         if let Err(err) = stream.delete_message(schedule.sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task's schedule");
             return;
@@ -340,15 +343,17 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     if let Some(sequence) = record.sequence.filter(|_| record.state == Tag::Pending) {
         if let Ok(task) = stream.get_raw_message(sequence).await {
             unique_key = header(&task.headers, wire::HEADER_UNIQUE_KEY);
+            stored = Some(Stored::Sequence(sequence));
         }
         if let Err(err) = stream.delete_message(sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task");
             return;
         }
     }
-    if let Some(key) = unique_key {
+    if let (Some(key), Some(stored)) = (unique_key, stored) {
         let released =
-            crate::guard::release::release(tracker.js(), settings, &record.queue, &key, id).await;
+            crate::guard::release::release(tracker.js(), settings, &record.queue, &key, id, stored)
+                .await;
         if let Err(err) = released {
             tracing::debug!(error = %err, "could not release a cancelled task's unique key");
         }
