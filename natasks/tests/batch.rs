@@ -57,20 +57,21 @@ async fn a_batch_the_server_refuses_stores_nothing() {
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
 
-    // Two tasks with one message id: the server refuses the whole batch at its commit.
+    // A task whose message id is already stored: the server refuses the whole batch at
+    // its commit.
+    client.dispatch(Task::new("c", "0").with_message_id("same"), "q1").await.unwrap();
     let mut batch = Batch::new();
     batch.add(Task::new("a", "1"), "q1");
     batch.add_in(Task::new("b", "2"), "q2", Duration::from_secs(60));
-    batch.add(Task::new("c", "3").with_message_id("same"), "q1");
-    batch.add(Task::new("d", "4").with_message_id("same"), "q2");
+    batch.add(Task::new("c", "3").with_message_id("same"), "q2");
     let err = client.dispatch_batch(batch).await.unwrap_err();
     assert_eq!(err.kind(), DispatchErrorKind::Rejected, "{err}");
-    assert_eq!(stream_messages(&js).await, 0, "nothing of a refused batch is stored");
+    assert_eq!(stream_messages(&js).await, 1, "nothing of a refused batch is stored");
 
     // The stream is usable afterwards.
     let receipts = client.dispatch_batch([(Task::new("a", "1"), "q1")].into_iter().collect()).await;
     assert_eq!(receipts.unwrap().len(), 1);
-    assert_eq!(stream_messages(&js).await, 1);
+    assert_eq!(stream_messages(&js).await, 2);
 }
 
 #[tokio::test]
@@ -211,4 +212,51 @@ async fn a_message_over_max_payload_is_refused_before_the_batch_opens() {
     };
     tokio::time::timeout(Duration::from_secs(4), next).await.expect("batches were blocked");
     assert_eq!(stream_messages(&js).await, 120);
+}
+
+#[tokio::test]
+async fn a_batch_holding_a_key_or_message_id_twice_is_refused_naming_both_tasks() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    let twice: [(&str, [Task; 2], bool); 4] = [
+        (
+            "unique key",
+            [Task::new("a", "1").unique("k", hour), Task::new("a", "2").unique("k", hour)],
+            false,
+        ),
+        (
+            "throttle key",
+            [Task::new("a", "1").throttle("k", hour), Task::new("a", "2").throttle("k", hour)],
+            false,
+        ),
+        (
+            "debounce key",
+            [Task::new("a", "1").debounce("k"), Task::new("a", "2").debounce("k")],
+            true,
+        ),
+        (
+            "message id",
+            [Task::new("a", "1").with_message_id("m"), Task::new("a", "2").with_message_id("m")],
+            false,
+        ),
+    ];
+    for (what, [first, second], delayed) in twice {
+        let mut batch = Batch::new();
+        batch.add(Task::new("a", "0"), "q");
+        let delay = if delayed { hour } else { Duration::ZERO };
+        batch.add_in(first, "q", delay);
+        batch.add_in(second, "q", delay);
+        let err = client.dispatch_batch(batch).await.unwrap_err();
+        assert_eq!(err.kind(), DispatchErrorKind::InvalidBatch, "{what}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("tasks 1 and 2") && text.contains(what), "{what}: {err}");
+    }
+    // The same key in two queues is two keys.
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "1").unique("k", hour), "q");
+    batch.add(Task::new("a", "2").unique("k", hour), "other");
+    client.dispatch_batch(batch).await.unwrap();
+    assert_eq!(stream_messages(&js).await, 4);
 }

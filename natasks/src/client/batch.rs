@@ -1,15 +1,16 @@
 //! Dispatching many tasks at once, all or none: [`Client::dispatch_batch`].
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
 use super::guarded::conflict;
-use super::prepare::About;
+use super::prepare::{About, Prepared};
 use super::{Client, Receipt};
 use crate::batch::{self, Outgoing, MAX_BATCH};
 use crate::error::{DispatchError, DispatchErrorKind};
-use crate::guard::{Guard, OnConflict};
+use crate::guard::{Guard, GuardKind, OnConflict};
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
 use crate::stream::Support;
@@ -135,6 +136,7 @@ impl Client {
             let ready = self.outgoing(task, &queue, due).map_err(what)?;
             prepared.push(ready);
         }
+        check_twice(&prepared)?;
         let messages = prepared.iter().map(|p| 1 + usize::from(p.marker.is_some())).sum();
         if messages > MAX_BATCH {
             return Err(too_large(messages));
@@ -285,6 +287,45 @@ async fn publish(
         DispatchErrorKind::Rejected,
         format!("the keys of a batch of {count} tasks kept changing hands; try again"),
     ))
+}
+
+/// Two tasks of one batch with the same unique, throttle or debounce key in a queue, or
+/// the same message id: the server would refuse the batch as a whole, with an error that
+/// names neither.
+fn check_twice(prepared: &[Prepared]) -> Result<(), DispatchError> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (index, p) in prepared.iter().enumerate() {
+        let queue = &p.about.queue;
+        let mut claims = Vec::new();
+        if let Some(guard) = p.guard.as_deref() {
+            // A marker's subject, or a debounced task's schedule subject, is the key's.
+            let subject = match &p.marker {
+                Some(marker) => Some(&marker.subject),
+                None => (guard.kind == GuardKind::Debounce).then_some(&p.message.subject),
+            };
+            if let Some(subject) = subject {
+                claims.push((
+                    format!("s:{subject}"),
+                    format!("{} in queue {queue:?}", guard.describe()),
+                ));
+            }
+        }
+        if let Some(id) = p.message.headers.get(wire::NATS_MSG_ID) {
+            claims.push((format!("m:{id}"), format!("message id {:?}", id.as_str())));
+        }
+        for (claim, what) in claims {
+            if let Some(earlier) = seen.insert(claim, index) {
+                return Err(DispatchError::new(
+                    DispatchErrorKind::InvalidBatch,
+                    format!(
+                        "tasks {earlier} and {index} of the batch have the same {what}: a batch \
+                         may hold each once"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn too_large(messages: usize) -> DispatchError {

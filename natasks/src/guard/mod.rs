@@ -203,6 +203,11 @@ impl Guard {
         Ok(())
     }
 
+    /// `unique key "k"`, `throttle key "k"` or `debounce key "k"`.
+    pub(crate) fn describe(&self) -> String {
+        format!("{} key {:?}", self.kind.word(), self.key)
+    }
+
     /// Writes the guard's header on the task.
     pub(crate) fn mark_task(&self, headers: &mut async_nats::HeaderMap) {
         headers.insert(self.kind.header(), self.key.as_str());
