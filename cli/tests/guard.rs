@@ -100,3 +100,26 @@ async fn a_batch_file_is_stored_all_or_none() {
     // The good batch: a task, and a delayed unique task's schedule and lock.
     assert_eq!(stream_messages(&js).await, 3);
 }
+
+#[tokio::test]
+async fn a_batch_file_sent_again_says_it_was_already_stored() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"queue": "payments", "task": "charge", "message_id": "order-1/charge"}"#,
+            "\n",
+            r#"{"queue": "emails", "task": "receipt", "message_id": "order-1/receipt"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    natasks(&url, &["batch", file.to_str().unwrap()]).await.ok();
+    let again = natasks(&url, &["batch", file.to_str().unwrap()]).await.failed("already was");
+    assert!(!again.stderr.contains("(nothing was stored)"), "{again:?}");
+    let js = jetstream::new(async_nats::connect(&url).await.unwrap());
+    assert_eq!(stream_messages(&js).await, 2);
+}

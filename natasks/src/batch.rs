@@ -95,6 +95,9 @@ pub(crate) enum BatchPublishError {
 pub(crate) const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// The stream does not allow atomic batches.
 pub(crate) const ATOMIC_DISABLED: u64 = 10174;
+/// A message of the batch has a `Nats-Msg-Id` the stream already stored (or that another
+/// message of the batch carries).
+pub(crate) const DUPLICATE_MESSAGE_ID: u64 = 10201;
 /// The stream has as many batches in flight as the server allows.
 pub(crate) const TOO_MANY_IN_FLIGHT: u64 = 10210;
 

@@ -65,7 +65,7 @@ async fn a_batch_the_server_refuses_stores_nothing() {
     batch.add_in(Task::new("b", "2"), "q2", Duration::from_secs(60));
     batch.add(Task::new("c", "3").with_message_id("same"), "q2");
     let err = client.dispatch_batch(batch).await.unwrap_err();
-    assert_eq!(err.kind(), DispatchErrorKind::Rejected, "{err}");
+    assert_eq!(err.kind(), DispatchErrorKind::AlreadyStored, "{err}");
     assert_eq!(stream_messages(&js).await, 1, "nothing of a refused batch is stored");
 
     // The stream is usable afterwards.
@@ -259,4 +259,23 @@ async fn a_batch_holding_a_key_or_message_id_twice_is_refused_naming_both_tasks(
     batch.add(Task::new("a", "2").unique("k", hour), "other");
     client.dispatch_batch(batch).await.unwrap();
     assert_eq!(stream_messages(&js).await, 4);
+}
+
+#[tokio::test]
+async fn a_batch_sent_again_with_the_same_message_ids_says_it_was_already_stored() {
+    // What a caller does after a commit timeout: send the batch again, same ids.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let batch = || {
+        let mut batch = Batch::new();
+        batch.add(Task::new("a", "1").with_message_id("order-1/charge"), "q");
+        batch.add(Task::new("a", "2").with_message_id("order-1/receipt"), "q");
+        batch
+    };
+    client.dispatch_batch(batch()).await.unwrap();
+    let err = client.dispatch_batch(batch()).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::AlreadyStored, "{err}");
+    assert!(err.to_string().contains("already stored"), "{err}");
+    assert_eq!(stream_messages(&js).await, 2);
 }

@@ -136,6 +136,12 @@ impl Publisher {
                 DispatchErrorKind::Duplicate,
                 "was refused: a unique or throttle key it holds is held by another task".to_owned(),
             ),
+            BatchPublishError::Refused { code: batch::DUPLICATE_MESSAGE_ID, .. } => (
+                DispatchErrorKind::AlreadyStored,
+                "was refused: a task of it carries a message id the stream already stored (was \
+                 it sent before?)"
+                    .to_owned(),
+            ),
             _ => (DispatchErrorKind::Rejected, "was refused".to_owned()),
         };
         DispatchError::with_source(kind, format!("{what} {problem}"), err)
