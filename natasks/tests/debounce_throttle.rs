@@ -171,3 +171,17 @@ async fn a_replaced_debounced_task_is_not_reported_scheduled() {
     let replaced = state(first.id.clone()).await;
     assert!(!matches!(replaced, TaskState::Scheduled { .. }), "{replaced:?}");
 }
+
+#[tokio::test]
+async fn a_debounced_task_with_a_message_id_is_refused() {
+    // The server would drop every later schedule with the same message id as a duplicate
+    // within its duplicate window: the first dispatch would run, not the last.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let task = Task::new("t", "a").debounce("k").with_message_id("m");
+    let err = client.dispatch_in(task, "q", Duration::from_secs(60)).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidTask, "{err}");
+    assert!(err.to_string().contains("message id"), "{err}");
+    assert_eq!(stream_messages(&js).await, 0);
+}

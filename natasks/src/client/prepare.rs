@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::Publisher;
 use crate::batch::Outgoing;
 use crate::error::{DispatchError, DispatchErrorKind};
-use crate::guard::{Guard, Support};
+use crate::guard::{Guard, GuardKind, Support};
 use crate::middleware::Dispatch;
 use crate::schedule;
 use crate::track::client::TrackedDispatch;
@@ -131,6 +131,18 @@ impl Publisher {
             let support = Support { atomic: self.atomic, ttl: self.ttl, schedules: self.schedules };
             let version = &self.js.client().server_info().version;
             guard.check(dispatch.due.is_some(), support, version)?;
+            // The server drops a schedule whose message id it stored within its duplicate
+            // window: a later dispatch would never replace the first.
+            if guard.kind == GuardKind::Debounce && dispatch.task.message_id().is_some() {
+                return Err(DispatchError::new(
+                    DispatchErrorKind::InvalidTask,
+                    format!(
+                        "{} cannot be combined with a message id: the server would keep the \
+                         first dispatch as a duplicate instead of replacing it",
+                        guard.describe()
+                    ),
+                ));
+            }
         }
         let retention = crate::track::dispatch_retention(&dispatch.task, dispatch.id())?;
         Ok((dispatch.due.map(schedule::at_expression).transpose()?, retention))

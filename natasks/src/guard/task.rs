@@ -64,7 +64,9 @@ impl Task {
     /// same key and restarts the delay, so after a burst of dispatches exactly one task
     /// runs, with the last payload, once the key has been quiet for the delay. The server
     /// does it: each queue and key has one schedule subject, and a schedule replaces the
-    /// one there. Needs nats-server 2.12 or newer.
+    /// one there. Needs nats-server 2.12 or newer. A debounced task cannot carry a message
+    /// id ([`with_message_id`](Self::with_message_id)): the server would keep the first
+    /// dispatch as a duplicate of the next ones.
     #[must_use]
     pub fn debounce(self, key: impl Into<String>) -> Self {
         self.guarded(GuardKind::Debounce, key.into())
