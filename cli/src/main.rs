@@ -5,6 +5,7 @@
 //! cancel, live events). Every command talks to NATS directly; nothing runs in the
 //! background.
 
+mod batch;
 mod conn;
 mod dispatch;
 mod dlq;
@@ -22,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// The error of a command: one line for the operator, exit code 1.
 #[derive(Debug)]
-pub struct Error(String);
+pub struct Error(pub String);
 
 impl Error {
     /// An error with this message.
@@ -141,6 +142,8 @@ enum Command {
     Queue(queue::QueueCommand),
     /// Dispatch a task (now, after a delay, or at a time).
     Dispatch(dispatch::DispatchArgs),
+    /// Dispatch the tasks of a JSON-lines file together: all are stored or none.
+    Batch(batch::BatchArgs),
     /// Inspect, requeue and purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -160,6 +163,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Queues => queues::run(g).await,
         Command::Queue(cmd) => queue::run(g, cmd).await,
         Command::Dispatch(args) => dispatch::run(g, args).await,
+        Command::Batch(args) => batch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
         Command::Schedules(args) => schedules::run(g, args).await,
         Command::Task(cmd) => task::run(g, cmd).await,
