@@ -11,8 +11,9 @@
 
 use serde_json::json;
 
+use crate::conn::{admin, admin_error};
 use crate::output;
-use crate::queue::{admin, admin_error, paused_text, rates_text};
+use crate::queue::{paused_text, rates_text};
 use crate::{Global, Result};
 
 pub async fn run(g: &Global) -> Result<()> {
