@@ -327,6 +327,10 @@ async fn schedules_are_listed_and_cancelled() {
     assert_eq!(all[2].id, "digest");
     let emails = admin.schedules(Some("emails")).await.unwrap();
     assert_eq!(emails.len(), 2);
+    let overview = admin.queues().await.unwrap();
+    let counts: Vec<(&str, u64)> =
+        overview.iter().map(|q| (q.name.as_str(), q.scheduled)).collect();
+    assert_eq!(counts, [("emails", 1), ("reports", 1)], "periodic schedules not counted");
 
     admin.cancel_schedule(&all[0].id).await.unwrap();
     admin.cancel_schedule("digest").await.unwrap();
