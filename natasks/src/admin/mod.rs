@@ -160,6 +160,14 @@ impl AdminError {
         }
     }
 
+    pub(crate) fn broker_boxed(what: impl fmt::Display, source: crate::BoxError) -> Self {
+        Self {
+            kind: AdminErrorKind::Broker,
+            message: format!("{what}: {source}"),
+            source: Some(source),
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> AdminErrorKind {
         self.kind
