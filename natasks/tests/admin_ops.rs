@@ -374,3 +374,27 @@ async fn a_requeue_after_a_crash_between_copy_and_delete_stores_one_copy() {
     assert_eq!(stored(&js, "natasks.emails").await, 2, "one copy each");
     assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
 }
+
+/// A dead letter naming a dead-letter queue as its original queue goes back to the queue
+/// itself: a copy onto the dead-letter queue would be selected again, without end.
+#[tokio::test]
+async fn a_requeue_never_targets_a_dead_letter_queue() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "emails.send");
+    headers.insert("Natasks-Original-Queue", "emails-dlq");
+    js.publish_with_headers("natasks.emails-dlq", headers, "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let all = Selection::Matching(Filter::default());
+    let outcome = tokio::time::timeout(DEADLINE, admin.requeue("emails", &all))
+        .await
+        .expect("the requeue ends")
+        .unwrap();
+    assert_eq!(outcome.done, 1);
+    assert_eq!(stored(&js, "natasks.emails").await, 1);
+    assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
+}
