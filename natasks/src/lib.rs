@@ -22,6 +22,11 @@
 //!   [`TaskId`], [`Attempt`], [`Progress`], [`Cancellation`], [`Extension`], your own
 //!   [`FromTask`] types, and last, optionally, the [`Task`]), returning `Result<T, E>`
 //!   where `T` is the task's result.
+//! * A **unique** task ([`Task::unique`]) is refused while a task with its key is pending,
+//!   scheduled or running in its queue; **debounced** tasks ([`Task::debounce`]) replace the
+//!   pending one with their key; **throttled** ones ([`Task::throttle`]) are accepted once per
+//!   window; a **batch** ([`Client::dispatch_batch`]) stores many tasks all or none. The
+//!   server enforces each (JetStream atomic batches, nats-server 2.12+): see [`Task::unique`].
 //! * Every dispatch returns a [`Receipt`] with the task's **id**. A **tracked** task
 //!   ([`Task::tracked`]) has its lifecycle recorded on the broker: its status
 //!   ([`Client::status`]), its result ([`Client::result`], [`Client::wait`]), its
@@ -58,9 +63,11 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod batch;
 mod client;
 mod error;
 mod extract;
+mod guard;
 mod handler;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -77,7 +84,7 @@ pub mod track;
 pub mod wire;
 mod worker;
 
-pub use client::{Client, ClientBuilder, Receipt};
+pub use client::{Batch, Client, ClientBuilder, Receipt};
 pub use error::{
     no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
     RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError, SetupErrorKind,
@@ -85,6 +92,7 @@ pub use error::{
 pub use extract::{
     Attempt, Cancellation, Extension, FromTask, Json, Progress, ProgressReport, TaskId,
 };
+pub use guard::{OnConflict, MAX_GUARD_TTL, MAX_KEY_LEN};
 pub use handler::Handler;
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;
