@@ -364,10 +364,13 @@ async fn a_requeue_after_a_crash_between_copy_and_delete_stores_one_copy() {
     let server = NatsServer::start().await;
     let (js, _client, admin) = setup(&server).await;
     let seqs = dead_letters(&js, "emails", "emails.send", 2).await;
+    // What the earlier run stored, in one atomic batch: the copy and the dead letter's
+    // requeue marker.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Natasks-Task", "emails.send");
-    headers.insert("Nats-Msg-Id", natasks::admin::requeue_id("NATASKS", seqs[0]).as_str());
     js.publish_with_headers("natasks.emails", headers, "copy".into()).await.unwrap().await.unwrap();
+    let marker = format!("natasks.__natasks_mark.requeue.{}", seqs[0]);
+    js.publish(marker, "".into()).await.unwrap().await.unwrap();
 
     let outcome = admin.requeue("emails", &Selection::Matching(Filter::default())).await.unwrap();
     assert_eq!((outcome.done, outcome.duplicates), (2, 1), "{outcome:?}");

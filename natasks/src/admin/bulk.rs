@@ -1,9 +1,16 @@
 //! Requeue, delete and purge: one task, a selection, or every task matching a filter.
 //!
-//! Requeue is safe to interrupt and to run again: each dead letter is published back with
-//! the message id `natasks-requeue-<stream>-<dead letter's sequence>` and deleted only once
-//! the server confirmed the copy, so a run that dies between the two steps and is run again
-//! (within the stream's duplicate window) does not store a second copy.
+//! Requeue is safe to interrupt and to run again: each dead letter is deleted only once the
+//! server confirmed its copy, and a run that dies between the two steps and is run again
+//! does not store a second copy. Where the stream allows atomic batches (nats-server 2.12+,
+//! a stream natasks set up), the copy is stored in one batch with a marker
+//! `<prefix>.__natasks_mark.requeue.<dead letter's sequence>` that the server accepts only on
+//! an empty subject; a rerun that the marker refuses deletes the dead letter and stores
+//! nothing. The marker expires after [`REQUEUE_MARK_TTL`], longer than any interrupted run
+//! is expected to wait for its rerun. On an older stream the copy carries the message id
+//! `natasks-requeue-<stream>-<dead letter's sequence>` only, which protects a rerun within
+//! the stream's duplicate window (two minutes by default); a rerun after the window, or
+//! after the server lost its duplicate state, stores a second copy.
 
 use std::ops::ControlFlow;
 
@@ -14,7 +21,12 @@ use async_nats::HeaderMap;
 
 use super::search::Filter;
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState};
+use crate::batch::{self, Outgoing};
 use crate::wire;
+
+/// How long the marker of a requeued dead letter lives (a day): a rerun of an interrupted
+/// requeue within it stores no second copy.
+pub const REQUEUE_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How many matching tasks a bulk operation reads ahead before acting on them.
 const CHUNK: usize = 256;
@@ -334,20 +346,53 @@ impl Admin {
             .filter(|q| !q.ends_with(self.dlq_suffix.as_str()))
             .unwrap_or(queue)
             .to_owned();
-        let headers = requeued_headers(&self.stream.name, message, &target);
+        let marked = marks_requeues(stream, &self.stream.subject_prefix);
+        // With a marker, no message id: within the duplicate window a rerun would fail as a
+        // duplicate instead of finding the marker.
+        let id = (!marked).then(|| requeue_id(&self.stream.name, seq));
+        let headers = requeued_headers(message, &target, id.as_deref());
         let subject = wire::queue_subject(&self.stream.subject_prefix, &target);
         let what = || format!("requeue dead letter {seq} to queue {target}");
-        let publish = PublishMessage::build().payload(message.payload.clone()).headers(headers);
-        let ack = match self.js.send_publish(subject, publish).await {
-            Ok(ack) => ack.await,
-            Err(err) => return Err(format!("{}: {err}", what())),
-        };
-        let ack = ack.map_err(|err| match err.kind() {
-            PublishErrorKind::TimedOut => {
-                format!("{}: the server did not confirm in time (safe to run again)", what())
+        let duplicate = if marked {
+            let mut mark = HeaderMap::new();
+            mark.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            mark.insert(wire::NATS_TTL, REQUEUE_MARK_TTL.as_secs().to_string().as_str());
+            let seq_token = seq.to_string();
+            let marker = Outgoing {
+                subject: wire::marker_subject(
+                    &self.stream.subject_prefix,
+                    &["requeue", seq_token.as_str()],
+                ),
+                headers: mark,
+                payload: bytes::Bytes::new(),
+            };
+            let copy = Outgoing { subject, headers, payload: message.payload.clone() };
+            match batch::publish_atomic(&self.js, vec![marker, copy]).await {
+                Ok(_) => false,
+                // The marker is there: an earlier run stored the copy.
+                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => true,
+                Err(err @ batch::BatchPublishError::Timeout(_)) => {
+                    return Err(format!(
+                        "{}: the server did not confirm in time (safe to run again): {err}",
+                        what()
+                    ))
+                }
+                Err(err) => return Err(format!("{}: {err}", what())),
             }
-            _ => format!("{}: {err}", what()),
-        })?;
+        } else {
+            let publish = PublishMessage::build().payload(message.payload.clone()).headers(headers);
+            let ack = match self.js.send_publish(subject, publish).await {
+                Ok(ack) => ack.await,
+                Err(err) => return Err(format!("{}: {err}", what())),
+            };
+            let ack = ack.map_err(|err| match err.kind() {
+                PublishErrorKind::TimedOut => {
+                    format!("{}: the server did not confirm in time (safe to run again)", what())
+                }
+                _ => format!("{}: {err}", what()),
+            })?;
+            ack.duplicate
+        };
         match stream.delete_message(seq).await {
             Ok(_) => {}
             // Deleted meanwhile (by a concurrent requeue or purge): the copy is stored, done.
@@ -359,7 +404,7 @@ impl Admin {
                 ))
             }
         }
-        Ok(Some((target, ack.duplicate)))
+        Ok(Some((target, duplicate)))
     }
 }
 
@@ -374,10 +419,9 @@ pub fn requeue_id(stream: &str, seq: u64) -> String {
     format!("natasks-requeue-{stream}-{seq}")
 }
 
-/// The task to put back: the dead letter's task headers, without the failure headers and
-/// server headers, addressed to `target`, with an id derived from the dead letter's
-/// sequence.
-fn requeued_headers(stream: &str, message: &StreamMessage, target: &str) -> HeaderMap {
+/// The task to put back: the dead letter's task headers (the task's id among them), without
+/// the failure headers and server headers, addressed to `target`, with message id `id`.
+fn requeued_headers(message: &StreamMessage, target: &str, id: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, values) in message.headers.iter() {
         let name: &str = name.as_ref();
@@ -399,8 +443,19 @@ fn requeued_headers(stream: &str, message: &StreamMessage, target: &str) -> Head
         }
     }
     headers.insert(wire::HEADER_QUEUE, target);
-    headers.insert("Nats-Msg-Id", requeue_id(stream, message.sequence).as_str());
+    if let Some(id) = id {
+        headers.insert(wire::NATS_MSG_ID, id);
+    }
     headers
+}
+
+/// Whether the stream stores requeue markers: atomic batches, per-message TTLs (the marker
+/// expires) and the marker subjects.
+fn marks_requeues(stream: &Stream, prefix: &str) -> bool {
+    let config = &stream.cached_info().config;
+    config.allow_atomic_publish
+        && config.allow_message_ttl
+        && config.subjects.contains(&wire::markers_wildcard(prefix))
 }
 
 fn is_missing(err: &DeleteMessageError) -> bool {
