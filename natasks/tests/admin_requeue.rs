@@ -1,5 +1,5 @@
 //! Requeue and purge against a real server: one copy per dead letter however late a rerun
-//! comes.
+//! comes, and the task's id kept.
 
 mod common;
 
@@ -7,13 +7,40 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use natasks::admin::{Admin, Selection};
+use natasks::admin::{Admin, Selection, TaskState};
 use natasks::{Client, HandlerError, Task, Worker};
+use serde_json::json;
 
 async fn setup(server: &NatsServer) -> (jetstream::Context, Client, Admin) {
     let js = server.jetstream().await;
     let client = Client::builder(js.clone()).build().await.unwrap();
     (js.clone(), client, Admin::new(js))
+}
+
+/// A worker of `queue` whose handler of `name` reports each task it runs and fails it for
+/// good (no retries: every run dead-letters the task).
+async fn failing_worker(js: &jetstream::Context, queue: &str, name: &str) -> (Running, Seen<Task>) {
+    let seen = Seen::new();
+    let tx = seen.tx.clone();
+    let worker = Worker::builder(js.clone(), queue)
+        .max_retries(0)
+        .handle(name, move |task: Task| {
+            let _ = tx.send(task);
+            std::future::ready(Err::<(), _>(HandlerError::msg("boom")))
+        })
+        .build()
+        .await
+        .unwrap();
+    (spawn(worker), seen)
+}
+
+/// Requeues the one dead letter of queue `orders`, by its sequence (a worker that fails
+/// the copy again makes a new dead letter, which this requeue must not pick up).
+async fn requeue_the_dead_letter(admin: &Admin) {
+    let dead = admin.tasks("orders", TaskState::Dead, None, 10).await.unwrap();
+    assert_eq!(dead.items.len(), 1, "{dead:?}");
+    let outcome = admin.requeue("orders", &Selection::One(dead.items[0].sequence)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
 }
 
 #[tokio::test]
@@ -59,4 +86,55 @@ async fn a_requeue_run_again_after_the_duplicate_window_stores_no_second_copy() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let again = admin.requeue("orders", &Selection::One(dead[0])).await.unwrap();
     assert_eq!(stored(&js, "natasks.orders").await, 0, "no second copy: {again:?}");
+}
+
+#[tokio::test]
+async fn a_task_requeued_twice_keeps_its_id() {
+    let server = NatsServer::start().await;
+    let (js, client, admin) = setup(&server).await;
+    let task =
+        Task::json("orders.charge", &json!({"order": 42})).unwrap().with_message_id("order-42");
+    client.dispatch(task, "orders").await.unwrap();
+    let (running, mut seen) = failing_worker(&js, "orders", "orders.charge").await;
+    let mut ids = Vec::new();
+    for run in 0..3 {
+        ids.push(seen.recv().await.id().map(str::to_owned));
+        if run < 2 {
+            eventually(DEADLINE, "the task is dead-lettered", || async {
+                stored(&js, "natasks.orders-dlq").await == 1
+            })
+            .await;
+            requeue_the_dead_letter(&admin).await;
+        }
+    }
+    running.stop().await.unwrap();
+    assert!(ids.iter().all(|id| id.as_deref() == Some("order-42")), "{ids:?}");
+}
+
+/// A copy requeued with a message id of its own (as on a stream without atomic batches)
+/// that fails again keeps the task's id in its dead letter.
+#[tokio::test]
+async fn the_dead_letter_of_a_requeued_copy_keeps_the_task_id() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "orders.charge");
+    headers.insert("Natasks-Queue", "orders");
+    headers.insert("Natasks-Message-Id", "order-42");
+    headers.insert("Nats-Msg-Id", natasks::admin::requeue_id("NATASKS", 7).as_str());
+    js.publish_with_headers("natasks.orders", headers, "{}".into()).await.unwrap().await.unwrap();
+    let (running, mut seen) = failing_worker(&js, "orders", "orders.charge").await;
+    assert_eq!(seen.recv().await.id(), Some("order-42"));
+    eventually(DEADLINE, "the task is dead-lettered", || async {
+        stored(&js, "natasks.orders-dlq").await == 1
+    })
+    .await;
+    running.stop().await.unwrap();
+    let dead = admin.tasks("orders", TaskState::Dead, None, 10).await.unwrap();
+    let detail = admin.task(dead.items[0].sequence).await.unwrap();
+    assert!(
+        detail.headers.contains(&("Natasks-Message-Id".to_owned(), "order-42".to_owned())),
+        "{:?}",
+        detail.headers
+    );
 }
