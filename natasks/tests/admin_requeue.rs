@@ -1,5 +1,6 @@
 //! Requeue and purge against a real server: one copy per dead letter however late a rerun
-//! comes, and the task's id kept.
+//! comes, the task's id and headers kept, messages written by other
+//! clients read as they are or skipped.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use natasks::admin::{Admin, Selection, TaskState};
+use natasks::admin::{Admin, Filter, Selection, TaskState};
 use natasks::{Client, HandlerError, Task, Worker};
 use serde_json::json;
 
@@ -137,4 +138,73 @@ async fn the_dead_letter_of_a_requeued_copy_keeps_the_task_id() {
         "{:?}",
         detail.headers
     );
+}
+
+#[tokio::test]
+async fn a_requeue_keeps_every_value_of_a_repeated_header() {
+    let server = NatsServer::start().await;
+    let (js, client, admin) = setup(&server).await;
+    let mut task = Task::json("orders.charge", &json!({})).unwrap();
+    task.add_header("X-Tag", "a").add_header("X-Tag", "b");
+    client.dispatch(task, "orders").await.unwrap();
+    let (running, mut seen) = failing_worker(&js, "orders", "orders.charge").await;
+    let tags = |task: &Task| -> Vec<String> {
+        task.headers()
+            .iter()
+            .filter(|(name, _)| name.as_ref() as &str == "X-Tag")
+            .flat_map(|(_, values)| values.iter().map(|v| v.as_str().to_owned()))
+            .collect()
+    };
+    assert_eq!(tags(&seen.recv().await), ["a", "b"]);
+    eventually(DEADLINE, "the task is dead-lettered", || async {
+        stored(&js, "natasks.orders-dlq").await == 1
+    })
+    .await;
+    requeue_the_dead_letter(&admin).await;
+    assert_eq!(tags(&seen.recv().await), ["a", "b"], "the requeued task has both values");
+    running.stop().await.unwrap();
+}
+
+/// Publishes over plain NATS a message whose header name is not ASCII, as a client of
+/// another language may.
+async fn publish_unreadable(server: &NatsServer, subject: &str) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port())).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap(); // INFO
+    let headers = "NATS/1.0\r\nX-\u{dc}: 1\r\nNatasks-Task: orders.charge\r\n\r\n";
+    let payload = "{}";
+    let frame = format!(
+        "CONNECT {{\"headers\":true,\"verbose\":false,\"pedantic\":false}}\r\nHPUB {subject} {} {}\r\n{headers}{payload}\r\nPING\r\n",
+        headers.len(),
+        headers.len() + payload.len()
+    );
+    stream.get_mut().write_all(frame.as_bytes()).await.unwrap();
+    loop {
+        line.clear();
+        stream.read_line(&mut line).await.unwrap();
+        assert!(!line.starts_with("-ERR"), "{line}");
+        if line.starts_with("PONG") {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_with_unreadable_headers_does_not_stop_a_scan() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    dead_letters(&js, "orders", "orders.charge", 1).await;
+    publish_unreadable(&server, "natasks.orders-dlq").await;
+    dead_letters(&js, "orders", "orders.charge", 1).await;
+    eventually(DEADLINE, "three dead letters are stored", || async {
+        stored(&js, "natasks.orders-dlq").await == 3
+    })
+    .await;
+    let page = admin.tasks("orders", TaskState::Dead, None, 10).await.unwrap();
+    assert_eq!(page.items.len(), 2, "{page:?}");
+    let outcome = admin.requeue("orders", &Selection::Matching(Filter::default())).await.unwrap();
+    assert_eq!(outcome.done, 2, "{outcome:?}");
+    assert_eq!(stored(&js, "natasks.orders").await, 2);
 }

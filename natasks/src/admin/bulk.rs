@@ -142,7 +142,14 @@ impl<'a> Selected<'a> {
         self.cursor = end as u64;
         let mut out = Vec::with_capacity(end.saturating_sub(start));
         for &seq in seqs.get(start..end).unwrap_or_default() {
-            let message = read::get(self.stream, seq).await?;
+            let message = match read::get(&self.admin.js, self.stream, seq).await {
+                Ok(message) => message,
+                Err(err) if err.kind() == AdminErrorKind::InvalidInput => {
+                    out.push(Err((seq, err.to_string())));
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             let found = message.filter(|m| {
                 self.admin
                     .summarize(m, |_| self.delivered)
@@ -161,7 +168,7 @@ impl<'a> Selected<'a> {
         };
         let mut out = Vec::new();
         let mut last = None;
-        read::scan(self.stream, &subject, from, until, |message| {
+        read::scan(&self.admin.js, self.stream, &subject, from, until, |message| {
             last = Some(message.sequence);
             let summary = self.admin.summarize(&message, |_| self.delivered);
             if summary.is_some_and(|s| s.queue == self.queue && s.state == self.state)

@@ -129,7 +129,7 @@ impl Admin {
         }
         let mut delayed: BTreeMap<String, u64> = BTreeMap::new();
         let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
-        super::read::scan(&stream, &filter, 1, None, |message| {
+        super::read::scan(&self.js, &stream, &filter, 1, None, |message| {
             if let Some(queue) = self.schedule_target(&message) {
                 *delayed.entry(queue).or_default() += 1;
             }

@@ -9,47 +9,165 @@
 
 use std::ops::ControlFlow;
 
-use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{RawMessageError, RawMessageErrorKind, Stream};
-use futures_util::StreamExt as _;
+use std::str::FromStr as _;
 
-use super::AdminError;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+
+use super::{AdminError, AdminErrorKind};
 
 /// The widest window of sequences asked for at once.
 const MAX_WINDOW: u64 = 256;
 
-/// The message with sequence `seq`; `None` when there is none (deleted, or never stored).
-pub(crate) async fn get(stream: &Stream, seq: u64) -> Result<Option<StreamMessage>, AdminError> {
-    absent_is_none(stream.get_raw_message(seq).await, stream)
+/// What a message get found at a sequence.
+pub(crate) enum Got {
+    /// The message.
+    Message(StreamMessage),
+    /// A message whose headers natasks cannot read (written by another client: a header
+    /// name or value that is not ASCII, a malformed line), with its sequence and why.
+    Unreadable(u64, String),
 }
 
-/// The first message at or after `seq` on `filter`.
-pub(crate) async fn next(
+/// The message with sequence `seq`; `None` when there is none (deleted, or never stored).
+/// A message whose headers cannot be read is an [`AdminErrorKind::InvalidInput`] error.
+pub(crate) async fn get(
+    js: &Context,
     stream: &Stream,
-    filter: &str,
     seq: u64,
 ) -> Result<Option<StreamMessage>, AdminError> {
-    absent_is_none(stream.get_first_raw_message_by_subject(filter, seq).await, stream)
-}
-
-fn absent_is_none(
-    result: Result<StreamMessage, RawMessageError>,
-    stream: &Stream,
-) -> Result<Option<StreamMessage>, AdminError> {
-    match result {
-        Ok(message) => Ok(Some(message)),
-        Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(err) => Err(AdminError::broker(
-            format!("read stream {:?}", stream.cached_info().config.name),
-            err,
+    match fetch(js, stream, seq, None).await? {
+        None => Ok(None),
+        Some(Got::Message(message)) => Ok(Some(message)),
+        Some(Got::Unreadable(seq, why)) => Err(AdminError::new(
+            AdminErrorKind::InvalidInput,
+            format!("message {seq} cannot be read as a task: {why}"),
         )),
     }
+}
+
+/// Reads the message at `seq`, or with `filter` the first at or after `seq` on it, through
+/// the stream's message-get API. The headers are decoded here, not by the client: every
+/// value of a repeated header is kept, and a message with headers that cannot be decoded is
+/// [`Got::Unreadable`] instead of failing the read.
+async fn fetch(
+    js: &Context,
+    stream: &Stream,
+    seq: u64,
+    filter: Option<&str>,
+) -> Result<Option<Got>, AdminError> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        message: Option<Raw>,
+        #[serde(default)]
+        error: Option<ApiError>,
+    }
+    #[derive(Deserialize)]
+    struct Raw {
+        subject: String,
+        seq: u64,
+        #[serde(default)]
+        data: String,
+        #[serde(default)]
+        hdrs: Option<String>,
+        #[serde(with = "time::serde::rfc3339")]
+        time: time::OffsetDateTime,
+    }
+    #[derive(Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        code: u64,
+        #[serde(default)]
+        err_code: u64,
+        #[serde(default)]
+        description: String,
+    }
+    let name = &stream.cached_info().config.name;
+    let what = || format!("read stream {name:?}");
+    let body = match filter {
+        None => serde_json::json!({ "seq": seq }),
+        Some(filter) => serde_json::json!({ "seq": seq, "next_by_subj": filter }),
+    };
+    let reply: Reply = js
+        .request(format!("STREAM.MSG.GET.{name}"), &body)
+        .await
+        .map_err(|err| AdminError::broker(what(), err))?;
+    if let Some(err) = reply.error {
+        // 10037: no message found.
+        if err.code == 404 || err.err_code == 10037 {
+            return Ok(None);
+        }
+        return Err(AdminError::new(
+            AdminErrorKind::Broker,
+            format!("{}: {} (error {})", what(), err.description, err.err_code),
+        ));
+    }
+    let Some(raw) = reply.message else { return Ok(None) };
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let decoded = engine.decode(raw.data.as_bytes()).map_err(|e| e.to_string()).and_then(
+        |payload| match &raw.hdrs {
+            None => Ok((payload, HeaderMap::new())),
+            Some(hdrs) => engine
+                .decode(hdrs.as_bytes())
+                .map_err(|e| e.to_string())
+                .and_then(|h| parse_headers(&h))
+                .map(|headers| (payload, headers)),
+        },
+    );
+    Ok(Some(match decoded {
+        Ok((payload, headers)) => Got::Message(StreamMessage {
+            subject: raw.subject.into(),
+            sequence: raw.seq,
+            headers,
+            payload: payload.into(),
+            time: raw.time,
+        }),
+        Err(why) => Got::Unreadable(raw.seq, why),
+    }))
+}
+
+/// Decodes a NATS header block (`NATS/1.0`, then `Name: value` lines, continuation lines
+/// starting with a space or tab), keeping every value of a repeated name in order.
+pub(crate) fn parse_headers(block: &[u8]) -> Result<HeaderMap, String> {
+    let text = std::str::from_utf8(block).map_err(|_| "headers are not UTF-8".to_owned())?;
+    let mut lines = text.split("\r\n").flat_map(|l| l.split('\n')).peekable();
+    match lines.next() {
+        Some(first) if first.starts_with("NATS/1.0") => {}
+        _ => return Err("headers do not start with NATS/1.0".to_owned()),
+    }
+    let mut headers = HeaderMap::new();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let (name, value) =
+            line.split_once(':').ok_or_else(|| format!("malformed header line {line:?}"))?;
+        let mut value = value.trim().to_owned();
+        while let Some(more) = lines.next_if(|l| l.starts_with([' ', '\t'])) {
+            value.push(' ');
+            value.push_str(more.trim());
+        }
+        let name = async_nats::HeaderName::from_str(name)
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        let value = async_nats::HeaderValue::from_str(&value)
+            .map_err(|_| format!("header {name} has a value that is not valid"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// Calls `each` with every message on `filter` from sequence `from` to `until` (inclusive;
 /// `None`: the stream's last sequence when the scan starts), in sequence order, until it
 /// breaks.
+///
+/// A message whose headers cannot be read is skipped (and logged).
 pub(crate) async fn scan(
+    js: &Context,
     stream: &Stream,
     filter: &str,
     from: u64,
@@ -64,7 +182,18 @@ pub(crate) async fn scan(
     let mut window = 1u64;
     while cursor <= last {
         if window == 1 {
-            let Some(message) = next(stream, filter, cursor).await? else { return Ok(()) };
+            let message = match fetch(js, stream, cursor, Some(filter)).await? {
+                None => return Ok(()),
+                Some(Got::Message(message)) => message,
+                Some(Got::Unreadable(seq, why)) => {
+                    if seq > last {
+                        return Ok(());
+                    }
+                    tracing::warn!(sequence = seq, reason = %why, "skipping a message that cannot be read as a task");
+                    cursor = seq + 1;
+                    continue;
+                }
+            };
             if message.sequence > last {
                 return Ok(());
             }
@@ -79,11 +208,18 @@ pub(crate) async fn scan(
             continue;
         }
         let end = (cursor + window - 1).min(last);
-        let requests = (cursor..=end).map(|seq| get(stream, seq));
+        let requests = (cursor..=end).map(|seq| fetch(js, stream, seq, None));
         let mut replies = futures_util::stream::iter(requests).buffered(window as usize);
         let mut hits = 0;
         while let Some(reply) = replies.next().await {
-            let Some(message) = reply? else { continue };
+            let message = match reply? {
+                None => continue,
+                Some(Got::Message(message)) => message,
+                Some(Got::Unreadable(seq, why)) => {
+                    tracing::warn!(sequence = seq, reason = %why, "skipping a message that cannot be read as a task");
+                    continue;
+                }
+            };
             if !subject_matches(filter, &message.subject) {
                 continue;
             }

@@ -55,7 +55,7 @@ impl Admin {
         let stream = self.open_stream().await?;
         let mut delayed = Vec::new();
         let filter = delayed_wildcard(&self.stream.subject_prefix);
-        read::scan(&stream, &filter, 1, None, |message| {
+        read::scan(&self.js, &stream, &filter, 1, None, |message| {
             let Some(target) = self.schedule_target(&message) else {
                 return ControlFlow::Continue(());
             };

@@ -275,7 +275,7 @@ impl Admin {
             // A dead-letter queue no worker consumes reads fastest through a consumer.
             let dead = matches!(self.place(subject), Place::Dead(_));
             if !dead || !read::scan_by_consumer(&stream, subject, &mut each).await? {
-                read::scan(&stream, subject, 1, None, &mut each).await?;
+                read::scan(&self.js, &stream, subject, 1, None, &mut each).await?;
             }
             if truncated {
                 break;

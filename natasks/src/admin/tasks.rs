@@ -232,7 +232,7 @@ impl Admin {
         };
         let mut items = Vec::new();
         let mut more = false;
-        read::scan(&stream, &filter, from, until, |message| {
+        read::scan(&self.js, &stream, &filter, from, until, |message| {
             let Some(summary) = self.summarize(&message, |_| delivered) else {
                 return ControlFlow::Continue(());
             };
@@ -265,7 +265,7 @@ impl Admin {
                 ),
             )
         };
-        let message = read::get(&stream, sequence).await?.ok_or_else(not_found)?;
+        let message = read::get(&self.js, &stream, sequence).await?.ok_or_else(not_found)?;
         let delivered = match self.place(&message.subject) {
             Place::Queue(queue) => self.delivered(&stream, &queue).await?,
             _ => 0,
@@ -315,7 +315,7 @@ impl Admin {
             return Ok(());
         }
         let mut targeted = false;
-        read::scan(stream, &delayed_wildcard(prefix), 1, None, |message| {
+        read::scan(&self.js, stream, &delayed_wildcard(prefix), 1, None, |message| {
             targeted = self.schedule_target(&message).as_deref() == Some(queue);
             if targeted {
                 ControlFlow::Break(())
