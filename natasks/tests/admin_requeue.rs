@@ -1,6 +1,6 @@
 //! Requeue and purge against a real server: one copy per dead letter however late a rerun
-//! comes, the task's id and headers kept, messages written by other
-//! clients read as they are or skipped.
+//! comes, the task's id and headers kept, settings that could do harm refused, messages
+//! written by other clients read as they are or skipped.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use natasks::admin::{Admin, Filter, Selection, TaskState};
+use natasks::admin::{Admin, AdminErrorKind, Filter, Selection, TaskState};
 use natasks::{Client, HandlerError, Task, Worker};
 use serde_json::json;
 
@@ -163,6 +163,24 @@ async fn a_requeue_keeps_every_value_of_a_repeated_header() {
     requeue_the_dead_letter(&admin).await;
     assert_eq!(tags(&seen.recv().await), ["a", "b"], "the requeued task has both values");
     running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_dead_letter_suffix_is_refused_and_purges_nothing() {
+    let server = NatsServer::start().await;
+    let (js, client, _admin) = setup(&server).await;
+    for n in 0..3 {
+        client
+            .dispatch(Task::json("orders.charge", &json!({"n": n})).unwrap(), "orders")
+            .await
+            .unwrap();
+    }
+    let admin = Admin::new(js.clone()).dlq_suffix("");
+    let err = admin.purge("orders", TaskState::Dead).await.unwrap_err();
+    assert_eq!(err.kind(), AdminErrorKind::InvalidInput, "{err}");
+    assert_eq!(stored(&js, "natasks.orders").await, 3, "the pending tasks are untouched");
+    let err = admin.requeue("orders", &Selection::Matching(Filter::default())).await.unwrap_err();
+    assert_eq!(err.kind(), AdminErrorKind::InvalidInput, "{err}");
 }
 
 /// Publishes over plain NATS a message whose header name is not ASCII, as a client of

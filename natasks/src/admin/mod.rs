@@ -113,7 +113,9 @@ impl Admin {
         self
     }
 
-    /// The suffix of dead-letter queues. Default: `-dlq`.
+    /// The suffix of dead-letter queues. Default: `-dlq`. It must be non-empty and hold only
+    /// characters a queue name may hold, as for workers: otherwise every operation fails with
+    /// [`AdminErrorKind::InvalidInput`] and changes nothing.
     #[must_use]
     pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
         self.dlq_suffix = suffix.into();

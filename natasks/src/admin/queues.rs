@@ -303,8 +303,23 @@ impl Admin {
         self.queue(queue).await
     }
 
+    /// The task stream, once the settings are known to be usable: every operation opens it
+    /// first.
     pub(super) async fn open_stream(&self) -> Result<Stream, AdminError> {
         use async_nats::jetstream::context::GetStreamErrorKind;
+        // An empty suffix would make a queue its own dead-letter queue: purging dead letters
+        // would purge the queue, and a requeue would select its own copies again.
+        let suffix = &self.dlq_suffix;
+        let probe = format!("q{suffix}");
+        if suffix.is_empty() || wire::validate_queue(&probe).map_or(true, |q| q != probe) {
+            return Err(AdminError::new(
+                AdminErrorKind::InvalidInput,
+                format!(
+                    "dlq_suffix {suffix:?} must be non-empty and made of characters a queue \
+                     name may hold"
+                ),
+            ));
+        }
         self.js.get_stream(&self.stream.name).await.map_err(|err| match err.kind() {
             GetStreamErrorKind::JetStream(e)
                 if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
