@@ -226,3 +226,28 @@ async fn a_message_with_unreadable_headers_does_not_stop_a_scan() {
     assert_eq!(outcome.done, 2, "{outcome:?}");
     assert_eq!(stored(&js, "natasks.orders").await, 2);
 }
+
+/// A dead letter deleted while a requeue runs (read ahead in its chunk) is not brought back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_deleted_during_a_requeue_is_not_brought_back() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    let dead = dead_letters(&js, "orders", "orders.charge", 3).await;
+    let stream = js.get_stream("NATASKS").await.unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    let all = Selection::Matching(Filter::default());
+    let outcome = admin
+        .requeue_with("orders", &all, |step| {
+            if step.done == 1 {
+                // Someone else deletes the last dead letter meanwhile.
+                tokio::task::block_in_place(|| {
+                    runtime.block_on(stream.delete_message(dead[2])).unwrap();
+                });
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert_eq!((outcome.done, outcome.skipped), (2, 1), "{outcome:?}");
+    assert_eq!(stored(&js, "natasks.orders").await, 2, "the deleted dead letter stays deleted");
+}

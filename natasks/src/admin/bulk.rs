@@ -353,13 +353,21 @@ impl Admin {
             .filter(|q| !q.ends_with(self.dlq_suffix.as_str()))
             .unwrap_or(queue)
             .to_owned();
+        let what = || format!("requeue dead letter {seq} to queue {target}");
+        // A chunk is read ahead of acting on it: the dead letter may have been requeued,
+        // deleted or purged meanwhile, and a copy would bring it back. (One deleted between
+        // this read and the publish still is: the window is one round trip.)
+        match read::get(&self.js, stream, seq).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(err) => return Err(format!("{}: {err}", what())),
+        }
         let marked = marks_requeues(stream, &self.stream.subject_prefix);
         // With a marker, no message id: within the duplicate window a rerun would fail as a
         // duplicate instead of finding the marker.
         let id = (!marked).then(|| requeue_id(&self.stream.name, seq));
         let headers = requeued_headers(message, &target, id.as_deref());
         let subject = wire::queue_subject(&self.stream.subject_prefix, &target);
-        let what = || format!("requeue dead letter {seq} to queue {target}");
         let duplicate = if marked {
             let mut mark = HeaderMap::new();
             mark.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
