@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+
 use async_nats::jetstream;
 use common::*;
 use natasks::admin::{Admin, AdminErrorKind, Filter, Selection, TaskState};
@@ -250,4 +252,36 @@ async fn a_dead_letter_deleted_during_a_requeue_is_not_brought_back() {
         .unwrap();
     assert_eq!((outcome.done, outcome.skipped), (2, 1), "{outcome:?}");
     assert_eq!(stored(&js, "natasks.orders").await, 2, "the deleted dead letter stays deleted");
+}
+
+/// Pause, resume and a limit read no schedule messages: their cost does not grow with the
+/// delayed tasks stored.
+#[tokio::test]
+async fn queue_control_reads_no_delayed_task() {
+    let server = NatsServer::start().await;
+    let (js, client, admin) = setup(&server).await;
+    for n in 0..20 {
+        let task = Task::json("orders.charge", &json!({"n": n})).unwrap();
+        client.dispatch_in(task, "orders", Duration::from_secs(3600)).await.unwrap();
+    }
+    let worker = Worker::builder(js.clone(), "orders")
+        .handle("orders.charge", |_task: Task| std::future::ready(Ok::<(), HandlerError>(())))
+        .build()
+        .await
+        .unwrap();
+    // Every message get on the stream, as the server receives it.
+    let watcher = async_nats::connect(server.url()).await.unwrap();
+    let mut gets = watcher.subscribe("$JS.API.STREAM.MSG.GET.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    admin.pause("orders", None).await.unwrap();
+    admin.set_limit("orders", Some(4)).await.unwrap();
+    admin.resume("orders").await.unwrap();
+    watcher.flush().await.unwrap();
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), gets.next()).await {
+        seen += 1;
+    }
+    assert!(seen < 20, "{seen} message gets for three control commands");
+    assert_eq!(admin.queue("orders").await.unwrap().scheduled, 20, "the overview counts them");
+    drop(worker);
 }

@@ -108,6 +108,12 @@ impl Admin {
     /// those a worker consumes. Counting delayed tasks per queue reads each one's schedule
     /// message, so this costs a read per delayed task not yet due. A dead-letter queue has a row of its own only when a worker consumes it.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>, AdminError> {
+        self.overview(true).await
+    }
+
+    /// [`queues`](Self::queues); with `delayed` false, without reading the schedules (every
+    /// `scheduled` count is 0).
+    async fn overview(&self, delayed: bool) -> Result<Vec<QueueInfo>, AdminError> {
         let stream = self.open_stream().await?;
         let prefix = format!("{}.", self.stream.subject_prefix);
         let counts =
@@ -127,16 +133,18 @@ impl Admin {
                 }
             }
         }
-        let mut delayed: BTreeMap<String, u64> = BTreeMap::new();
-        let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
-        super::read::scan(&self.js, &stream, &filter, 1, None, |message| {
-            if let Some(queue) = self.schedule_target(&message) {
-                *delayed.entry(queue).or_default() += 1;
-            }
-            std::ops::ControlFlow::Continue(())
-        })
-        .await?;
-        for (queue, count) in delayed {
+        let mut scheduled: BTreeMap<String, u64> = BTreeMap::new();
+        if delayed {
+            let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
+            super::read::scan(&self.js, &stream, &filter, 1, None, |message| {
+                if let Some(queue) = self.schedule_target(&message) {
+                    *scheduled.entry(queue).or_default() += 1;
+                }
+                std::ops::ControlFlow::Continue(())
+            })
+            .await?;
+        }
+        for (queue, count) in scheduled {
             rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue)).scheduled = count;
         }
         for (queue, info) in self.queue_consumers(&stream).await? {
@@ -293,14 +301,17 @@ impl Admin {
         self.after_change(queue).await
     }
 
-    /// Tells the queue's workers to reread its settings, and reads the queue back.
+    /// Tells the queue's workers to reread its settings, and reads the queue back without
+    /// counting its delayed tasks (`scheduled` is 0): that reads every schedule message,
+    /// too much for a control command on a stream holding many.
     async fn after_change(&self, queue: &str) -> Result<QueueInfo, AdminError> {
         let subject = wire::control_subject(&self.stream.subject_prefix, queue);
         let client = self.js.client();
         if client.publish(subject, bytes::Bytes::new()).await.is_ok() {
             let _ = client.flush().await;
         }
-        self.queue(queue).await
+        let all = self.overview(false).await?;
+        Ok(all.into_iter().find(|q| q.name == queue).unwrap_or_else(|| QueueInfo::new(queue)))
     }
 
     /// The task stream, once the settings are known to be usable: every operation opens it
