@@ -285,3 +285,48 @@ async fn queue_control_reads_no_delayed_task() {
     assert_eq!(admin.queue("orders").await.unwrap().scheduled, 20, "the overview counts them");
     drop(worker);
 }
+
+/// A purge of pending tasks that runs while a worker takes one leaves that one alone: which
+/// tasks are pending is read again for every chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_pending_tasks_spares_one_taken_meanwhile() {
+    let server = NatsServer::start().await;
+    let (js, client, admin) = setup(&server).await;
+    for n in 0..300 {
+        client
+            .dispatch(Task::json("orders.charge", &json!({"n": n})).unwrap(), "orders")
+            .await
+            .unwrap();
+    }
+    let worker = Worker::builder(js.clone(), "orders")
+        .handle("orders.charge", |_task: Task| std::future::ready(Ok::<(), HandlerError>(())))
+        .build()
+        .await
+        .unwrap();
+    let stream = js.get_stream("NATASKS").await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("natasks-orders").await.unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    let mut taken = None;
+    let all = Selection::Matching(Filter::default());
+    let outcome = admin
+        .delete_with("orders", TaskState::Pending, &all, |step| {
+            if step.done == 256 {
+                // A worker takes the next task, after the first chunk was read.
+                let message = tokio::task::block_in_place(|| {
+                    runtime.block_on(async {
+                        let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+                        batch.next().await.unwrap().unwrap()
+                    })
+                });
+                taken = Some(message);
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert!(taken.is_some());
+    assert_eq!(outcome.done, 299, "{outcome:?}");
+    assert_eq!(stored(&js, "natasks.orders").await, 1, "the task taken meanwhile stays");
+    drop(worker);
+}

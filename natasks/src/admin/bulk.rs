@@ -161,6 +161,11 @@ impl<'a> Selected<'a> {
     }
 
     async fn matching(&mut self, filter: &Filter) -> Result<Vec<Picked>, AdminError> {
+        // Workers take tasks while the operation runs: which are pending is read again for
+        // every chunk, so a task a worker took meanwhile is not deleted as pending.
+        if self.cursor > 1 && matches!(self.state, TaskState::Pending | TaskState::InFlight) {
+            self.delivered = self.admin.delivered(self.stream, self.queue).await?;
+        }
         let Some((subject, from, until)) =
             self.admin.range(self.queue, self.state, self.delivered, self.cursor)
         else {
