@@ -367,10 +367,9 @@ async fn dead_letter_from_a_worker_is_listed_shown_and_requeued() {
     ] {
         assert_eq!(header(&back[0], gone), None, "{gone} kept");
     }
-    assert_eq!(
-        header(&back[0], "Nats-Msg-Id"),
-        Some(format!("natasks-requeue-NATASKS-{seq}").as_str())
-    );
+    // Stored once, guarded by the dead letter's requeue marker rather than a message id.
+    assert_eq!(header(&back[0], "Nats-Msg-Id"), None);
+    assert_eq!(stored(&js, &format!("natasks.__natasks_mark.requeue.{seq}")).await, 1);
     assert_eq!(back[0].payload.as_ref(), br#"{"to":"a@example.com"}"#);
 
     // A healthy worker now processes it, once.
@@ -414,16 +413,18 @@ async fn requeue_after_a_crash_between_publish_and_delete_stores_one_copy() {
     let first = dead_letter(&js, "emails", "emails.send", r#"{"n":1}"#).await;
     let second = dead_letter(&js, "emails", "emails.send", r#"{"n":2}"#).await;
 
-    // An earlier run published the copy of `first` and died before deleting the dead letter.
+    // An earlier run stored the copy of `first` with its requeue marker and died before
+    // deleting the dead letter.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Natasks-Task", "emails.send");
     headers.insert("Natasks-Queue", "emails");
-    headers.insert("Nats-Msg-Id", format!("natasks-requeue-NATASKS-{first}").as_str());
     js.publish_with_headers("natasks.emails", headers, r#"{"n":1}"#.into())
         .await
         .unwrap()
         .await
         .unwrap();
+    let marker = format!("natasks.__natasks_mark.requeue.{first}");
+    js.publish(marker, "".into()).await.unwrap().await.unwrap();
     assert_eq!(stored(&js, "natasks.emails").await, 1);
 
     let run = natasks(&url, &["dlq", "requeue", "emails", &first.to_string(), "--json"])

@@ -1,6 +1,13 @@
 //! Operations on queues, for operators and their tools (the `natasks` CLI is built on it):
-//! an overview of every queue, and queue control (pause and resume, the queue's limit of
-//! tasks in flight, rate limits).
+//! an overview of every queue ([`Admin::queues`]); tasks by state with paging
+//! ([`Admin::tasks`], [`Admin::task`]); search by name, header, payload or last error
+//! ([`Admin::search`]); requeue, delete and purge of one task, a selection or every task
+//! matching a filter ([`Admin::requeue`], [`Admin::delete`], [`Admin::purge`]); delayed and
+//! periodic schedules ([`Admin::schedules`], [`Admin::cancel_schedule`]); and queue control
+//! (pause and resume, the queue's limit of tasks in flight, rate limits).
+//!
+//! Reading consumes nothing: tasks are read from the stream (see [`Admin::search`] for the
+//! cost). A task is named by its stream sequence.
 //!
 //! Queue control lives on the broker, on the queue's durable consumer, so it holds for every
 //! worker of the queue (Go workers included), survives restarts of workers and servers, and
@@ -29,15 +36,24 @@
 //! # Ok(()) }
 //! ```
 
+mod bulk;
 pub(crate) mod queues;
 mod rate;
+mod read;
+mod schedules;
+mod search;
+mod tasks;
 
 use std::fmt;
 
 use async_nats::jetstream;
 
+pub use bulk::{requeue_id, BulkOutcome, BulkStep, Selection};
 pub use queues::{QueueInfo, RateLimit};
 pub use rate::{InvalidRate, Rate, MAX_RATE_PERIOD};
+pub use schedules::{ScheduleInfo, ScheduleKind};
+pub use search::{Filter, SearchOptions, SearchProgress, SearchResult};
+pub use tasks::{Page, TaskDetail, TaskState, TaskSummary, MAX_LIMIT};
 
 use crate::stream::StreamSettings;
 use crate::wire;
@@ -97,7 +113,9 @@ impl Admin {
         self
     }
 
-    /// The suffix of dead-letter queues. Default: `-dlq`.
+    /// The suffix of dead-letter queues. Default: `-dlq`. It must be non-empty and hold only
+    /// characters a queue name may hold, as for workers: otherwise every operation fails with
+    /// [`AdminErrorKind::InvalidInput`] and changes nothing.
     #[must_use]
     pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
         self.dlq_suffix = suffix.into();
@@ -121,9 +139,12 @@ pub struct AdminError {
 pub enum AdminErrorKind {
     /// A queue name, limit, rate or time that cannot be used. Nothing was changed.
     InvalidInput,
-    /// The queue has no worker consumer yet (no worker ever consumed it), so there is
-    /// nothing to pause or limit: start a worker first. Nothing was changed.
+    /// The queue is unknown: queue control needs a worker consumer (start a worker first);
+    /// reading a queue's tasks needs tasks, dead letters or a consumer. Nothing was changed.
     UnknownQueue,
+    /// No task with this sequence, or no schedule with this id (done, requeued, deleted or
+    /// cancelled meanwhile?). Nothing was changed.
+    NotFound,
     /// The stream does not exist (nothing dispatched yet, or another `stream_name`).
     UnknownStream,
     /// The server is too old for the operation (pause: 2.11+, rates: 2.12+).
@@ -145,6 +166,14 @@ impl AdminError {
             kind: AdminErrorKind::Broker,
             message: format!("{what}: {source}"),
             source: Some(Box::new(source)),
+        }
+    }
+
+    pub(crate) fn broker_boxed(what: impl fmt::Display, source: crate::BoxError) -> Self {
+        Self {
+            kind: AdminErrorKind::Broker,
+            message: format!("{what}: {source}"),
+            source: Some(source),
         }
     }
 

@@ -29,6 +29,8 @@ pub struct QueueInfo {
     pub redelivered: u64,
     /// Tasks on the queue's dead-letter queue.
     pub dead_letters: u64,
+    /// Delayed tasks for the queue, not due yet (periodic schedules not counted).
+    pub scheduled: u64,
     /// When the oldest task still on the queue was stored.
     pub oldest: Option<OffsetDateTime>,
     /// The workers' durable consumer, once a worker consumed the queue.
@@ -64,6 +66,7 @@ impl QueueInfo {
             in_flight: 0,
             redelivered: 0,
             dead_letters: 0,
+            scheduled: 0,
             oldest: None,
             consumer: None,
             paused_until: None,
@@ -101,9 +104,16 @@ pub(crate) fn rates(metadata: &std::collections::HashMap<String, String>) -> Vec
 }
 
 impl Admin {
-    /// Every queue of the stream: those holding tasks or dead letters, and those a worker
-    /// consumes. A dead-letter queue has a row of its own only when a worker consumes it.
+    /// Every queue of the stream: those holding tasks, dead letters or delayed tasks, and
+    /// those a worker consumes. Counting delayed tasks per queue reads each one's schedule
+    /// message, so this costs a read per delayed task not yet due. A dead-letter queue has a row of its own only when a worker consumes it.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>, AdminError> {
+        self.overview(true).await
+    }
+
+    /// [`queues`](Self::queues); with `delayed` false, without reading the schedules (every
+    /// `scheduled` count is 0).
+    async fn overview(&self, delayed: bool) -> Result<Vec<QueueInfo>, AdminError> {
         let stream = self.open_stream().await?;
         let prefix = format!("{}.", self.stream.subject_prefix);
         let counts =
@@ -122,6 +132,20 @@ impl Admin {
                         *count
                 }
             }
+        }
+        let mut scheduled: BTreeMap<String, u64> = BTreeMap::new();
+        if delayed {
+            let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
+            super::read::scan(&self.js, &stream, &filter, 1, None, |message| {
+                if let Some(queue) = self.schedule_target(&message) {
+                    *scheduled.entry(queue).or_default() += 1;
+                }
+                std::ops::ControlFlow::Continue(())
+            })
+            .await?;
+        }
+        for (queue, count) in scheduled {
+            rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue)).scheduled = count;
         }
         for (queue, info) in self.queue_consumers(&stream).await? {
             let row = rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue));
@@ -277,18 +301,36 @@ impl Admin {
         self.after_change(queue).await
     }
 
-    /// Tells the queue's workers to reread its settings, and reads the queue back.
+    /// Tells the queue's workers to reread its settings, and reads the queue back without
+    /// counting its delayed tasks (`scheduled` is 0): that reads every schedule message,
+    /// too much for a control command on a stream holding many.
     async fn after_change(&self, queue: &str) -> Result<QueueInfo, AdminError> {
         let subject = wire::control_subject(&self.stream.subject_prefix, queue);
         let client = self.js.client();
         if client.publish(subject, bytes::Bytes::new()).await.is_ok() {
             let _ = client.flush().await;
         }
-        self.queue(queue).await
+        let all = self.overview(false).await?;
+        Ok(all.into_iter().find(|q| q.name == queue).unwrap_or_else(|| QueueInfo::new(queue)))
     }
 
-    async fn open_stream(&self) -> Result<Stream, AdminError> {
+    /// The task stream, once the settings are known to be usable: every operation opens it
+    /// first.
+    pub(super) async fn open_stream(&self) -> Result<Stream, AdminError> {
         use async_nats::jetstream::context::GetStreamErrorKind;
+        // An empty suffix would make a queue its own dead-letter queue: purging dead letters
+        // would purge the queue, and a requeue would select its own copies again.
+        let suffix = &self.dlq_suffix;
+        let probe = format!("q{suffix}");
+        if suffix.is_empty() || wire::validate_queue(&probe).map_or(true, |q| q != probe) {
+            return Err(AdminError::new(
+                AdminErrorKind::InvalidInput,
+                format!(
+                    "dlq_suffix {suffix:?} must be non-empty and made of characters a queue \
+                     name may hold"
+                ),
+            ));
+        }
         self.js.get_stream(&self.stream.name).await.map_err(|err| match err.kind() {
             GetStreamErrorKind::JetStream(e)
                 if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
@@ -327,7 +369,7 @@ impl Admin {
 
     /// Consumers of the stream that work a single queue, by queue name. When several
     /// consumers filter on the same queue, the one with the workers' name wins.
-    async fn queue_consumers(
+    pub(super) async fn queue_consumers(
         &self,
         stream: &Stream,
     ) -> Result<BTreeMap<String, consumer::Info>, AdminError> {
@@ -359,13 +401,13 @@ impl Admin {
     }
 }
 
-fn valid_queue(queue: &str) -> Result<&str, AdminError> {
+pub(super) fn valid_queue(queue: &str) -> Result<&str, AdminError> {
     wire::validate_queue(queue)
         .map_err(|err| AdminError::new(AdminErrorKind::InvalidInput, err.to_string()))
 }
 
 /// Messages stored per subject matching `filter`.
-async fn subject_counts(
+pub(super) async fn subject_counts(
     stream: &Stream,
     filter: &str,
 ) -> Result<BTreeMap<String, u64>, AdminError> {

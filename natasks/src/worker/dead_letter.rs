@@ -92,8 +92,12 @@ async fn publish(
             headers.append(name.clone(), value.as_str());
         }
     }
-    if let Some(id) = original.get(wire::NATS_MSG_ID) {
-        headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
+    // The id the task was dispatched with; a requeued task already carries it (its own
+    // message id is the requeue's, which must not replace the task's).
+    if original.get(wire::MESSAGE_ID_NAME).is_none() {
+        if let Some(id) = original.get(wire::NATS_MSG_ID) {
+            headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
+        }
     }
     headers.insert(wire::HEADER_QUEUE, inner.settings.dlq_queue.as_str());
     headers.insert(wire::HEADER_ORIGINAL_QUEUE, inner.queue.as_str());
