@@ -1,0 +1,179 @@
+//! Actions: each is a POST form, checked (read-only mode, CSRF token, origin), shown once
+//! more for confirmation, then run; its outcome is reported on the page it returns to.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Form;
+use maud::{html, Markup};
+use natasks::admin::{AdminError, AdminErrorKind};
+use natasks::{DispatchErrorKind, Task};
+
+use crate::page::Ctx;
+use crate::security;
+
+/// A form's fields.
+type Fields = BTreeMap<String, String>;
+
+/// A refused or failed action: its status and why.
+type Failure = (StatusCode, String);
+
+/// Where an action leaves the browser and what it tells.
+struct Done {
+    back: String,
+    message: String,
+}
+
+/// `POST /actions/{action}`.
+pub(crate) async fn handle(
+    ctx: Ctx,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+    Form(fields): Form<Vec<(String, String)>>,
+) -> Response {
+    let fields: Fields = fields.into_iter().collect();
+    if !ctx.can_act() {
+        return ctx.error_page(
+            StatusCode::FORBIDDEN,
+            "Action refused",
+            "the dashboard is read-only: actions are disabled",
+        );
+    }
+    if let Err((status, why)) =
+        security::check_form(&headers, fields.get("csrf").map(String::as_str))
+    {
+        return ctx.error_page(status, "Action refused", &why);
+    }
+    let Some(what) = describe(&action, &fields) else {
+        return ctx.error_page(
+            StatusCode::NOT_FOUND,
+            "Unknown action",
+            &format!("there is no action {action:?}"),
+        );
+    };
+    if fields.get("confirm").map(String::as_str) != Some("yes") {
+        return confirm(&ctx, &action, &fields, what);
+    }
+    match run(&ctx, &action, &fields).await {
+        Ok(done) => ctx.redirect_with(&done.back, true, &done.message),
+        Err((status, why)) => ctx.error_page(status, "Action failed", &why),
+    }
+}
+
+/// What the action will do, in words, or `None` for an unknown action.
+fn describe(action: &str, fields: &Fields) -> Option<Markup> {
+    let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
+    let text = match action {
+        "pause" => format!(
+            "Pause queue {:?}: workers receive none of its tasks until it is resumed.",
+            field("queue")
+        ),
+        "resume" => format!("Resume queue {:?}.", field("queue")),
+        "dispatch" => format!("Dispatch task {:?} to queue {:?}.", field("name"), field("queue")),
+        _ => return None,
+    };
+    Some(html! { p { (text) } })
+}
+
+/// The confirmation step: the same form once more, with `confirm=yes`.
+fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
+    let cancel =
+        fields.get("queue").map(|q| format!("/queues/{q}")).unwrap_or_else(|| "/".to_owned());
+    let body = html! {
+        h1 { "Confirm" }
+        div.card {
+            (what)
+            @if let Some(payload) = fields.get("payload").filter(|p| !p.is_empty()) {
+                pre.payload { (payload) }
+            }
+            form.inline method="post" action=(ctx.url(&format!("/actions/{action}"))) {
+                @for (name, value) in fields {
+                    @if name != "confirm" {
+                        input type="hidden" name=(name) value=(value);
+                    }
+                }
+                input type="hidden" name="confirm" value="yes";
+                button.danger type="submit" id="confirm" { "Confirm" }
+            }
+            " "
+            a.button href=(ctx.url(&cancel)) { "Cancel" }
+        }
+    };
+    ctx.render("Confirm", body)
+}
+
+/// Runs a confirmed action.
+async fn run(ctx: &Ctx, action: &str, fields: &Fields) -> Result<Done, Failure> {
+    let admin = &ctx.state.admin;
+    let queue = fields.get("queue").map(String::as_str).unwrap_or("");
+    let back = format!("/queues/{queue}");
+    match action {
+        "pause" => {
+            admin.pause(queue, None).await.map_err(admin_failure)?;
+            Ok(Done { back: "/".to_owned(), message: format!("Queue {queue:?} paused.") })
+        }
+        "resume" => {
+            admin.resume(queue).await.map_err(admin_failure)?;
+            Ok(Done { back: "/".to_owned(), message: format!("Queue {queue:?} resumed.") })
+        }
+        "dispatch" => dispatch(ctx, queue, fields).await.map(|message| Done { back, message }),
+        _ => Err((StatusCode::NOT_FOUND, format!("there is no action {action:?}"))),
+    }
+}
+
+async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Failure> {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+    let name = fields.get("name").map(|n| n.trim()).unwrap_or("");
+    if name.is_empty() {
+        return Err(bad("the task needs a name".to_owned()));
+    }
+    let payload = fields.get("payload").cloned().unwrap_or_default();
+    let delay = match fields.get("delay").map(|d| d.trim()).filter(|d| !d.is_empty()) {
+        None => None,
+        Some(text) => match text.parse::<u64>() {
+            Ok(seconds) if seconds > 0 => Some(Duration::from_secs(seconds)),
+            _ => {
+                return Err(bad(format!("delay {text:?} is not a whole number of seconds above 0")))
+            }
+        },
+    };
+    let task = Task::new(name, payload.into_bytes());
+    let client = &ctx.state.client;
+    let result = match delay {
+        None => client.dispatch(task, queue).await,
+        Some(delay) => client.dispatch_in(task, queue, delay).await,
+    };
+    match result {
+        Ok(receipt) => Ok(match delay {
+            None => format!("Task {name:?} dispatched to {queue:?} (id {}).", receipt.id),
+            Some(d) => format!(
+                "Task {name:?} scheduled on {queue:?} in {}s (id {}).",
+                d.as_secs(),
+                receipt.id
+            ),
+        }),
+        Err(err) => {
+            let status = match err.kind() {
+                DispatchErrorKind::InvalidTask
+                | DispatchErrorKind::PayloadTooLarge
+                | DispatchErrorKind::InvalidDueTime => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            Err((status, format!("cannot dispatch: {}", crate::one_line(&err))))
+        }
+    }
+}
+
+/// The status and message of a failed queue operation.
+pub(crate) fn admin_failure(err: AdminError) -> Failure {
+    let status = match err.kind() {
+        AdminErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        AdminErrorKind::UnknownQueue | AdminErrorKind::UnknownStream => StatusCode::NOT_FOUND,
+        AdminErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    (status, crate::one_line(&err))
+}

@@ -1,0 +1,232 @@
+//! The dashboard's configuration, its router, and serving it on a listener.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use natasks::admin::Admin;
+use natasks::Client;
+
+use crate::{actions, assets, live, pages, security};
+
+/// How often the live overview refreshes by default.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(1);
+
+/// Who may use the dashboard. Without it, anyone who reaches the address may.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Auth {
+    /// A secret token: sent as `Authorization: Bearer <token>`, or typed once into the
+    /// dashboard's login form, which keeps it in an HttpOnly cookie.
+    Token(String),
+    /// HTTP basic authentication with this user name and password.
+    Basic {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+}
+
+impl Auth {
+    /// A bearer token ([`Auth::Token`]).
+    pub fn token(token: impl Into<String>) -> Self {
+        Self::Token(token.into())
+    }
+
+    /// Basic authentication ([`Auth::Basic`]).
+    pub fn basic(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self::Basic { user: user.into(), password: password.into() }
+    }
+
+    /// Parses `user:password`, the form of the CLI's `--basic-auth`.
+    pub fn parse_basic(text: &str) -> Result<Self, DashboardError> {
+        match text.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                Ok(Self::basic(user, password))
+            }
+            _ => Err(DashboardError::new(
+                DashboardErrorKind::InvalidConfig,
+                "basic auth must be user:password, both non-empty",
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Token(_) => f.write_str("Token(..)"),
+            Self::Basic { user, .. } => f.debug_struct("Basic").field("user", user).finish(),
+        }
+    }
+}
+
+/// The web dashboard of the queues of one stream: build it, then take its
+/// [`router`](Self::router) into your axum app or [`serve`](Self::serve) it alone.
+#[derive(Clone)]
+pub struct Dashboard {
+    admin: Admin,
+    client: Client,
+    read_only: bool,
+    auth: Option<Auth>,
+    refresh: Duration,
+}
+
+impl fmt::Debug for Dashboard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dashboard")
+            .field("read_only", &self.read_only)
+            .field("auth", &self.auth)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every handler shares.
+pub(crate) struct Shared {
+    pub(crate) admin: Admin,
+    pub(crate) client: Client,
+    pub(crate) read_only: bool,
+    pub(crate) auth: Option<Auth>,
+    pub(crate) refresh: Duration,
+}
+
+/// The handlers' state.
+pub(crate) type State = Arc<Shared>;
+
+impl Dashboard {
+    /// A dashboard over the queues `admin` sees; `client` dispatches the tasks of its
+    /// dispatch form. Give both the same stream layout.
+    pub fn new(admin: Admin, client: Client) -> Self {
+        Self { admin, client, read_only: false, auth: None, refresh: DEFAULT_REFRESH }
+    }
+
+    /// Read-only mode: pages only; every action is hidden and refused. Default: off.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Requires this authentication for every page and action. Default: none, which
+    /// [`serve`](Self::serve) accepts only on a loopback address or in read-only mode.
+    #[must_use]
+    pub fn auth(mut self, auth: impl Into<Option<Auth>>) -> Self {
+        self.auth = auth.into();
+        self
+    }
+
+    /// How often the live overview refreshes. Default: [`DEFAULT_REFRESH`] (1 s); at least
+    /// 100 ms.
+    #[must_use]
+    pub fn refresh(mut self, every: Duration) -> Self {
+        self.refresh = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Whether actions need authentication that is missing: `Err` when the dashboard
+    /// would let anyone who reaches `addr` change queues, that is when `addr` is not a
+    /// loopback address, no [`auth`](Self::auth) is set and it is not read-only.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), DashboardError> {
+        if addr.ip().is_loopback() || self.auth.is_some() || self.read_only {
+            return Ok(());
+        }
+        Err(DashboardError::new(
+            DashboardErrorKind::Unprotected,
+            format!(
+                "refusing to serve the dashboard on {addr} without authentication: anyone who \
+                 can reach a non-loopback address could requeue, delete and dispatch tasks; set \
+                 a token or basic auth, use read-only mode, or listen on a loopback address"
+            ),
+        ))
+    }
+
+    /// The dashboard as an axum router, to serve alone or to `nest` under a path of your
+    /// own app (links follow the path it is nested at). Authentication, read-only mode and
+    /// CSRF protection are part of it; exposure is yours to judge (see
+    /// [`check_exposure`](Self::check_exposure)).
+    pub fn router(self) -> Router {
+        let state: State = Arc::new(Shared {
+            admin: self.admin,
+            client: self.client,
+            read_only: self.read_only,
+            auth: self.auth,
+            refresh: self.refresh,
+        });
+        let protected = Router::new()
+            .route("/", get(pages::overview::page))
+            .route("/live", get(live::overview))
+            .route("/queues/{queue}", get(pages::queue::page))
+            .route("/queues/{queue}/tasks/{seq}", get(pages::task::page))
+            .route("/schedules", get(pages::schedules::page))
+            .route("/search", get(pages::search::page))
+            .route("/dispatch", get(pages::dispatch::page))
+            .route("/actions/{action}", post(actions::handle))
+            .route("/logout", post(security::logout))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), security::require_auth));
+        Router::new()
+            .merge(protected)
+            .route("/login", get(security::login_page).post(security::login))
+            .route("/assets/{file}", get(assets::serve))
+            .with_state(state)
+    }
+
+    /// Serves the dashboard on `listener` until `shutdown` completes. Refuses, before
+    /// serving anything, an exposed address without authentication
+    /// ([`check_exposure`](Self::check_exposure)).
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DashboardError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|err| DashboardError::io("cannot read the listener's address", err))?;
+        self.check_exposure(addr)?;
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.map_err(|err| {
+            DashboardError::io(format!("serving the dashboard on {addr} failed"), err)
+        })
+    }
+}
+
+/// The dashboard could not be set up or served.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DashboardError {
+    kind: DashboardErrorKind,
+    message: String,
+    #[source]
+    source: Option<std::io::Error>,
+}
+
+/// What went wrong setting up or serving the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DashboardErrorKind {
+    /// Listening beyond loopback without authentication while actions are allowed.
+    Unprotected,
+    /// A setting that cannot be used (such as basic auth without a password).
+    InvalidConfig,
+    /// The listener failed.
+    Io,
+}
+
+impl DashboardError {
+    pub(crate) fn new(kind: DashboardErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    fn io(message: impl Into<String>, source: std::io::Error) -> Self {
+        Self { kind: DashboardErrorKind::Io, message: message.into(), source: Some(source) }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> DashboardErrorKind {
+        self.kind
+    }
+}
