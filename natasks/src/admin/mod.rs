@@ -29,15 +29,24 @@
 //! # Ok(()) }
 //! ```
 
+mod bulk;
 pub(crate) mod queues;
 mod rate;
+mod read;
+mod schedules;
+mod search;
+mod tasks;
 
 use std::fmt;
 
 use async_nats::jetstream;
 
+pub use bulk::{requeue_id, BulkOutcome, BulkStep, Selection};
 pub use queues::{QueueInfo, RateLimit};
 pub use rate::{InvalidRate, Rate, MAX_RATE_PERIOD};
+pub use schedules::{ScheduleInfo, ScheduleKind};
+pub use search::{Filter, SearchOptions, SearchProgress, SearchResult};
+pub use tasks::{Page, TaskDetail, TaskState, TaskSummary, MAX_LIMIT};
 
 use crate::stream::StreamSettings;
 use crate::wire;
@@ -121,9 +130,12 @@ pub struct AdminError {
 pub enum AdminErrorKind {
     /// A queue name, limit, rate or time that cannot be used. Nothing was changed.
     InvalidInput,
-    /// The queue has no worker consumer yet (no worker ever consumed it), so there is
-    /// nothing to pause or limit: start a worker first. Nothing was changed.
+    /// The queue is unknown: queue control needs a worker consumer (start a worker first);
+    /// reading a queue's tasks needs tasks, dead letters or a consumer. Nothing was changed.
     UnknownQueue,
+    /// No task with this sequence, or no schedule with this id (done, requeued, deleted or
+    /// cancelled meanwhile?). Nothing was changed.
+    NotFound,
     /// The stream does not exist (nothing dispatched yet, or another `stream_name`).
     UnknownStream,
     /// The server is too old for the operation (pause: 2.11+, rates: 2.12+).

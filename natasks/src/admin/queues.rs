@@ -287,7 +287,7 @@ impl Admin {
         self.queue(queue).await
     }
 
-    async fn open_stream(&self) -> Result<Stream, AdminError> {
+    pub(super) async fn open_stream(&self) -> Result<Stream, AdminError> {
         use async_nats::jetstream::context::GetStreamErrorKind;
         self.js.get_stream(&self.stream.name).await.map_err(|err| match err.kind() {
             GetStreamErrorKind::JetStream(e)
@@ -327,7 +327,7 @@ impl Admin {
 
     /// Consumers of the stream that work a single queue, by queue name. When several
     /// consumers filter on the same queue, the one with the workers' name wins.
-    async fn queue_consumers(
+    pub(super) async fn queue_consumers(
         &self,
         stream: &Stream,
     ) -> Result<BTreeMap<String, consumer::Info>, AdminError> {
@@ -359,13 +359,13 @@ impl Admin {
     }
 }
 
-fn valid_queue(queue: &str) -> Result<&str, AdminError> {
+pub(super) fn valid_queue(queue: &str) -> Result<&str, AdminError> {
     wire::validate_queue(queue)
         .map_err(|err| AdminError::new(AdminErrorKind::InvalidInput, err.to_string()))
 }
 
 /// Messages stored per subject matching `filter`.
-async fn subject_counts(
+pub(super) async fn subject_counts(
     stream: &Stream,
     filter: &str,
 ) -> Result<BTreeMap<String, u64>, AdminError> {

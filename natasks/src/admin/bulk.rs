@@ -1,0 +1,408 @@
+//! Requeue, delete and purge: one task, a selection, or every task matching a filter.
+//!
+//! Requeue is safe to interrupt and to run again: each dead letter is published back with
+//! the message id `natasks-requeue-<stream>-<dead letter's sequence>` and deleted only once
+//! the server confirmed the copy, so a run that dies between the two steps and is run again
+//! (within the stream's duplicate window) does not store a second copy.
+
+use std::ops::ControlFlow;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{DeleteMessageError, DeleteMessageErrorKind, Stream};
+use async_nats::HeaderMap;
+
+use super::search::Filter;
+use super::{read, Admin, AdminError, AdminErrorKind, TaskState};
+use crate::wire;
+
+/// How many matching tasks a bulk operation reads ahead before acting on them.
+const CHUNK: usize = 256;
+
+/// Headers that describe a failure; removed from a requeued task.
+const FAILURE_HEADERS: [&str; 4] = [
+    wire::HEADER_ORIGINAL_QUEUE,
+    wire::HEADER_ATTEMPTS,
+    wire::HEADER_LAST_ERROR,
+    wire::HEADER_DEAD_LETTER_REASON,
+];
+
+/// Which tasks a bulk operation acts on.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Selection {
+    /// The task with this stream sequence.
+    One(u64),
+    /// The tasks with these stream sequences, in this order.
+    Many(Vec<u64>),
+    /// Every task matching the filter (`Filter::default()`: every task).
+    Matching(Filter),
+}
+
+/// What a bulk operation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BulkOutcome {
+    /// Tasks requeued or deleted.
+    pub done: u64,
+    /// Of `done`, requeued tasks whose copy an earlier, interrupted run had stored: the
+    /// server saw the copy as a duplicate and stored it once.
+    pub duplicates: u64,
+    /// Selected tasks that went away before they were acted on (done, requeued or deleted
+    /// by someone else meanwhile).
+    pub skipped: u64,
+    /// Tasks that could not be acted on, by sequence, with the reason. A task named in the
+    /// selection that is not there is one; a broker failure is one and ends the operation.
+    pub failed: Vec<(u64, String)>,
+    /// The caller stopped the operation before the end (see
+    /// [`Admin::requeue_with`]); running it again carries on.
+    pub stopped: bool,
+}
+
+/// One task a bulk operation acted on, as its progress callback sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BulkStep {
+    /// The task's stream sequence (for requeue: the dead letter's).
+    pub sequence: u64,
+    /// For requeue, the queue it went back to; for delete, its queue.
+    pub queue: String,
+    /// A requeue found the copy stored by an earlier, interrupted run.
+    pub duplicate: bool,
+    /// Tasks acted on so far, this one included.
+    pub done: u64,
+    /// Tasks selected, or for a filter the tasks it reads (an upper bound).
+    pub total: u64,
+}
+
+/// Selected tasks, read in chunks.
+struct Selected<'a> {
+    admin: &'a Admin,
+    stream: &'a Stream,
+    queue: &'a str,
+    state: TaskState,
+    delivered: u64,
+    selection: &'a Selection,
+    /// Next index into a list, or next sequence to read for a filter.
+    cursor: u64,
+    total: u64,
+}
+
+/// A selected task, or the reason a named one is not there.
+type Picked = Result<StreamMessage, (u64, String)>;
+
+impl<'a> Selected<'a> {
+    async fn new(
+        admin: &'a Admin,
+        stream: &'a Stream,
+        queue: &'a str,
+        state: TaskState,
+        selection: &'a Selection,
+    ) -> Result<Selected<'a>, AdminError> {
+        let delivered = admin.delivered(stream, queue).await?;
+        let total = match selection {
+            Selection::One(_) => 1,
+            Selection::Many(seqs) => seqs.len() as u64,
+            Selection::Matching(filter) => {
+                filter.validate()?;
+                match admin.range(queue, state, delivered, 1) {
+                    Some((subject, _, _)) => {
+                        let counts = super::queues::subject_counts(stream, &subject).await?;
+                        counts.values().sum()
+                    }
+                    None => 0,
+                }
+            }
+        };
+        let cursor = if matches!(selection, Selection::Matching(_)) { 1 } else { 0 };
+        Ok(Self { admin, stream, queue, state, delivered, selection, cursor, total })
+    }
+
+    /// The next chunk; empty at the end.
+    async fn chunk(&mut self) -> Result<Vec<Picked>, AdminError> {
+        let seqs: &[u64] = match self.selection {
+            Selection::One(seq) => std::slice::from_ref(seq),
+            Selection::Many(seqs) => seqs,
+            Selection::Matching(filter) => return self.matching(filter).await,
+        };
+        let start = self.cursor as usize;
+        let end = (start + CHUNK).min(seqs.len());
+        self.cursor = end as u64;
+        let mut out = Vec::with_capacity(end.saturating_sub(start));
+        for &seq in seqs.get(start..end).unwrap_or_default() {
+            let message = read::get(self.stream, seq).await?;
+            let found = message.filter(|m| {
+                self.admin
+                    .summarize(m, |_| self.delivered)
+                    .is_some_and(|s| s.queue == self.queue && s.state == self.state)
+            });
+            out.push(found.ok_or_else(|| (seq, self.missing(seq))));
+        }
+        Ok(out)
+    }
+
+    async fn matching(&mut self, filter: &Filter) -> Result<Vec<Picked>, AdminError> {
+        let Some((subject, from, until)) =
+            self.admin.range(self.queue, self.state, self.delivered, self.cursor)
+        else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        read::scan(self.stream, &subject, from, until, |message| {
+            last = Some(message.sequence);
+            let summary = self.admin.summarize(&message, |_| self.delivered);
+            if summary.is_some_and(|s| s.queue == self.queue && s.state == self.state)
+                && filter.matches(&message)
+            {
+                out.push(Ok(message));
+            }
+            if out.len() == CHUNK {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await?;
+        self.cursor = match last {
+            Some(last) => last + 1,
+            None => u64::MAX,
+        };
+        Ok(out)
+    }
+
+    fn missing(&self, seq: u64) -> String {
+        match self.state {
+            TaskState::Dead => format!(
+                "no dead letter {seq} on queue {}{} (already requeued or purged?)",
+                self.queue, self.admin.dlq_suffix
+            ),
+            state => format!("no {state} task {seq} on queue {} (done or deleted?)", self.queue),
+        }
+    }
+}
+
+impl Admin {
+    /// Puts dead letters of `queue` back on the queue they failed on, without their failure
+    /// headers; a tracked task is tracked again. Safe to interrupt and to run again (see the
+    /// module docs). Returns the counts; see [`requeue_with`](Self::requeue_with) to follow
+    /// progress and stop early.
+    pub async fn requeue(
+        &self,
+        queue: &str,
+        selection: &Selection,
+    ) -> Result<BulkOutcome, AdminError> {
+        self.requeue_with(queue, selection, |_| ControlFlow::Continue(())).await
+    }
+
+    /// [`requeue`](Self::requeue), calling `step` after each dead letter moved; `step`
+    /// breaks to stop there (the outcome says `stopped`).
+    pub async fn requeue_with(
+        &self,
+        queue: &str,
+        selection: &Selection,
+        step: impl FnMut(&BulkStep) -> ControlFlow<()>,
+    ) -> Result<BulkOutcome, AdminError> {
+        self.bulk(queue, TaskState::Dead, selection, Action::Requeue, step).await
+    }
+
+    /// Deletes tasks of `queue` in `state`: pending or in-flight tasks (a worker running
+    /// one finishes it, but its acknowledgement finds nothing), scheduled tasks (they never
+    /// become due) or dead letters. Returns the counts.
+    pub async fn delete(
+        &self,
+        queue: &str,
+        state: TaskState,
+        selection: &Selection,
+    ) -> Result<BulkOutcome, AdminError> {
+        self.delete_with(queue, state, selection, |_| ControlFlow::Continue(())).await
+    }
+
+    /// [`delete`](Self::delete), calling `step` after each task deleted; `step` breaks to
+    /// stop there.
+    pub async fn delete_with(
+        &self,
+        queue: &str,
+        state: TaskState,
+        selection: &Selection,
+        step: impl FnMut(&BulkStep) -> ControlFlow<()>,
+    ) -> Result<BulkOutcome, AdminError> {
+        self.bulk(queue, state, selection, Action::Delete, step).await
+    }
+
+    /// Deletes every task of `queue` in `state` and returns how many. Dead letters go in
+    /// one request to the server; tasks in other states are deleted one by one (their
+    /// subject holds tasks of another state too).
+    pub async fn purge(&self, queue: &str, state: TaskState) -> Result<u64, AdminError> {
+        let queue = super::queues::valid_queue(queue)?;
+        if state != TaskState::Dead {
+            let all = Selection::Matching(Filter::default());
+            let outcome = self.delete(queue, state, &all).await?;
+            return match outcome.failed.into_iter().next() {
+                Some((_, reason)) => Err(AdminError::new(AdminErrorKind::Broker, reason)),
+                None => Ok(outcome.done),
+            };
+        }
+        let stream = self.open_stream().await?;
+        self.ensure_known_queue(&stream, queue).await?;
+        let dlq = format!("{queue}{}", self.dlq_suffix);
+        let response = stream
+            .purge()
+            .filter(wire::queue_subject(&self.stream.subject_prefix, &dlq))
+            .await
+            .map_err(|err| AdminError::broker(format!("purge {dlq}"), err))?;
+        Ok(response.purged)
+    }
+
+    async fn bulk(
+        &self,
+        queue: &str,
+        state: TaskState,
+        selection: &Selection,
+        action: Action,
+        mut step: impl FnMut(&BulkStep) -> ControlFlow<()>,
+    ) -> Result<BulkOutcome, AdminError> {
+        let queue = super::queues::valid_queue(queue)?;
+        let stream = self.open_stream().await?;
+        self.ensure_known_queue(&stream, queue).await?;
+        let mut selected = Selected::new(self, &stream, queue, state, selection).await?;
+        let mut outcome = BulkOutcome::default();
+        loop {
+            let chunk = selected.chunk().await?;
+            if chunk.is_empty() {
+                return Ok(outcome);
+            }
+            for picked in chunk {
+                let message = match picked {
+                    Ok(message) => message,
+                    Err(failure) => {
+                        outcome.failed.push(failure);
+                        continue;
+                    }
+                };
+                let seq = message.sequence;
+                let done = match action {
+                    Action::Requeue => self.move_back(&stream, queue, &message).await,
+                    Action::Delete => match stream.delete_message(seq).await {
+                        Ok(_) => Ok(Some((queue.to_owned(), false))),
+                        Err(err) if is_missing(&err) => Ok(None),
+                        Err(err) => Err(format!("delete task {seq}: {err}")),
+                    },
+                };
+                match done {
+                    Ok(Some((target, duplicate))) => {
+                        outcome.done += 1;
+                        outcome.duplicates += u64::from(duplicate);
+                        let at = BulkStep {
+                            sequence: seq,
+                            queue: target,
+                            duplicate,
+                            done: outcome.done,
+                            total: selected.total,
+                        };
+                        if step(&at).is_break() {
+                            outcome.stopped = true;
+                            return Ok(outcome);
+                        }
+                    }
+                    Ok(None) => outcome.skipped += 1,
+                    Err(reason) => {
+                        outcome.failed.push((seq, reason));
+                        return Ok(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the requeued copy of a dead letter, waits for the server's ack, then
+    /// deletes the dead letter. Returns the target queue and whether the server saw the copy
+    /// as a duplicate; `None` if the dead letter was deleted meanwhile before a copy.
+    async fn move_back(
+        &self,
+        stream: &Stream,
+        queue: &str,
+        message: &StreamMessage,
+    ) -> Result<Option<(String, bool)>, String> {
+        let seq = message.sequence;
+        let target = message
+            .headers
+            .get(wire::HEADER_ORIGINAL_QUEUE)
+            .map(|v| v.as_str())
+            .filter(|q| wire::validate_queue(q).is_ok_and(|v| v == *q))
+            .unwrap_or(queue)
+            .to_owned();
+        let headers = requeued_headers(&self.stream.name, message, &target);
+        let subject = wire::queue_subject(&self.stream.subject_prefix, &target);
+        let what = || format!("requeue dead letter {seq} to queue {target}");
+        let publish = PublishMessage::build().payload(message.payload.clone()).headers(headers);
+        let ack = match self.js.send_publish(subject, publish).await {
+            Ok(ack) => ack.await,
+            Err(err) => return Err(format!("{}: {err}", what())),
+        };
+        let ack = ack.map_err(|err| match err.kind() {
+            PublishErrorKind::TimedOut => {
+                format!("{}: the server did not confirm in time (safe to run again)", what())
+            }
+            _ => format!("{}: {err}", what()),
+        })?;
+        match stream.delete_message(seq).await {
+            Ok(_) => {}
+            // Deleted meanwhile (by a concurrent requeue or purge): the copy is stored, done.
+            Err(err) if is_missing(&err) => {}
+            Err(err) => {
+                return Err(format!(
+                    "requeued dead letter {seq} to queue {target} but cannot delete it \
+                     (running again is safe): {err}"
+                ))
+            }
+        }
+        Ok(Some((target, ack.duplicate)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Requeue,
+    Delete,
+}
+
+/// The message id of the requeued copy of dead letter `seq` of `stream`.
+pub fn requeue_id(stream: &str, seq: u64) -> String {
+    format!("natasks-requeue-{stream}-{seq}")
+}
+
+/// The task to put back: the dead letter's task headers, without the failure headers and
+/// server headers, addressed to `target`, with an id derived from the dead letter's
+/// sequence.
+fn requeued_headers(stream: &str, message: &StreamMessage, target: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in message.headers.iter() {
+        let name: &str = name.as_ref();
+        let drop = FAILURE_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name))
+            || name.eq_ignore_ascii_case(wire::HEADER_QUEUE)
+            || name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-");
+        if drop {
+            continue;
+        }
+        // A tracked task's dead letter carries its tracking aside; the requeued task is
+        // tracked again.
+        let name = if name.eq_ignore_ascii_case(wire::HEADER_DEAD_LETTER_TRACK) {
+            wire::HEADER_TRACK
+        } else {
+            name
+        };
+        for value in values {
+            headers.append(name, value.as_str());
+        }
+    }
+    headers.insert(wire::HEADER_QUEUE, target);
+    headers.insert("Nats-Msg-Id", requeue_id(stream, message.sequence).as_str());
+    headers
+}
+
+fn is_missing(err: &DeleteMessageError) -> bool {
+    matches!(err.kind(), DeleteMessageErrorKind::JetStream(e)
+        if e.error_code() == async_nats::jetstream::ErrorCode::SEQUENCE_NOT_FOUND
+            || e.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND)
+}
