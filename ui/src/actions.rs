@@ -9,10 +9,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Form;
 use maud::{html, Markup};
-use natasks::admin::{AdminError, AdminErrorKind};
+use natasks::admin::{AdminError, AdminErrorKind, Selection, TaskState};
 use natasks::{DispatchErrorKind, Task};
 
 use crate::page::Ctx;
+use crate::pages::list::FilterFields;
 use crate::security;
 
 /// A form's fields.
@@ -73,6 +74,17 @@ fn describe(action: &str, fields: &Fields) -> Option<Markup> {
         ),
         "resume" => format!("Resume queue {:?}.", field("queue")),
         "dispatch" => format!("Dispatch task {:?} to queue {:?}.", field("name"), field("queue")),
+        "requeue" | "delete" => {
+            let verb = if action == "requeue" { "Requeue" } else { "Delete" };
+            let state = field("state");
+            let which = match (fields.get("all").is_some(), filter_fields(fields).is_empty()) {
+                (false, _) => format!("{} task {}", state, field("seq")),
+                (true, true) => format!("every {state} task"),
+                (true, false) => format!("every {state} task matching the search"),
+            };
+            format!("{verb} {which} of queue {:?}.", field("queue"))
+        }
+        "cancel" => format!("Cancel schedule {:?} of queue {:?}.", field("id"), field("queue")),
         _ => return None,
     };
     Some(html! { p { (text) } })
@@ -120,8 +132,76 @@ async fn run(ctx: &Ctx, action: &str, fields: &Fields) -> Result<Done, Failure> 
             Ok(Done { back: "/".to_owned(), message: format!("Queue {queue:?} resumed.") })
         }
         "dispatch" => dispatch(ctx, queue, fields).await.map(|message| Done { back, message }),
+        "requeue" | "delete" => bulk(ctx, action, queue, fields).await,
+        "cancel" => {
+            let id = fields.get("id").map(String::as_str).unwrap_or("");
+            admin.cancel_schedule(id).await.map_err(admin_failure)?;
+            Ok(Done {
+                back: "/schedules".to_owned(),
+                message: format!("Schedule {id:?} cancelled."),
+            })
+        }
         _ => Err((StatusCode::NOT_FOUND, format!("there is no action {action:?}"))),
     }
+}
+
+/// The search fields an "all matching" action carries.
+fn filter_fields(fields: &Fields) -> FilterFields {
+    let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
+    FilterFields {
+        name: field("name"),
+        header: field("header"),
+        payload: field("payload"),
+        json: field("json"),
+        error: field("error"),
+    }
+}
+
+/// Requeue (dead letters) or delete one task, or every task of a state matching a filter.
+async fn bulk(ctx: &Ctx, action: &str, queue: &str, fields: &Fields) -> Result<Done, Failure> {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+    let state_text = fields.get("state").map(String::as_str).unwrap_or("dead");
+    let state: TaskState = state_text.parse().map_err(|err: AdminError| bad(err.to_string()))?;
+    let selection = if fields.get("all").is_some() {
+        Selection::Matching(filter_fields(fields).filter().map_err(bad)?)
+    } else {
+        let seq = fields.get("seq").map(String::as_str).unwrap_or("");
+        Selection::One(
+            seq.parse().map_err(|_| bad(format!("task number {seq:?} is not a number")))?,
+        )
+    };
+    let admin = &ctx.state.admin;
+    let outcome = if action == "requeue" {
+        if state != TaskState::Dead {
+            return Err(bad(format!("only dead letters can be requeued, not {state} tasks")));
+        }
+        admin.requeue(queue, &selection).await
+    } else {
+        admin.delete(queue, state, &selection).await
+    }
+    .map_err(admin_failure)?;
+    let verb = if action == "requeue" { "Requeued" } else { "Deleted" };
+    let mut message = format!(
+        "{verb} {} task{} of {queue:?}",
+        outcome.done,
+        if outcome.done == 1 { "" } else { "s" }
+    );
+    if outcome.skipped > 0 {
+        message.push_str(&format!(", {} already gone", outcome.skipped));
+    }
+    if let Some((seq, why)) = outcome.failed.first() {
+        message.push_str(&format!(", {} failed (task {seq}: {why})", outcome.failed.len()));
+    }
+    message.push('.');
+    if let (Selection::One(_), true) = (&selection, outcome.done == 0) {
+        let why = outcome
+            .failed
+            .first()
+            .map(|(_, why)| why.clone())
+            .unwrap_or_else(|| "it is gone".to_owned());
+        return Err((StatusCode::NOT_FOUND, format!("nothing done: {why}")));
+    }
+    Ok(Done { back: format!("/queues/{queue}?state={state}"), message })
 }
 
 async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Failure> {
@@ -171,7 +251,9 @@ async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Fai
 pub(crate) fn admin_failure(err: AdminError) -> Failure {
     let status = match err.kind() {
         AdminErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-        AdminErrorKind::UnknownQueue | AdminErrorKind::UnknownStream => StatusCode::NOT_FOUND,
+        AdminErrorKind::UnknownQueue | AdminErrorKind::UnknownStream | AdminErrorKind::NotFound => {
+            StatusCode::NOT_FOUND
+        }
         AdminErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         _ => StatusCode::BAD_GATEWAY,
     };

@@ -162,7 +162,7 @@ impl Dashboard {
             .route("/", get(pages::overview::page))
             .route("/live", get(live::overview))
             .route("/queues/{queue}", get(pages::queue::page))
-            .route("/queues/{queue}/tasks/{seq}", get(pages::task::page))
+            .route("/tasks/{seq}", get(pages::task::page))
             .route("/schedules", get(pages::schedules::page))
             .route("/search", get(pages::search::page))
             .route("/dispatch", get(pages::dispatch::page))
