@@ -222,8 +222,26 @@ impl Browser {
 async fn exchange(addr: SocketAddr, request: String) -> Response {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
+    // Read to the end of the body: its Content-Length, or the end of the connection.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|length| raw.len() >= end + 4 + length) {
+                break;
+            }
+        }
+    }
     parse(&raw)
 }
 
@@ -288,4 +306,23 @@ pub async fn first_live_event(addr: SocketAddr, cookie: &str) -> String {
         }
     };
     tokio::time::timeout(DEADLINE, read).await.expect("a live event within the deadline")
+}
+
+/// A JSON request (`body` `None`: no body), answered with its status and JSON value.
+pub async fn json_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let response = tokio::time::timeout(DEADLINE, exchange(addr, request))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} got no answer within {DEADLINE:?}"));
+    let value = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
+    (response.status, value)
 }
