@@ -17,6 +17,7 @@
         if (field === "rate" && value === null) value = "–";
         var target = cell.querySelector("a") || cell;
         if (value !== undefined && target.textContent !== String(value)) target.textContent = String(value);
+        if (field === "dead_letters") cell.classList.toggle("alert", value > 0);
       });
     });
     table.setAttribute("data-updated", String(Date.now()));

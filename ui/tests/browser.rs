@@ -275,7 +275,7 @@ async fn a_dead_letter_is_seen_requeued_and_processed_in_a_browser() {
 
     // Search for the other, then requeue every dead letter left from the queue page.
     browser.goto(&format!("{base}/search?queue=emails&state=dead&error=smtp")).await;
-    browser.wait_text("p.hint", "1 found, 1 messages read").await;
+    browser.wait_text("p.hint", "1 found, 1 message read").await;
     browser.screenshot(&dir, "search").await;
     browser.goto(&format!("{base}/queues/emails?state=dead")).await;
     browser.click(r#"input[name="all"] ~ button"#).await;

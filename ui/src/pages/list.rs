@@ -105,6 +105,7 @@ fn one_task_form(ctx: &Ctx, action: &str, task: &TaskSummary, label: &str) -> Ma
 pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Markup {
     let dead = tasks.iter().any(|t| t.state == TaskState::Dead);
     let scheduled = tasks.iter().any(|t| t.due.is_some());
+    let ids = tasks.iter().any(|t| t.id.is_some());
     html! {
         div.table-wrap {
             table.tasks {
@@ -112,7 +113,7 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
                     th { "#" }
                     @if show_queue { th { "Queue" } th { "State" } }
                     th { "Task" }
-                    th.hide-narrow { "Id" }
+                    @if ids { th.hide-narrow { "Id" } }
                     th { "Stored" }
                     @if scheduled { th { "Due" } }
                     @if dead { th.num { "Attempts" } th { "Last error" } }
@@ -128,7 +129,7 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
                                 td { (task.state.as_str()) }
                             }
                             td.wrap { (task.name) }
-                            td.hide-narrow { (task.id.as_deref().unwrap_or("")) }
+                            @if ids { td.hide-narrow { (task.id.as_deref().unwrap_or("")) } }
                             td title=(page::time(task.stored_at)) { (page::age(task.stored_at)) " ago" }
                             @if scheduled { td { (task.due.map(page::time).unwrap_or_default()) } }
                             @if dead {

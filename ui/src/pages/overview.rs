@@ -25,8 +25,8 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
                 table.queues data-live=(ctx.url("/live")) {
                     thead { tr {
                         th { "Queue" } th.num { "Pending" } th.num { "In flight" }
-                        th.num { "Retrying" } th.num { "Dead" } th.num { "Δ/s" }
-                        th { "Oldest" } th { "State" }
+                        th.num.hide-narrow { "Redelivered" } th.num { "Dead" }
+                        th.num.hide-narrow { "Δ/s" } th.hide-narrow { "Oldest" } th { "State" }
                         @if ctx.can_act() { th { "" } }
                     } }
                     tbody {
@@ -48,12 +48,12 @@ fn row(ctx: &Ctx, queue: &QueueInfo) -> Markup {
             td { a href=(link) { (queue.name) } }
             td.num data-field="pending" { (queue.pending) }
             td.num data-field="in_flight" { (queue.in_flight) }
-            td.num data-field="redelivered" { (queue.redelivered) }
-            td.num data-field="dead_letters" {
+            td.num.hide-narrow data-field="redelivered" { (queue.redelivered) }
+            td.num.alert[queue.dead_letters > 0] data-field="dead_letters" {
                 a href=(format!("{link}?state=dead")) { (queue.dead_letters) }
             }
-            td.num data-field="rate" { "–" }
-            td data-field="oldest" { (queue.oldest.map(page::age).unwrap_or_default()) }
+            td.num.hide-narrow data-field="rate" { "–" }
+            td.hide-narrow data-field="oldest" { (queue.oldest.map(page::age).unwrap_or_default()) }
             td data-field="state" { (state_text(queue)) }
             @if ctx.can_act() {
                 td { (pause_form(ctx, queue)) }

@@ -42,7 +42,7 @@ pub(crate) async fn page(ctx: Ctx, Query(query): Query<SearchQuery>) -> Response
         (form(&query))
         @if let Some((items, scanned, truncated)) = &results {
             p.hint {
-                (items.len()) " found, " (scanned) " messages read"
+                (items.len()) " found, " (scanned) (if *scanned == 1 { " message read" } else { " messages read" })
                 @if *truncated { ". More may match: narrow the search." }
             }
             @if !items.is_empty() {
