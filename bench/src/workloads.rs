@@ -24,11 +24,13 @@ use tokio::task::JoinHandle;
 use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
+mod dashboard;
 mod observed;
 mod periodic;
 mod process;
 mod queues;
 mod tracking;
+pub use dashboard::dashboard_overview;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
