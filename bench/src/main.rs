@@ -534,7 +534,7 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
         println!("  rate_limit_overhead: e2e_c64 with a rate of 10,000,000/s (every start counted, none waits); natasks_norate_ fields: the same without a rate");
     }
     if rows.iter().any(|r| r.workload == "dashboard_overview") {
-        println!("  dashboard_overview: e2e_c64 with the dashboard's live overview open (SSE, refresh 1 s); natasks_nodash_ fields: the same without it; overview_ms_: the overview page over HTTP with 50 queues, beside the Admin::queues() call it is built on (queues_call_ms_p50)");
+        println!("  dashboard_overview: e2e_c64 with the dashboard's live overview open (SSE, refresh 100 ms, ten times the default); natasks_nodash_ fields: the same without it; overview_ms_: the overview page over HTTP with 50 queues, beside the Admin::queues() call it is built on (queues_call_ms_p50)");
     }
     if rows.iter().any(|r| r.workload == "many_queues_500") {
         println!("  many_queues_500: one worker (64 slots) serving 500 queues, 20 tasks dispatched to each; raw: 500 raw pull consumers sharing one semaphore; RSS growth of this process and the server's consumer count in the line below");
