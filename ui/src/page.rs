@@ -78,8 +78,12 @@ pub(crate) fn redirect(location: &str) -> Response {
 }
 
 impl Ctx {
-    /// A dashboard path (`/queues/x`) as a link from the browser.
+    /// A dashboard path (`/queues/x`) as a link from the browser. The overview of a
+    /// dashboard nested at `/ops` is `/ops` (axum matches a nested root without the slash).
     pub(crate) fn url(&self, path: &str) -> String {
+        if path == "/" && !self.base.is_empty() {
+            return self.base.clone();
+        }
         format!("{}{}", self.base, path)
     }
 

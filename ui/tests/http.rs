@@ -525,3 +525,46 @@ async fn a_server_killed_and_restarted_loses_nothing_the_dashboard_shows() {
     let info = f.admin.queue("emails").await.unwrap();
     assert_eq!((info.dead_letters, info.stored), (0, 3), "each dead letter requeued once");
 }
+
+#[tokio::test]
+async fn nested_in_an_app_its_links_and_actions_follow_the_path() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = natasks::Client::new(js.clone()).await.unwrap();
+    let admin = natasks::admin::Admin::new(js.clone());
+    client.dispatch(Task::new("send", "x"), "emails").await.unwrap();
+    Worker::builder(js.clone(), "emails")
+        .handle("other", |_: Task| async { Ok::<(), natasks::HandlerError>(()) })
+        .build()
+        .await
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "mine" }))
+        .nest("/ops", Dashboard::new(admin.clone(), client).auth(Auth::token("t")).router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut b = Browser::new(addr);
+    b.get("/").await.expect(200).contains("mine");
+    b.get("/ops").await.expect(401).contains(r#"href="/ops/login""#);
+    b.get("/ops/login").await.expect(200).contains(r#"action="/ops/login""#);
+    let login = b.post("/ops/login", &[("token", "t")]).await.expect(303);
+    assert_eq!(login.header("location"), Some("/ops"));
+    assert!(login.header("set-cookie").is_some_and(|c| c.contains("Path=/ops;")), "{login:?}");
+    let overview = b.get("/ops").await.expect(200);
+    for link in [
+        r#"href="/ops/queues/emails""#,
+        r#"href="/ops/assets/style.css""#,
+        r#"data-live="/ops/live""#,
+        r#"action="/ops/actions/pause""#,
+    ] {
+        assert!(overview.body.contains(link), "lacks {link}:\n{}", overview.body);
+    }
+    b.get("/ops/queues/emails").await.expect(200).contains(r#"href="/ops/tasks/"#);
+    let paused =
+        b.post("/ops/actions/pause", &[("queue", "emails"), ("confirm", "yes")]).await.expect(303);
+    assert_eq!(paused.header("location"), Some("/ops"));
+    assert!(admin.queue("emails").await.unwrap().paused_until.is_some());
+    b.get("/ops").await.expect(200).contains("paused.");
+}
