@@ -1,11 +1,10 @@
-//! Connecting to NATS and finding the natasks stream and its queues.
+//! Connecting to NATS, and the operations API for the global flags' stream layout.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, context::GetStreamErrorKind, stream::Stream};
+use async_nats::jetstream::{self, context::GetStreamErrorKind, stream::Stream};
 use async_nats::ConnectOptions;
-use futures_util::TryStreamExt;
+use natasks::admin::{Admin, AdminError, AdminErrorKind};
 
 use crate::{Context as _, Error, Global, Result};
 
@@ -88,85 +87,27 @@ pub async fn stream(g: &Global, js: &jetstream::Context) -> Result<Stream> {
     }
 }
 
-/// Subject of queue `q`.
-pub fn queue_subject(g: &Global, queue: &str) -> String {
-    format!("{}.{queue}", g.subject_prefix)
-}
-
-/// Name of the dead-letter queue of `q`.
-pub fn dlq_name(g: &Global, queue: &str) -> String {
-    format!("{queue}{}", g.dlq_suffix)
-}
-
 /// Checks a queue name given on the command line, as the library does.
 pub fn valid_queue(queue: &str) -> Result<&str> {
     natasks::wire::validate_queue(queue).map_err(|err| Error::msg(err.to_string()))
 }
 
-/// Messages stored per subject matching `filter`.
-pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, u64>> {
-    let info = stream.info_with_subjects(filter).await.context(|| {
-        format!("cannot read subjects of stream {:?}", stream.cached_info().config.name)
-    })?;
-    let pairs: Vec<(String, usize)> = info.try_collect().await.context(|| {
-        format!("cannot read subjects of stream {:?}", stream.cached_info().config.name)
-    })?;
-    Ok(pairs.into_iter().map(|(subject, count)| (subject, count as u64)).collect())
+/// The admin API for the global flags' layout.
+pub async fn admin(g: &Global) -> Result<Admin> {
+    let js = connect(g).await?;
+    Ok(Admin::new(js)
+        .stream_name(g.stream.clone())
+        .subject_prefix(g.subject_prefix.clone())
+        .consumer_prefix(g.consumer_prefix.clone())
+        .dlq_suffix(g.dlq_suffix.clone()))
 }
 
-/// Messages stored on one subject.
-pub async fn stored(stream: &Stream, subject: &str) -> Result<u64> {
-    Ok(subject_counts(stream, subject).await?.get(subject).copied().unwrap_or(0))
-}
-
-/// Consumers of the stream that work a single queue, by queue name. When several consumers
-/// filter on the same queue, the one named `natasks-<queue>` wins.
-pub async fn queue_consumers(
-    g: &Global,
-    stream: &Stream,
-) -> Result<BTreeMap<String, consumer::Info>> {
-    let infos: Vec<consumer::Info> = stream
-        .consumers()
-        .try_collect()
-        .await
-        .context(|| format!("cannot list consumers of stream {:?}", g.stream))?;
-    let prefix = format!("{}.", g.subject_prefix);
-    let mut out: BTreeMap<String, consumer::Info> = BTreeMap::new();
-    for info in infos {
-        let filters = if info.config.filter_subjects.is_empty() {
-            vec![info.config.filter_subject.clone()]
-        } else {
-            info.config.filter_subjects.clone()
-        };
-        let [filter] = filters.as_slice() else { continue };
-        let Some(queue) = filter.strip_prefix(&prefix) else { continue };
-        if queue.is_empty() || queue.contains(['.', '*', '>']) {
-            continue;
+/// An admin error as one line, pointing at `--stream` when the stream is missing.
+pub fn admin_error(g: &Global, err: &AdminError) -> Error {
+    match err.kind() {
+        AdminErrorKind::UnknownStream => {
+            Error::msg(format!("{} on {} (see --stream)", err, g.server))
         }
-        let preferred = format!("{}-{queue}", g.consumer_prefix);
-        match out.get(queue) {
-            Some(existing) if existing.name == preferred => {}
-            _ => {
-                out.insert(queue.to_owned(), info);
-            }
-        }
+        _ => Error::msg(crate::one_line(err)),
     }
-    Ok(out)
-}
-
-/// Fails with "unknown queue" unless the queue or its dead-letter queue holds messages or
-/// has a worker consumer.
-pub async fn ensure_known_queue(g: &Global, stream: &Stream, queue: &str) -> Result<()> {
-    let counts = subject_counts(stream, &format!("{}.*", g.subject_prefix)).await?;
-    let has = |q: &str| counts.get(&queue_subject(g, q)).is_some_and(|n| *n > 0);
-    if has(queue) || has(&dlq_name(g, queue)) {
-        return Ok(());
-    }
-    if queue_consumers(g, stream).await?.contains_key(queue) {
-        return Ok(());
-    }
-    Err(Error::msg(format!(
-        "unknown queue {queue:?}: no tasks, dead letters or worker consumer in stream {:?}",
-        g.stream
-    )))
 }

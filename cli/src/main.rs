@@ -9,11 +9,14 @@ mod conn;
 mod dispatch;
 mod dlq;
 mod events;
+mod filter;
 mod output;
 mod queue;
 mod queues;
 mod schedules;
+mod search;
 mod task;
+mod tasks;
 mod ui;
 
 use std::path::PathBuf;
@@ -79,8 +82,10 @@ pub struct Cli {
     command: Command,
 }
 
-/// Flags shared by every command.
+/// Flags shared by every command: where to connect and how, the stream layout, and the
+/// output format. Shown under a heading of their own in every command's help.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection")]
 pub struct Global {
     /// NATS server URL(s), comma separated.
     #[arg(
@@ -128,7 +133,7 @@ pub struct Global {
     #[arg(long, global = true, default_value = natasks::wire::DEFAULT_DLQ_SUFFIX)]
     pub dlq_suffix: String,
     /// Machine-readable JSON output on stdout.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     pub json: bool,
 }
 
@@ -142,9 +147,16 @@ enum Command {
     Queue(queue::QueueCommand),
     /// Dispatch a task (now, after a delay, or at a time).
     Dispatch(dispatch::DispatchArgs),
-    /// Inspect, requeue and purge dead letters.
+    /// Inspect, requeue, delete and purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// A queue's tasks by state (pending, in flight, scheduled, dead), one task in full,
+    /// and deleting tasks.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
+    /// Find tasks by name, header, payload text or JSON field, or last error, over
+    /// pending, in-flight, scheduled and dead tasks. Reads the stream; consumes nothing.
+    Search(search::SearchArgs),
     /// Periodic schedules and delayed tasks: list (the default), add, remove, cancel.
     Schedules(schedules::SchedulesArgs),
     /// Status, result and cancellation of a task dispatched with tracking, by its id.
@@ -165,6 +177,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Queue(cmd) => queue::run(g, cmd).await,
         Command::Dispatch(args) => dispatch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
+        Command::Tasks(cmd) => tasks::run(g, cmd).await,
+        Command::Search(args) => search::run(g, args).await,
         Command::Schedules(args) => schedules::run(g, args).await,
         Command::Task(cmd) => task::run(g, cmd).await,
         Command::Events(args) => events::run(g, args).await,

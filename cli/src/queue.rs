@@ -1,7 +1,7 @@
 //! `natasks queue pause|resume|limit|rate`: queue control, through `natasks::admin`.
 
 use clap::{Args, Subcommand};
-use natasks::admin::{Admin, AdminError, AdminErrorKind, QueueInfo, Rate, RateLimit};
+use natasks::admin::{QueueInfo, Rate, RateLimit};
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -110,14 +110,14 @@ pub async fn run(g: &Global, cmd: QueueCommand) -> Result<()> {
         }
     };
     conn::valid_queue(&queue)?;
-    let admin = admin(g).await?;
+    let admin = conn::admin(g).await?;
     let info = match &change {
         Change::Pause(until) => admin.pause(&queue, *until).await,
         Change::Resume => admin.resume(&queue).await,
         Change::Limit(limit) => admin.set_limit(&queue, *limit).await,
         Change::Rate(task, rate) => admin.set_rate(&queue, task.as_deref(), *rate).await,
     }
-    .map_err(|err| admin_error(g, &err))?;
+    .map_err(|err| conn::admin_error(g, &err))?;
     if g.json {
         output::json(&queue_json(&info));
         return Ok(());
@@ -148,26 +148,6 @@ enum Change {
     Resume,
     Limit(Option<i64>),
     Rate(Option<String>, Option<Rate>),
-}
-
-/// The admin API for the global flags' layout.
-pub async fn admin(g: &Global) -> Result<Admin> {
-    let js = conn::connect(g).await?;
-    Ok(Admin::new(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .consumer_prefix(g.consumer_prefix.clone())
-        .dlq_suffix(g.dlq_suffix.clone()))
-}
-
-/// An admin error as one line, pointing at `--stream` when the stream is missing.
-pub fn admin_error(g: &Global, err: &AdminError) -> Error {
-    match err.kind() {
-        AdminErrorKind::UnknownStream => {
-            Error::msg(format!("{} on {} (see --stream)", err, g.server))
-        }
-        _ => Error::msg(crate::one_line(err)),
-    }
 }
 
 /// `until <time>`, `indefinitely` (a pause a century long), or `-`.

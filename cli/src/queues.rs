@@ -5,14 +5,16 @@
 //! * `in_flight`: delivered and not yet acknowledged.
 //! * `redelivered`: in flight and delivered more than once.
 //! * `dlq`: messages on the dead-letter queue `<queue><dlq suffix>`.
+//! * `scheduled`: delayed tasks for the queue not due yet.
 //! * `oldest`: time of the first task still on the queue (pending or in flight).
 //! * `paused`: until when the queue is paused; `limit`: the most tasks in flight across
 //!   every worker (`*` when an operator set it); `rates`: its rate limits.
 
 use serde_json::json;
 
+use crate::conn::{admin, admin_error};
 use crate::output;
-use crate::queue::{admin, admin_error, paused_text, rates_text};
+use crate::queue::{paused_text, rates_text};
 use crate::{Global, Result};
 
 pub async fn run(g: &Global) -> Result<()> {
@@ -29,6 +31,7 @@ pub async fn run(g: &Global) -> Result<()> {
                     "in_flight": row.in_flight,
                     "redelivered": row.redelivered,
                     "dlq": row.dead_letters,
+                    "scheduled": row.scheduled,
                     "oldest": row.oldest.map(output::time),
                     "oldest_age_seconds": row.oldest.map(|t| output::since(t).as_secs()),
                     "consumer": row.consumer,
@@ -58,6 +61,7 @@ pub async fn run(g: &Global) -> Result<()> {
                 row.in_flight.to_string(),
                 row.redelivered.to_string(),
                 row.dead_letters.to_string(),
+                row.scheduled.to_string(),
                 row.oldest.map_or_else(|| "-".to_owned(), |t| output::age(output::since(t))),
                 paused_text(row.paused_until),
                 match (row.limit, row.limit_set) {
@@ -77,6 +81,7 @@ pub async fn run(g: &Global) -> Result<()> {
             "IN FLIGHT",
             "REDELIVERED",
             "DLQ",
+            "SCHEDULED",
             "OLDEST",
             "PAUSED",
             "LIMIT",

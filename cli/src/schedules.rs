@@ -4,23 +4,18 @@
 //! written through the library. A delayed task is a message schedule on its own subject
 //! `<prefix>.__natasks_schedule.<id>`; the id is the subject's last token.
 //!
-//! Only `add` builds a client, which sets the stream up (it may add the schedule subject
+//! Listing and cancelling go through `natasks::admin`. Only `add` builds a client, which sets the stream up (it may add the schedule subject
 //! and turn on message schedules). Listing, removing and cancelling leave the stream's
 //! configuration alone, and a missing stream is reported, not created.
 
 use std::path::PathBuf;
 
-use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::RawMessageErrorKind;
 use clap::{Args, Subcommand};
+use natasks::admin::ScheduleKind;
 use serde_json::json;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::{conn, dispatch, output, Context as _, Error, Global, Result};
-
-const NATS_SCHEDULE: &str = "Nats-Schedule";
-const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -51,7 +46,8 @@ pub enum SchedulesCommand {
         /// The schedule id.
         id: String,
     },
-    /// Cancel a pending delayed task by its schedule id (from `schedules list`).
+    /// Cancel a pending delayed task, or remove a periodic schedule, by its id (from
+    /// `schedules list`).
     Cancel {
         /// The schedule id.
         id: String,
@@ -98,10 +94,6 @@ pub async fn run(g: &Global, args: SchedulesArgs) -> Result<()> {
     }
 }
 
-fn prefix(g: &Global) -> String {
-    format!("{}.{}.", g.subject_prefix, natasks::wire::SCHEDULE_TOKEN)
-}
-
 /// The periodic schedules of the stream the global flags name, read and removed without
 /// touching the stream's configuration.
 fn periodic_schedules(g: &Global, js: &async_nats::jetstream::Context) -> natasks::Schedules {
@@ -121,86 +113,41 @@ async fn client(g: &Global) -> Result<natasks::Client> {
         .context(|| format!("cannot use stream {:?}", g.stream))
 }
 
-struct Delayed {
-    id: String,
-    seq: u64,
-    task: Option<String>,
-    queue: Option<String>,
-    due: Option<OffsetDateTime>,
-    created: OffsetDateTime,
-}
-
-fn parse(g: &Global, message: &StreamMessage) -> Delayed {
-    let header = |name| message.headers.get(name).map(|v| v.as_str().to_owned());
-    let queue_prefix = format!("{}.", g.subject_prefix);
-    Delayed {
-        id: message.subject.rsplit('.').next().unwrap_or_default().to_owned(),
-        seq: message.sequence,
-        task: header(natasks::wire::HEADER_TASK),
-        queue: header(NATS_SCHEDULE_TARGET)
-            .map(|t| t.strip_prefix(&queue_prefix).map(str::to_owned).unwrap_or(t)),
-        due: header(NATS_SCHEDULE).and_then(|s| {
-            let at = s.strip_prefix("@at ")?;
-            OffsetDateTime::parse(at.trim(), &Rfc3339).ok()
-        }),
-        created: message.time,
-    }
-}
-
 async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
-    let js = conn::connect(g).await?;
-    let stream = conn::stream(g, &js).await?;
-    // Delayed tasks: one subject token after the schedule token (periodic schedules have two).
-    let wildcard = format!("{}*", prefix(g));
-    let mut delayed = Vec::new();
-    let mut seq = 1;
-    loop {
-        let message = match stream.get_first_raw_message_by_subject(&wildcard, seq).await {
-            Ok(message) => message,
-            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
-            Err(err) => return Err(err).context(|| "cannot read schedules".to_owned()),
-        };
-        seq = message.sequence + 1;
-        let schedule = parse(g, &message);
-        if queue.is_none_or(|q| schedule.queue.as_deref() == Some(q)) {
-            delayed.push(schedule);
-        }
+    if let Some(queue) = queue {
+        conn::valid_queue(queue)?;
     }
-    delayed.sort_by_key(|s| (s.due, s.seq));
-    let mut periodic = periodic_schedules(g, &js)
-        .list()
-        .await
-        .context(|| "cannot read periodic schedules".to_owned())?;
-    periodic.retain(|s| queue.is_none_or(|q| s.queue == q));
-
+    let admin = conn::admin(g).await?;
+    let all = admin.schedules(queue).await.map_err(|err| conn::admin_error(g, &err))?;
     if g.json {
-        let periodic = periodic.iter().map(|s| {
-            json!({
-                "kind": "periodic",
-                "id": s.id,
-                "schedule": s.every.expression(),
-                "time_zone": s.every.zone(),
-                "task": s.task.name(),
-                "queue": s.queue,
-                "next": s.next.map(output::time),
-                "declared": output::time(s.declared),
+        let list: Vec<_> = all
+            .iter()
+            .map(|s| match (s.kind, &s.every) {
+                (ScheduleKind::Periodic, Some(every)) => json!({
+                    "kind": "periodic",
+                    "id": s.id,
+                    "schedule": every.expression(),
+                    "time_zone": every.zone(),
+                    "task": s.name,
+                    "queue": s.queue,
+                    "next": s.next.map(output::time),
+                    "declared": output::time(s.stored_at),
+                }),
+                _ => json!({
+                    "kind": "delayed",
+                    "id": s.id,
+                    "seq": s.sequence,
+                    "task": s.name,
+                    "queue": s.queue,
+                    "due": s.next.map(output::time),
+                    "created": output::time(s.stored_at),
+                }),
             })
-        });
-        let delayed = delayed.iter().map(|s| {
-            json!({
-                "kind": "delayed",
-                "id": s.id,
-                "seq": s.seq,
-                "task": s.task,
-                "queue": s.queue,
-                "due": s.due.map(output::time),
-                "created": output::time(s.created),
-            })
-        });
-        output::json(&json!(delayed.chain(periodic).collect::<Vec<_>>()));
+            .collect();
+        output::json(&json!(list));
         return Ok(());
     }
-    if delayed.is_empty() && periodic.is_empty() {
+    if all.is_empty() {
         println!("no periodic schedules and no pending delayed tasks");
         return Ok(());
     }
@@ -212,27 +159,19 @@ async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
             output::age(left)
         })
     };
-    let delayed_rows = delayed.iter().map(|s| {
-        vec![
-            s.id.clone(),
-            s.task.clone().unwrap_or_else(dash),
-            s.queue.clone().unwrap_or_else(dash),
-            "once".to_owned(),
-            s.due.map_or_else(dash, output::time),
-            until(s.due),
-        ]
-    });
-    let periodic_rows = periodic.iter().map(|s| {
-        vec![
-            s.id.clone(),
-            s.task.name().to_owned(),
-            s.queue.clone(),
-            s.every.to_string(),
-            s.next.map_or_else(dash, output::time),
-            until(s.next),
-        ]
-    });
-    let rows: Vec<Vec<String>> = delayed_rows.chain(periodic_rows).collect();
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                if s.name.is_empty() { dash() } else { s.name.clone() },
+                s.queue.clone(),
+                s.every.as_ref().map_or_else(|| "once".to_owned(), ToString::to_string),
+                s.next.map_or_else(dash, output::time),
+                until(s.next),
+            ]
+        })
+        .collect();
     output::table(&["ID", "TASK", "QUEUE", "EVERY", "NEXT", "IN"], &rows);
     Ok(())
 }
@@ -303,20 +242,8 @@ async fn remove(g: &Global, id: &str) -> Result<()> {
 }
 
 async fn cancel(g: &Global, id: &str) -> Result<()> {
-    if id.is_empty() || id.contains(['.', '*', '>']) || id.chars().any(char::is_whitespace) {
-        return Err(Error::msg(format!("invalid schedule id {id:?}")));
-    }
-    let js = conn::connect(g).await?;
-    let stream = conn::stream(g, &js).await?;
-    let subject = format!("{}{id}", prefix(g));
-    let response =
-        stream.purge().filter(&subject).await.context(|| format!("cannot cancel schedule {id}"))?;
-    if response.purged == 0 {
-        return Err(Error::msg(format!(
-            "no pending schedule {id:?} (already due, or cancelled? periodic schedules are \
-             removed with `schedules remove`)"
-        )));
-    }
+    let admin = conn::admin(g).await?;
+    admin.cancel_schedule(id).await.map_err(|err| conn::admin_error(g, &err))?;
     if g.json {
         output::json(&json!({ "id": id, "cancelled": true }));
     } else {

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use clap::Args;
 use natasks_ui::{Auth, Dashboard};
 
-use crate::queue::admin;
 use crate::{conn, Context as _, Error, Global, Result};
 
 /// Serve the web dashboard.
@@ -34,7 +33,7 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let admin = admin(g).await?;
+    let admin = conn::admin(g).await?;
     let js = conn::connect(g).await?;
     let client = natasks::Client::builder(js)
         .stream_name(g.stream.clone())

@@ -14,37 +14,6 @@ use natasks::admin::{
 use natasks::{Client, Every, Task, Worker};
 use serde_json::json;
 
-/// Stores `n` dead letters of `queue` (task `name`, payload `{"i":<i>,...}`) as a worker
-/// would, many publishes in flight. Returns their sequences.
-async fn dead_letters(js: &jetstream::Context, queue: &str, name: &str, n: u64) -> Vec<u64> {
-    let mut acks = Vec::new();
-    let mut seqs = Vec::new();
-    for i in 0..n {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Natasks-Task", name);
-        headers.insert("Natasks-Queue", format!("{queue}-dlq").as_str());
-        headers.insert("Natasks-Original-Queue", queue);
-        headers.insert("Natasks-Attempts", "3");
-        headers.insert("Natasks-Last-Error", format!("SMTP timeout #{}", i % 10).as_str());
-        headers.insert("X-Tenant", format!("t{}", i % 4).as_str());
-        let payload = json!({"i": i, "user": {"id": i % 100}}).to_string();
-        let ack = js
-            .publish_with_headers(format!("natasks.{queue}-dlq"), headers, payload.into())
-            .await
-            .unwrap();
-        acks.push(ack);
-        if acks.len() == 512 {
-            for ack in acks.drain(..) {
-                seqs.push(ack.await.unwrap().sequence);
-            }
-        }
-    }
-    for ack in acks {
-        seqs.push(ack.await.unwrap().sequence);
-    }
-    seqs
-}
-
 async fn setup(server: &NatsServer) -> (jetstream::Context, Client, Admin) {
     let js = server.jetstream().await;
     let client = Client::builder(js.clone()).build().await.unwrap();
@@ -358,6 +327,10 @@ async fn schedules_are_listed_and_cancelled() {
     assert_eq!(all[2].id, "digest");
     let emails = admin.schedules(Some("emails")).await.unwrap();
     assert_eq!(emails.len(), 2);
+    let overview = admin.queues().await.unwrap();
+    let counts: Vec<(&str, u64)> =
+        overview.iter().map(|q| (q.name.as_str(), q.scheduled)).collect();
+    assert_eq!(counts, [("emails", 1), ("reports", 1)], "periodic schedules not counted");
 
     admin.cancel_schedule(&all[0].id).await.unwrap();
     admin.cancel_schedule("digest").await.unwrap();
@@ -366,4 +339,22 @@ async fn schedules_are_listed_and_cancelled() {
     let again = admin.cancel_schedule(&all[0].id).await.unwrap_err();
     assert_eq!(again.kind(), AdminErrorKind::NotFound);
     assert_eq!(stored(&js, "natasks.reports").await, 0, "a cancelled task never becomes due");
+}
+
+/// An earlier run stored the copy of a dead letter and died before deleting it: the next
+/// run stores no second copy.
+#[tokio::test]
+async fn a_requeue_after_a_crash_between_copy_and_delete_stores_one_copy() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    let seqs = dead_letters(&js, "emails", "emails.send", 2).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "emails.send");
+    headers.insert("Nats-Msg-Id", natasks::admin::requeue_id("NATASKS", seqs[0]).as_str());
+    js.publish_with_headers("natasks.emails", headers, "copy".into()).await.unwrap().await.unwrap();
+
+    let outcome = admin.requeue("emails", &Selection::Matching(Filter::default())).await.unwrap();
+    assert_eq!((outcome.done, outcome.duplicates), (2, 1), "{outcome:?}");
+    assert_eq!(stored(&js, "natasks.emails").await, 2, "one copy each");
+    assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
 }

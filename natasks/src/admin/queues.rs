@@ -29,6 +29,8 @@ pub struct QueueInfo {
     pub redelivered: u64,
     /// Tasks on the queue's dead-letter queue.
     pub dead_letters: u64,
+    /// Delayed tasks for the queue, not due yet (periodic schedules not counted).
+    pub scheduled: u64,
     /// When the oldest task still on the queue was stored.
     pub oldest: Option<OffsetDateTime>,
     /// The workers' durable consumer, once a worker consumed the queue.
@@ -64,6 +66,7 @@ impl QueueInfo {
             in_flight: 0,
             redelivered: 0,
             dead_letters: 0,
+            scheduled: 0,
             oldest: None,
             consumer: None,
             paused_until: None,
@@ -101,8 +104,9 @@ pub(crate) fn rates(metadata: &std::collections::HashMap<String, String>) -> Vec
 }
 
 impl Admin {
-    /// Every queue of the stream: those holding tasks or dead letters, and those a worker
-    /// consumes. A dead-letter queue has a row of its own only when a worker consumes it.
+    /// Every queue of the stream: those holding tasks, dead letters or delayed tasks, and
+    /// those a worker consumes. Counting delayed tasks per queue reads each one's schedule
+    /// message, so this costs a read per delayed task not yet due. A dead-letter queue has a row of its own only when a worker consumes it.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>, AdminError> {
         let stream = self.open_stream().await?;
         let prefix = format!("{}.", self.stream.subject_prefix);
@@ -122,6 +126,18 @@ impl Admin {
                         *count
                 }
             }
+        }
+        let mut delayed: BTreeMap<String, u64> = BTreeMap::new();
+        let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
+        super::read::scan(&stream, &filter, 1, None, |message| {
+            if let Some(queue) = self.schedule_target(&message) {
+                *delayed.entry(queue).or_default() += 1;
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .await?;
+        for (queue, count) in delayed {
+            rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue)).scheduled = count;
         }
         for (queue, info) in self.queue_consumers(&stream).await? {
             let row = rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue));

@@ -92,6 +92,8 @@ pub struct TaskSummary {
     pub attempts: Option<u32>,
     /// A dead letter's last error.
     pub last_error: Option<String>,
+    /// Why a dead letter was given up (`retries-exhausted`, `no-retry`, ...).
+    pub reason: Option<String>,
     /// The payload's size in bytes.
     pub size: usize,
 }
@@ -187,6 +189,7 @@ impl Admin {
             due: (state == TaskState::Scheduled).then(|| due(message)).flatten(),
             attempts: header(wire::HEADER_ATTEMPTS).filter(|_| dead).and_then(|a| a.parse().ok()),
             last_error: header(wire::HEADER_LAST_ERROR).filter(|_| dead),
+            reason: header(wire::HEADER_DEAD_LETTER_REASON).filter(|_| dead),
             size: message.payload.len(),
         })
     }

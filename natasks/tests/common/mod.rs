@@ -132,3 +132,34 @@ pub fn reporter(
         std::future::ready(Ok(()))
     }
 }
+
+/// Stores `n` dead letters of `queue` (task `name`, payload `{"i":<i>,...}`) as a worker
+/// would, many publishes in flight. Returns their sequences.
+pub async fn dead_letters(js: &jetstream::Context, queue: &str, name: &str, n: u64) -> Vec<u64> {
+    let mut acks = Vec::new();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Natasks-Task", name);
+        headers.insert("Natasks-Queue", format!("{queue}-dlq").as_str());
+        headers.insert("Natasks-Original-Queue", queue);
+        headers.insert("Natasks-Attempts", "3");
+        headers.insert("Natasks-Last-Error", format!("SMTP timeout #{}", i % 10).as_str());
+        headers.insert("X-Tenant", format!("t{}", i % 4).as_str());
+        let payload = serde_json::json!({"i": i, "user": {"id": i % 100}}).to_string();
+        let ack = js
+            .publish_with_headers(format!("natasks.{queue}-dlq"), headers, payload.into())
+            .await
+            .unwrap();
+        acks.push(ack);
+        if acks.len() == 512 {
+            for ack in acks.drain(..) {
+                seqs.push(ack.await.unwrap().sequence);
+            }
+        }
+    }
+    for ack in acks {
+        seqs.push(ack.await.unwrap().sequence);
+    }
+    seqs
+}
