@@ -56,6 +56,7 @@ async fn snapshot(state: &State, previous: Option<Previous>) -> (Event, Option<P
                 "pending": q.pending,
                 "in_flight": q.in_flight,
                 "redelivered": q.redelivered,
+                "scheduled": q.scheduled,
                 "dead_letters": q.dead_letters,
                 "rate": rate.map(|r| format!("{r:+.1}")),
                 "oldest": q.oldest.map(page::age).unwrap_or_default(),

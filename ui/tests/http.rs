@@ -56,7 +56,11 @@ async fn every_page_renders() {
     );
     assert!(b.cookies.contains_key("natasks_csrf"), "the first page sets the CSRF cookie");
     b.get("/queues/emails").await.expect(200).contains("emails.send").contains("Pending (1)");
-    b.get("/queues/emails?state=scheduled").await.expect(200).contains("emails.later");
+    b.get("/queues/emails?state=scheduled")
+        .await
+        .expect(200)
+        .contains("emails.later")
+        .contains("Scheduled (1)");
     b.get("/queues/emails?state=in_flight").await.expect(200).contains("No in flight tasks");
     b.get("/queues/emails?state=dead")
         .await

@@ -25,6 +25,7 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
                 table.queues data-live=(ctx.url("/live")) {
                     thead { tr {
                         th { "Queue" } th.num { "Pending" } th.num { "In flight" }
+                        th.num.hide-narrow { "Scheduled" }
                         th.num.hide-narrow { "Redelivered" } th.num { "Dead" }
                         th.num.hide-narrow { "Δ/s" } th.hide-narrow { "Oldest" } th { "State" }
                         @if ctx.can_act() { th { "" } }
@@ -48,6 +49,7 @@ fn row(ctx: &Ctx, queue: &QueueInfo) -> Markup {
             td { a href=(link) { (queue.name) } }
             td.num data-field="pending" { (queue.pending) }
             td.num data-field="in_flight" { (queue.in_flight) }
+            td.num.hide-narrow data-field="scheduled" { (queue.scheduled) }
             td.num.hide-narrow data-field="redelivered" { (queue.redelivered) }
             td.num.alert[queue.dead_letters > 0] data-field="dead_letters" {
                 a href=(format!("{link}?state=dead")) { (queue.dead_letters) }

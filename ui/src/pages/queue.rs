@@ -54,6 +54,7 @@ pub(crate) async fn page(
         TaskState::Pending => Some(info.pending),
         TaskState::InFlight => Some(info.in_flight),
         TaskState::Dead => Some(info.dead_letters),
+        TaskState::Scheduled => Some(info.scheduled),
         _ => None,
     };
     let body = html! {
