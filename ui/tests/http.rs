@@ -123,7 +123,7 @@ async fn actions_are_confirmed_then_run_and_reported() {
     let f = start(|d| d).await;
     let mut b = f.browser();
     consumer(&f, "emails").await;
-    let dead: Vec<u64> = futures_seq(&f, "emails", 4).await;
+    let dead: Vec<u64> = dead_letters(&f, "emails", 4).await;
     b.get("/").await.expect(200);
 
     // Pause: the first post only asks for confirmation.
@@ -226,7 +226,7 @@ async fn actions_are_confirmed_then_run_and_reported() {
 }
 
 /// Stores `n` dead letters of `queue` with errors `timeout #<i>`.
-async fn futures_seq(f: &Fixture, queue: &str, n: u64) -> Vec<u64> {
+async fn dead_letters(f: &Fixture, queue: &str, n: u64) -> Vec<u64> {
     let mut seqs = Vec::new();
     for i in 0..n {
         seqs.push(
