@@ -80,7 +80,16 @@ fn describe(action: &str, fields: &Fields) -> Option<Markup> {
             let which = match (fields.get("all").is_some(), filter_fields(fields).is_empty()) {
                 (false, _) => format!("{} task {}", state, field("seq")),
                 (true, true) => format!("every {state} task"),
-                (true, false) => format!("every {state} task matching the search"),
+                (true, false) => {
+                    let f = filter_fields(fields);
+                    let given: Vec<String> = f
+                        .pairs()
+                        .iter()
+                        .filter(|(_, v)| !v.trim().is_empty())
+                        .map(|(k, v)| format!("{k} {v:?}"))
+                        .collect();
+                    format!("every {state} task matching {}", given.join(", "))
+                }
             };
             format!("{verb} {which} of queue {:?}.", field("queue"))
         }
@@ -98,7 +107,7 @@ fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
         h1 { "Confirm" }
         div.card {
             (what)
-            @if let Some(payload) = fields.get("payload").filter(|p| !p.is_empty()) {
+            @if let Some(payload) = fields.get("payload").filter(|p| action == "dispatch" && !p.is_empty()) {
                 pre.payload { (payload) }
             }
             form.inline method="post" action=(ctx.url(&format!("/actions/{action}"))) {

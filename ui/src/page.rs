@@ -216,20 +216,35 @@ pub(crate) fn age(t: OffsetDateTime) -> String {
     }
 }
 
+/// The most payload bytes a page shows.
+pub(crate) const PAYLOAD_SHOWN: usize = 256 * 1024;
+
 /// A payload for reading: indented JSON when it is JSON, the text when it is UTF-8, a hex
-/// dump otherwise. The result is text; the caller's template escapes it.
+/// dump otherwise; past [`PAYLOAD_SHOWN`] bytes, the start of it as text or hex. The
+/// result is text; the caller's template escapes it.
 pub(crate) fn payload(bytes: &[u8]) -> (&'static str, String) {
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
-        if let Ok(pretty) = serde_json::to_string_pretty(&value) {
-            return ("JSON", pretty);
+    let shown = &bytes[..bytes.len().min(PAYLOAD_SHOWN)];
+    if shown.len() == bytes.len() {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            if let Ok(pretty) = serde_json::to_string_pretty(&value) {
+                return ("JSON", pretty);
+            }
         }
     }
-    if let Ok(text) = std::str::from_utf8(bytes) {
+    // A cut may split a character: keep the text up to it.
+    let text = match std::str::from_utf8(shown) {
+        Ok(text) => Some(text),
+        Err(err) if shown.len() < bytes.len() && err.error_len().is_none() => {
+            std::str::from_utf8(&shown[..err.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    if let Some(text) = text {
         if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r') {
             return ("text", text.to_owned());
         }
     }
-    ("binary, hex", hex_dump(bytes))
+    ("binary, hex", hex_dump(shown))
 }
 
 /// Sixteen bytes a line: offset, hex, printable ASCII.
@@ -257,5 +272,7 @@ mod tests {
         let (kind, dump) = payload(&[0, 1, 255]);
         assert_eq!(kind, "binary, hex");
         assert!(dump.starts_with("00000000  00 01 ff"), "{dump}");
+        let big = vec![b'a'; PAYLOAD_SHOWN + 10];
+        assert_eq!(payload(&big).1.len(), PAYLOAD_SHOWN, "a large payload is cut");
     }
 }

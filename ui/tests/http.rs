@@ -172,6 +172,9 @@ async fn actions_are_confirmed_then_run_and_reported() {
     // Delete all dead letters matching a search (error contains "#1"), then one pending task.
     let matching =
         [("queue", "emails"), ("state", "dead"), ("all", "1"), ("error", "#1"), ("confirm", "yes")];
+    b.post("/actions/delete", &matching[..4]).await.expect(200).contains(
+        "Delete every dead task matching error &quot;#1&quot; of queue &quot;emails&quot;.",
+    );
     b.post("/actions/delete", &matching).await.expect(303);
     b.get("/").await.contains("Deleted 1 task of &quot;emails&quot;.");
     assert_eq!(f.admin.queue("emails").await.unwrap().dead_letters, 2);

@@ -47,6 +47,9 @@ pub(crate) async fn page(ctx: Ctx, Path(seq): Path<u64>) -> Response {
         }
         h2 { "Payload " span.hint { "(" (kind) ", " (s.size) " bytes)" } }
         pre.payload { (payload) }
+        @if s.size > page::PAYLOAD_SHOWN {
+            p.hint { "Showing the first " (page::PAYLOAD_SHOWN / 1024) " KiB of " (s.size) " bytes." }
+        }
         h2 { "Headers" }
         @if task.headers.is_empty() {
             p.empty { "None." }
