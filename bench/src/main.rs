@@ -50,6 +50,7 @@ const WORKLOADS: &[&str] = &[
     "e2e_process_c64",
     "delayed_burst",
     "periodic_1000",
+    "search_dead_100k",
     "starvation",
     "rate_limit_overhead",
     "many_queues_500",
@@ -78,6 +79,8 @@ struct Options {
     delayed_tasks: usize,
     delayed_lead: Duration,
     periodic_schedules: usize,
+    /// Dead letters searched by `search_dead_100k`.
+    search_dead: u64,
     periodic_window: Duration,
     memory_checkpoints: (usize, usize),
     starvation: workloads::Starvation,
@@ -108,6 +111,7 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
         delayed_tasks: 10_000,
         delayed_lead: Duration::from_secs(10),
         periodic_schedules: 1_000,
+        search_dead: 100_000,
         periodic_window: Duration::from_secs(10),
         memory_checkpoints: (50_000, 500_000),
         starvation: workloads::Starvation { flood: 2_000, trickle: 200 },
@@ -157,6 +161,7 @@ fn parse_args() -> Result<Option<Options>, BoxError> {
                 options.delayed_tasks = 500;
                 options.delayed_lead = Duration::from_secs(3);
                 options.periodic_schedules = 100;
+                options.search_dead = 10_000;
                 options.periodic_window = Duration::from_secs(3);
                 options.memory_checkpoints = (500, 2_000);
                 options.starvation = workloads::Starvation { flood: 400, trickle: 50 };
@@ -397,6 +402,7 @@ async fn run_one(
         "periodic_1000" => {
             workloads::periodic(env, imp, options.periodic_schedules, options.periodic_window).await
         }
+        "search_dead_100k" => workloads::search_dead(env, imp, options.search_dead).await,
         "starvation" => workloads::starvation(env, imp, options.starvation).await,
         "rate_limit_overhead" => workloads::rate_limit_overhead(env, imp, n).await,
         "many_queues_500" => workloads::many_queues(env, imp).await,
@@ -514,6 +520,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "delayed_burst") {
         println!("  delayed_burst: tasks/s = tasks / (last processed - due); lateness in the line below (median p50/p99 over rounds, overall max)");
+    }
+    if rows.iter().any(|r| r.workload == "search_dead_100k") {
+        println!("  search_dead_100k: messages read per second searching 100,000 dead letters for a payload text one in 10,000 contains; natasks: Admin::search; raw: a pull consumer over the dead-letter subject acknowledging nothing (a work-queue stream refuses ordered consumers); natasks_message_gets_per_s: Admin::search again with a worker consumer on the dead-letter queue, reading message by message");
     }
     if rows.iter().any(|r| r.workload == "periodic_1000") {
         println!("  periodic_1000: 1,000 schedules firing every second into one queue (64 slots); tasks/s = ticks processed per second over the window; lateness (processed - tick time) in the line below");

@@ -29,6 +29,7 @@ mod observed;
 mod periodic;
 mod process;
 mod queues;
+mod search;
 mod tracking;
 pub use dashboard::dashboard_overview;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
@@ -36,6 +37,7 @@ pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
 pub use process::{locate_apalis, Shape};
 pub use queues::{many_queues, rate_limit_overhead, starvation, Starvation};
+pub use search::search_dead;
 pub use tracking::{dispatch_tracked, e2e_tracked};
 
 type Res<T> = Result<T, BoxError>;

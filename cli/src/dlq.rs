@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{ArgGroup, Args, Subcommand};
-use natasks::admin::{Admin, BulkOutcome, Selection, TaskDetail, TaskState};
+use natasks::admin::{Admin, BulkOutcome, Filter, Selection, TaskDetail, TaskState};
 use serde_json::json;
 
 use crate::filter::FilterArgs;
@@ -291,8 +291,12 @@ pub async fn run_bulk(
     };
     let mut progress: Option<output::Progress> = None;
     let mut tasks = Vec::new();
+    // A filter's total is what it reads, not what it selects: no progress against it.
+    let counted = !matches!(selection, Selection::Matching(f) if *f != Filter::default());
     let step = |step: &natasks::admin::BulkStep| {
-        progress.get_or_insert_with(|| output::Progress::new(label, step.total)).inc();
+        if counted {
+            progress.get_or_insert_with(|| output::Progress::new(label, step.total)).inc();
+        }
         tasks.push(
             json!({ "seq": step.sequence, "queue": step.queue, "duplicate": step.duplicate }),
         );

@@ -27,6 +27,9 @@
 //!   ([`Client::status`]), its result ([`Client::result`], [`Client::wait`]), its
 //!   progress, a live stream of its events ([`Client::events`]), and it can be cancelled
 //!   ([`Client::cancel`]), from any process. See [`track`].
+//! * **Operations** on queues ([`admin::Admin`]): the overview of every queue, tasks by
+//!   state with paging, search, requeue / delete / purge, schedules, pause and resume. The
+//!   `natasks` CLI is built on it; your own tools can call it too.
 //!
 //! # Delivery guarantees
 //!

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
+use futures_util::TryStreamExt as _;
 use natasks::admin::{
     Admin, AdminErrorKind, Filter, ScheduleKind, SearchOptions, Selection, TaskState,
 };
@@ -296,10 +297,25 @@ async fn search_finds_tasks_by_each_filter_within_its_bounds() {
     assert_eq!(reports.len(), 6, "every thousand, and at the end: {reports:?}");
     assert!(reports.iter().all(|p| p.total == N + 2));
     assert_eq!(reports.last().unwrap().matched, result.items.len() as u64);
-    let limited = SearchOptions { limit: 3, ..everything };
+    let limited = SearchOptions { limit: 3, ..everything.clone() };
     let result = search(Filter::new(), limited).await;
     assert_eq!(result.items.len(), 3);
     assert!(result.truncated);
+    let stream = js.get_stream("NATASKS").await.unwrap();
+    let consumers: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    assert!(consumers.is_empty(), "searching left consumers behind: {consumers:?}");
+
+    // A consumer on the dead-letter queue (a worker of it): the server refuses an
+    // overlapping one, and search reads message by message instead.
+    let dlq_consumer = jetstream::consumer::pull::Config {
+        durable_name: Some("dlq-worker".into()),
+        filter_subject: "natasks.emails-dlq".into(),
+        ..Default::default()
+    };
+    stream.create_consumer(dlq_consumer).await.unwrap();
+    let error = search(Filter::new().error_contains("smtp TIMEOUT #3"), everything).await;
+    assert_eq!((error.items.len() as u64, error.scanned), (N / 10, N + 2));
+    assert_eq!(stored(&js, "natasks.emails-dlq").await, N, "nothing consumed");
 }
 
 #[tokio::test]
@@ -356,5 +372,29 @@ async fn a_requeue_after_a_crash_between_copy_and_delete_stores_one_copy() {
     let outcome = admin.requeue("emails", &Selection::Matching(Filter::default())).await.unwrap();
     assert_eq!((outcome.done, outcome.duplicates), (2, 1), "{outcome:?}");
     assert_eq!(stored(&js, "natasks.emails").await, 2, "one copy each");
+    assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
+}
+
+/// A dead letter naming a dead-letter queue as its original queue goes back to the queue
+/// itself: a copy onto the dead-letter queue would be selected again, without end.
+#[tokio::test]
+async fn a_requeue_never_targets_a_dead_letter_queue() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "emails.send");
+    headers.insert("Natasks-Original-Queue", "emails-dlq");
+    js.publish_with_headers("natasks.emails-dlq", headers, "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let all = Selection::Matching(Filter::default());
+    let outcome = tokio::time::timeout(DEADLINE, admin.requeue("emails", &all))
+        .await
+        .expect("the requeue ends")
+        .unwrap();
+    assert_eq!(outcome.done, 1);
+    assert_eq!(stored(&js, "natasks.emails").await, 1);
     assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
 }

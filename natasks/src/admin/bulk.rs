@@ -330,6 +330,8 @@ impl Admin {
             .get(wire::HEADER_ORIGINAL_QUEUE)
             .map(|v| v.as_str())
             .filter(|q| wire::validate_queue(q).is_ok_and(|v| v == *q))
+            // Never back onto a dead-letter queue: the copy would be selected again.
+            .filter(|q| !q.ends_with(self.dlq_suffix.as_str()))
             .unwrap_or(queue)
             .to_owned();
         let headers = requeued_headers(&self.stream.name, message, &target);

@@ -1,6 +1,13 @@
 //! Operations on queues, for operators and their tools (the `natasks` CLI is built on it):
-//! an overview of every queue, and queue control (pause and resume, the queue's limit of
-//! tasks in flight, rate limits).
+//! an overview of every queue ([`Admin::queues`]); tasks by state with paging
+//! ([`Admin::tasks`], [`Admin::task`]); search by name, header, payload or last error
+//! ([`Admin::search`]); requeue, delete and purge of one task, a selection or every task
+//! matching a filter ([`Admin::requeue`], [`Admin::delete`], [`Admin::purge`]); delayed and
+//! periodic schedules ([`Admin::schedules`], [`Admin::cancel_schedule`]); and queue control
+//! (pause and resume, the queue's limit of tasks in flight, rate limits).
+//!
+//! Reading consumes nothing: tasks are read from the stream (see [`Admin::search`] for the
+//! cost). A task is named by its stream sequence.
 //!
 //! Queue control lives on the broker, on the queue's durable consumer, so it holds for every
 //! worker of the queue (Go workers included), survives restarts of workers and servers, and
@@ -157,6 +164,14 @@ impl AdminError {
             kind: AdminErrorKind::Broker,
             message: format!("{what}: {source}"),
             source: Some(Box::new(source)),
+        }
+    }
+
+    pub(crate) fn broker_boxed(what: impl fmt::Display, source: crate::BoxError) -> Self {
+        Self {
+            kind: AdminErrorKind::Broker,
+            message: format!("{what}: {source}"),
+            source: Some(source),
         }
     }
 

@@ -99,6 +99,83 @@ pub(crate) async fn scan(
     Ok(())
 }
 
+/// Messages one pull of [`scan_by_consumer`] asks for.
+const PULL_BATCH: usize = 1_000;
+
+/// Like [`scan`] from the start of `filter`, through an ephemeral pull consumer that
+/// acknowledges nothing (so nothing is consumed), several times faster than message gets
+/// for a long subject. The server refuses it where a worker consumer covers `filter` (a
+/// work-queue stream's consumers may not overlap), or where the user may not create
+/// consumers: then `Ok(false)`, nothing read, and the caller reads with [`scan`]. While it
+/// reads, a worker cannot start consuming `filter` (its consumer would overlap); the
+/// server removes the consumer after half a minute should this process die.
+pub(crate) async fn scan_by_consumer(
+    stream: &Stream,
+    filter: &str,
+    mut each: impl FnMut(StreamMessage) -> ControlFlow<()>,
+) -> Result<bool, AdminError> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let config = pull::Config {
+        filter_subject: filter.to_owned(),
+        ack_policy: AckPolicy::Explicit,
+        max_ack_pending: -1,
+        ack_wait: std::time::Duration::from_secs(600),
+        inactive_threshold: std::time::Duration::from_secs(30),
+        memory_storage: true,
+        ..Default::default()
+    };
+    let Ok(consumer) = stream.create_consumer(config).await else { return Ok(false) };
+    let name = consumer.cached_info().name.clone();
+    let last = last_sequence(stream).await;
+    let read = async {
+        let last = last?;
+        let what = || format!("read {filter} of stream {:?}", stream.cached_info().config.name);
+        let mut seen = 0;
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(PULL_BATCH)
+                .messages()
+                .await
+                .map_err(|err| AdminError::broker(what(), err))?;
+            let mut got = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|err| AdminError::broker_boxed(what(), err))?;
+                got += 1;
+                let (sequence, time) = match message.info() {
+                    Ok(info) => (info.stream_sequence, info.published),
+                    Err(err) => return Err(AdminError::broker_boxed(what(), err)),
+                };
+                // Redelivered (only after the long ack wait), or stored after the scan began.
+                if sequence <= seen {
+                    continue;
+                }
+                if sequence > last {
+                    return Ok(());
+                }
+                seen = sequence;
+                let (message, _acker) = message.split();
+                let message = StreamMessage {
+                    subject: message.subject,
+                    sequence,
+                    headers: message.headers.unwrap_or_default(),
+                    payload: message.payload,
+                    time,
+                };
+                if each(message).is_break() {
+                    return Ok(());
+                }
+            }
+            if got == 0 {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    let _ = stream.delete_consumer(&name).await;
+    read.map(|()| true)
+}
+
 /// The stream's last sequence, read now.
 pub(crate) async fn last_sequence(stream: &Stream) -> Result<u64, AdminError> {
     let mut stream = stream.clone();

@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::Stream;
 
+use super::tasks::Place;
 use super::tasks::{delayed_wildcard, valid_limit};
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState, TaskSummary};
 use crate::wire;
@@ -239,17 +240,14 @@ impl Admin {
         }
         let states: &[TaskState] =
             if options.states.is_empty() { &TaskState::ALL } else { &options.states };
-        let subjects = self.search_subjects(queue, states);
-        let mut total = 0;
-        for subject in &subjects {
-            total += super::queues::subject_counts(&stream, subject).await?.values().sum::<u64>();
-        }
+        let subjects = self.search_subjects(&stream, queue, states).await?;
+        let total = subjects.iter().map(|(_, count)| count).sum();
         let delivered = self.delivered_all(&stream).await?;
         let mut at = SearchProgress { scanned: 0, total, matched: 0 };
         let mut items = Vec::new();
         let mut truncated = false;
-        for subject in &subjects {
-            read::scan(&stream, subject, 1, None, |message| {
+        for (subject, _) in &subjects {
+            let mut each = |message: StreamMessage| {
                 if at.scanned == options.max_scan {
                     truncated = true;
                     return ControlFlow::Break(());
@@ -273,8 +271,12 @@ impl Admin {
                 at.matched += 1;
                 items.push(summary);
                 ControlFlow::Continue(())
-            })
-            .await?;
+            };
+            // A dead-letter queue no worker consumes reads fastest through a consumer.
+            let dead = matches!(self.place(subject), Place::Dead(_));
+            if !dead || !read::scan_by_consumer(&stream, subject, &mut each).await? {
+                read::scan(&stream, subject, 1, None, &mut each).await?;
+            }
             if truncated {
                 break;
             }
@@ -283,29 +285,31 @@ impl Admin {
         Ok(SearchResult { items, scanned: at.scanned, truncated })
     }
 
-    /// The subject filters holding tasks of `queue` (or every queue) in `states`.
-    fn search_subjects(&self, queue: Option<&str>, states: &[TaskState]) -> Vec<String> {
+    /// The subjects (or subject filters) holding tasks of `queue` (or every queue) in
+    /// `states`, with the messages stored on them.
+    async fn search_subjects(
+        &self,
+        stream: &Stream,
+        queue: Option<&str>,
+        states: &[TaskState],
+    ) -> Result<Vec<(String, u64)>, AdminError> {
         let prefix = &self.stream.subject_prefix;
         let queued = states.iter().any(|s| matches!(s, TaskState::Pending | TaskState::InFlight));
         let dead = states.contains(&TaskState::Dead);
-        let mut subjects = Vec::new();
-        match queue {
-            Some(queue) => {
-                if queued {
-                    subjects.push(wire::queue_subject(prefix, queue));
-                }
-                if dead {
-                    subjects
-                        .push(wire::queue_subject(prefix, &format!("{queue}{}", self.dlq_suffix)));
-                }
-            }
-            None if queued || dead => subjects.push(wire::queues_wildcard(prefix)),
-            None => {}
-        }
+        let wanted = |subject: &str| match self.place(subject) {
+            Place::Queue(q) => queued && queue.is_none_or(|want| want == q),
+            Place::Dead(q) => dead && queue.is_none_or(|want| want == q),
+            _ => false,
+        };
+        let counts = super::queues::subject_counts(stream, &wire::queues_wildcard(prefix)).await?;
+        let mut subjects: Vec<(String, u64)> =
+            counts.into_iter().filter(|(subject, _)| wanted(subject)).collect();
         if states.contains(&TaskState::Scheduled) {
-            subjects.push(delayed_wildcard(prefix));
+            let filter = delayed_wildcard(prefix);
+            let counts = super::queues::subject_counts(stream, &filter).await?;
+            subjects.push((filter, counts.values().sum()));
         }
-        subjects
+        Ok(subjects)
     }
 
     /// The last stream sequence each queue's worker consumer delivered, by queue.
