@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub(crate) read_only: bool,
     pub(crate) auth: Option<Auth>,
     pub(crate) refresh: Duration,
+    /// The reading of the queues every open live overview shares.
+    pub(crate) live: live::Shared,
 }
 
 /// The handlers' state.
@@ -157,6 +159,7 @@ impl Dashboard {
             read_only: self.read_only,
             auth: self.auth,
             refresh: self.refresh,
+            live: live::Shared::default(),
         });
         let protected = Router::new()
             .route("/", get(pages::overview::page))

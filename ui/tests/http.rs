@@ -575,3 +575,37 @@ async fn nested_in_an_app_its_links_and_actions_follow_the_path() {
     assert!(admin.queue("emails").await.unwrap().paused_until.is_some());
     b.get("/ops").await.expect(200).contains("paused.");
 }
+
+#[tokio::test]
+async fn open_overviews_share_one_reading_and_follow_changes() {
+    let f = start(|d| d.refresh(Duration::from_millis(100))).await;
+    dead_letter(&f.js, "emails", "send", b"{}", "e", ("X", "1")).await;
+    // Two pages at once each see the queue. Once both have gone the poller stops; the next
+    // page starts another (a stale subscription would end its stream at once).
+    let (a, b) = tokio::join!(first_live_event(f.addr, ""), first_live_event(f.addr, ""));
+    for event in [a, b] {
+        assert!(event.contains(r#""dead_letters":1"#), "{event}");
+    }
+    // No page for three refreshes: the poller notices at its next refresh and stops. (The
+    // scenario is time passing with no page open, so this waits on the clock.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A change shows on the open page, with the rate known from the second event on.
+    let js = f.js.clone();
+    let mut added = None;
+    let events = live_events(f.addr, "", 20, |i| {
+        if i == 0 {
+            let js = js.clone();
+            added = Some(tokio::spawn(async move {
+                dead_letter(&js, "emails", "send", b"{}", "e2", ("X", "1")).await
+            }));
+        }
+    })
+    .await;
+    added.unwrap().await.unwrap();
+    assert!(events[0].contains(r#""dead_letters":1"#), "{events:?}");
+    assert!(events.iter().any(|e| e.contains(r#""dead_letters":2"#)), "{events:?}");
+    assert!(
+        events[0].contains(r#""rate":null"#) && events[1].contains(r#""rate":"+"#),
+        "{events:?}"
+    );
+}

@@ -287,25 +287,40 @@ pub fn encode(text: &str) -> String {
 
 /// Reads the first `queues` event of the live stream.
 pub async fn first_live_event(addr: SocketAddr, cookie: &str) -> String {
+    live_events(addr, cookie, 1, |_| {}).await.remove(0)
+}
+
+/// Reads `count` `queues` events of one live stream, calling `between` with each event's
+/// index once it has arrived.
+pub async fn live_events(
+    addr: SocketAddr,
+    cookie: &str,
+    count: usize,
+    mut between: impl FnMut(usize),
+) -> Vec<String> {
     let request = format!("GET /live HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n");
     let read = async {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
-        let mut seen = Vec::new();
+        let mut text = String::new();
+        let mut events = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the live stream ended: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&seen).into_owned();
-            if let Some(at) = text.find("event: queues") {
-                if let Some(end) = text[at..].find("\n\n") {
-                    return text[at..at + end].to_owned();
+            while let Some(at) = text.find("event: queues") {
+                let Some(end) = text[at..].find("\n\n") else { break };
+                events.push(text[at..at + end].to_owned());
+                text.drain(..at + end);
+                between(events.len() - 1);
+                if events.len() == count {
+                    return events;
                 }
             }
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the live stream ended after {} events", events.len());
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     };
-    tokio::time::timeout(DEADLINE, read).await.expect("a live event within the deadline")
+    tokio::time::timeout(DEADLINE, read).await.expect("live events within the deadline")
 }
 
 /// A JSON request (`body` `None`: no body), answered with its status and JSON value.
