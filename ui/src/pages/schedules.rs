@@ -38,7 +38,8 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
                         td { (match s.kind { ScheduleKind::Delayed => "delayed", _ => "periodic" }) }
                         td { a href=(ctx.url(&format!("/queues/{}", s.queue))) { (s.queue) } }
                         td.wrap { (s.name) }
-                        td.wrap { (s.spec) }
+                        // A delayed task's spec repeats its due time, shown under Next.
+                        td.wrap { @if s.kind == ScheduleKind::Delayed { "once" } @else { (s.spec) } }
                         td { (s.next.map(page::time).unwrap_or_default()) }
                         td.hide-narrow { (s.id) }
                         @if ctx.can_act() { td {
