@@ -22,6 +22,10 @@ pub struct UiArgs {
     /// Show pages only; hide and refuse every action.
     #[arg(long)]
     read_only: bool,
+    /// Also answer to this host name (`name` or `name:port`), such as a reverse proxy's
+    /// public name; besides it, only `localhost` and IP addresses are served. Repeatable.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
 }
 
 pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
@@ -41,7 +45,10 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
         .build()
         .await
         .context(|| "cannot prepare the dispatch client".to_owned())?;
-    let dashboard = Dashboard::new(admin, client).read_only(args.read_only).auth(auth);
+    let dashboard = Dashboard::new(admin, client)
+        .read_only(args.read_only)
+        .auth(auth)
+        .allowed_hosts(args.allowed_hosts);
     // Refuse before binding, so nothing ever listens unprotected.
     dashboard.check_exposure(args.listen).map_err(|err| Error::msg(err.to_string()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -43,9 +43,11 @@ pub(crate) async fn handle(
             "the dashboard is read-only: actions are disabled",
         );
     }
-    if let Err((status, why)) =
-        security::check_form(&headers, fields.get("csrf").map(String::as_str))
-    {
+    if let Err((status, why)) = security::check_form(
+        &ctx.state.allowed_hosts,
+        &headers,
+        fields.get("csrf").map(String::as_str),
+    ) {
         return ctx.error_page(status, "Action refused", &why);
     }
     let Some(what) = describe(&action, &fields) else {

@@ -75,6 +75,7 @@ pub struct Dashboard {
     read_only: bool,
     auth: Option<Auth>,
     refresh: Duration,
+    allowed_hosts: Vec<String>,
 }
 
 impl fmt::Debug for Dashboard {
@@ -83,6 +84,7 @@ impl fmt::Debug for Dashboard {
             .field("read_only", &self.read_only)
             .field("auth", &self.auth)
             .field("refresh", &self.refresh)
+            .field("allowed_hosts", &self.allowed_hosts)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) read_only: bool,
     pub(crate) auth: Option<Auth>,
     pub(crate) refresh: Duration,
+    /// Host names served beside loopback names and IP addresses, lowercase.
+    pub(crate) allowed_hosts: Vec<String>,
     /// The reading of the queues every open live overview shares.
     pub(crate) live: live::Shared,
 }
@@ -105,7 +109,14 @@ impl Dashboard {
     /// A dashboard over the queues `admin` sees; `client` dispatches the tasks of its
     /// dispatch form. Give both the same stream layout.
     pub fn new(admin: Admin, client: Client) -> Self {
-        Self { admin, client, read_only: false, auth: None, refresh: DEFAULT_REFRESH }
+        Self {
+            admin,
+            client,
+            read_only: false,
+            auth: None,
+            refresh: DEFAULT_REFRESH,
+            allowed_hosts: Vec::new(),
+        }
     }
 
     /// Read-only mode: pages only; every action is hidden and refused. Default: off.
@@ -128,6 +139,21 @@ impl Dashboard {
     #[must_use]
     pub fn refresh(mut self, every: Duration) -> Self {
         self.refresh = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Host names the dashboard answers to besides `localhost` and IP addresses, such as
+    /// the public name of a reverse proxy in front of it (`ops.example.com`, any port, or
+    /// `ops.example.com:8443`, that port only). Requests naming another host are refused,
+    /// so a page of another site whose name is rebound to this address cannot use the
+    /// dashboard; forms posted from these names are accepted as same-origin. Default: none.
+    #[must_use]
+    pub fn allowed_hosts<I, S>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.allowed_hosts = hosts.into_iter().map(|h| h.into().to_ascii_lowercase()).collect();
         self
     }
 
@@ -159,6 +185,7 @@ impl Dashboard {
             read_only: self.read_only,
             auth: self.auth,
             refresh: self.refresh,
+            allowed_hosts: self.allowed_hosts,
             live: live::Shared::default(),
         });
         let protected = Router::new()
@@ -176,6 +203,7 @@ impl Dashboard {
             .merge(protected)
             .route("/login", get(security::login_page).post(security::login))
             .route("/assets/{file}", get(assets::serve))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), security::require_host))
             .with_state(state)
     }
 

@@ -15,6 +15,8 @@
 //! * **Read-only mode** ([`Dashboard::read_only`]) hides and refuses every action.
 //! * [`Dashboard::serve`] refuses to listen beyond loopback without authentication unless
 //!   read-only ([`DashboardErrorKind::Unprotected`]).
+//! * It answers only to `localhost`, IP addresses and [`Dashboard::allowed_hosts`], so a
+//!   page of another site whose name is rebound to a loopback address cannot use it.
 //! * Every action is a POST carrying a random token bound to a cookie (CSRF), and is
 //!   refused when the browser says it comes from another site or origin.
 //! * Everything that comes from tasks (payloads, headers, errors, names) is escaped.

@@ -103,9 +103,76 @@ pub(crate) async fn require_auth(
     }
 }
 
+/// Splits `host[:port]` (`[v6]:port` too) into its lowercase name and port.
+fn split_host(host: &str) -> (String, Option<&str>) {
+    let host = host.trim();
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, port)) => (format!("[{v6}]"), port.strip_prefix(':')),
+            None => (host.to_owned(), None),
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                (name.to_owned(), Some(port))
+            }
+            _ => (host.to_owned(), None),
+        }
+    };
+    (name.to_ascii_lowercase(), port)
+}
+
+/// Whether `host` is one of the configured names (`name` any port, `name:port` that port).
+fn configured(allowed: &[String], host: &str) -> bool {
+    let (name, port) = split_host(host);
+    let with_port = port.map(|p| format!("{name}:{p}"));
+    allowed.iter().any(|a| *a == name || Some(a) == with_port.as_ref())
+}
+
+/// Whether the dashboard answers to `host`: `localhost`, an IP address (a name another
+/// site could rebind to this address is never an IP address), or a configured name.
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let (name, _) = split_host(host);
+    name == "localhost"
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .is_some_and(|n| n.parse::<std::net::Ipv6Addr>().is_ok())
+        || configured(allowed, host)
+}
+
+/// Middleware: refuses a request naming a host the dashboard does not answer to, such as
+/// a page of another site whose name was rebound to this address. A request without a
+/// `Host` header (HTTP/2) is judged by its URI's authority, which then serves as its host.
+pub(crate) async fn require_host(
+    Extract(state): Extract<State>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().unwrap_or("").to_owned(),
+        None => request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default(),
+    };
+    if !host_allowed(&state.allowed_hosts, &host) {
+        let why = format!(
+            "refused: this dashboard does not answer to host {host:?}; an operator can allow \
+             it (allowed hosts, `natasks ui --allowed-host`)"
+        );
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    if !request.headers().contains_key(header::HOST) {
+        if let Ok(value) = HeaderValue::from_str(&host) {
+            request.headers_mut().insert(header::HOST, value);
+        }
+    }
+    next.run(request).await
+}
+
 /// Refuses a form posted from another site or without the CSRF token of this browser's
-/// cookie.
+/// cookie. The form's origin must be the request's host or one of the `allowed` hosts.
 pub(crate) fn check_form(
+    allowed: &[String],
     headers: &HeaderMap,
     form_token: Option<&str>,
 ) -> Result<(), (StatusCode, String)> {
@@ -119,7 +186,9 @@ pub(crate) fn check_form(
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
         let origin = origin.to_str().unwrap_or("");
         let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
-        if origin_host.is_empty() || origin_host != host {
+        let same = !origin_host.is_empty()
+            && (origin_host.eq_ignore_ascii_case(host) || configured(allowed, origin_host));
+        if !same {
             return forbidden("refused: the request came from another origin");
         }
     }
@@ -163,7 +232,8 @@ pub(crate) async fn login(ctx: Ctx, headers: HeaderMap, Form(form): Form<Login>)
     let Some(Auth::Token(token)) = &ctx.state.auth else {
         return (StatusCode::NOT_FOUND, "no login here").into_response();
     };
-    if let Err((status, why)) = check_form(&headers, form.csrf.as_deref()) {
+    if let Err((status, why)) = check_form(&ctx.state.allowed_hosts, &headers, form.csrf.as_deref())
+    {
         return ctx.error_page(status, "Login refused", &why);
     }
     if !same_secret(&form.token, token) {
@@ -183,7 +253,8 @@ pub(crate) struct Logout {
 
 /// Forgets the login cookie.
 pub(crate) async fn logout(ctx: Ctx, headers: HeaderMap, Form(form): Form<Logout>) -> Response {
-    if let Err((status, why)) = check_form(&headers, form.csrf.as_deref()) {
+    if let Err((status, why)) = check_form(&ctx.state.allowed_hosts, &headers, form.csrf.as_deref())
+    {
         return ctx.error_page(status, "Logout refused", &why);
     }
     let mut response = page::redirect(&ctx.url("/login"));
@@ -210,6 +281,19 @@ mod tests {
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("abc", "ab"));
+    }
+
+    #[test]
+    fn hosts_are_loopback_ip_or_configured() {
+        let allowed = vec!["ops.example.com".to_owned(), "other.example:8443".to_owned()];
+        for host in ["localhost:80", "127.0.0.1", "10.0.0.5:8080", "[::1]:8080", "OPS.example.com"]
+        {
+            assert!(host_allowed(&allowed, host), "{host}");
+        }
+        assert!(host_allowed(&allowed, "other.example:8443"));
+        for host in ["evil.example", "other.example:80", "", "[::1", "localhost.evil.example"] {
+            assert!(!host_allowed(&allowed, host), "{host}");
+        }
     }
 
     #[test]

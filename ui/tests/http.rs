@@ -609,3 +609,48 @@ async fn open_overviews_share_one_reading_and_follow_changes() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn only_loopback_ip_and_allowed_host_names_are_served() {
+    let f = start(|d| d).await;
+    dead_letters(&f, "emails", 2).await;
+    // A page of another site whose name was rebound to 127.0.0.1 sends its own name.
+    let mut rebound = f.browser();
+    rebound.host = Some(format!("evil.example:{}", f.addr.port()));
+    rebound.get("/").await.expect(403).contains("evil.example");
+    rebound.cookies.insert("natasks_csrf".into(), "a".repeat(64));
+    let fields = [("queue", "emails"), ("state", "dead"), ("all", "1"), ("confirm", "yes")];
+    rebound.post("/actions/delete", &fields).await.expect(403);
+    assert_eq!(f.admin.queue("emails").await.unwrap().dead_letters, 2, "nothing deleted");
+    // Loopback names and IP addresses are served.
+    for host in [format!("localhost:{}", f.addr.port()), format!("[::1]:{}", f.addr.port())] {
+        let mut b = f.browser();
+        b.host = Some(host);
+        b.get("/").await.expect(200);
+    }
+}
+
+#[tokio::test]
+async fn allowed_hosts_serve_a_public_name_and_accept_its_origin() {
+    let f = start(|d| d.allowed_hosts(["ops.example.com"])).await;
+    consumer(&f, "emails").await;
+    let mut b = f.browser();
+    b.host = Some("OPS.example.com".into());
+    b.get("/").await.expect(200);
+    // Behind a reverse proxy the Host is the proxy's upstream, the Origin the public name.
+    let mut proxied = f.browser();
+    proxied.get("/").await.expect(200);
+    let fields = confirmed(&[("queue", "emails".into())], Some(proxied.csrf()));
+    proxied
+        .post_raw("/actions/pause", &fields, &[("Origin", "https://ops.example.com")])
+        .await
+        .expect(303);
+    assert!(f.admin.queue("emails").await.unwrap().paused_until.is_some());
+    proxied
+        .post_raw("/actions/resume", &fields, &[("Origin", "https://evil.example")])
+        .await
+        .expect(403);
+    let mut other = f.browser();
+    other.host = Some("evil.example".into());
+    other.get("/").await.expect(403);
+}

@@ -134,16 +134,23 @@ pub struct Browser {
     pub cookies: BTreeMap<String, String>,
     /// Extra headers sent with every request (such as `Authorization`).
     pub headers: Vec<(String, String)>,
+    /// The `Host` header and the origin of posted forms; the address when `None`.
+    pub host: Option<String>,
 }
 
 impl Browser {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, cookies: BTreeMap::new(), headers: Vec::new() }
+        Self { addr, cookies: BTreeMap::new(), headers: Vec::new(), host: None }
     }
 
     /// The CSRF token of this browser's cookie (after a first page).
     pub fn csrf(&self) -> String {
         self.cookies.get("natasks_csrf").cloned().expect("no CSRF cookie yet: get a page first")
+    }
+
+    /// The `Host` this browser sends.
+    pub fn host(&self) -> String {
+        self.host.clone().unwrap_or_else(|| self.addr.to_string())
     }
 
     pub async fn get(&mut self, path: &str) -> Response {
@@ -158,7 +165,7 @@ impl Browser {
         if !fields.iter().any(|(k, _)| k == "csrf") {
             fields.push(("csrf".into(), self.csrf()));
         }
-        let origin = format!("http://{}", self.addr);
+        let origin = format!("http://{}", self.host());
         let headers = [("Origin", origin.as_str()), ("Sec-Fetch-Site", "same-origin")];
         self.post_raw(path, &fields, &headers).await
     }
@@ -183,7 +190,7 @@ impl Browser {
         form: Option<String>,
     ) -> Response {
         let mut head =
-            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.host());
         if !self.cookies.is_empty() {
             let jar: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
             head.push_str(&format!("Cookie: {}\r\n", jar.join("; ")));
