@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let js = async_nats::jetstream::new(async_nats::connect(url).await?);
-    let token = std::env::var("DASHBOARD_TOKEN").unwrap_or_else(|_| "change-me".into());
+    let token = std::env::var("DASHBOARD_TOKEN").unwrap_or_else(|_| "change-me-please".into());
     let client = Client::new(js.clone()).await?;
     client.dispatch(Task::new("hello", r#"{"from":"embed"}"#), "example-dashboard").await?;
 

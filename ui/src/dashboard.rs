@@ -32,13 +32,18 @@ pub enum Auth {
     },
 }
 
+/// The fewest characters a token or password may have.
+pub const MIN_SECRET_LEN: usize = 12;
+
 impl Auth {
-    /// A bearer token ([`Auth::Token`]).
+    /// A bearer token ([`Auth::Token`]), of at least [`MIN_SECRET_LEN`] characters
+    /// ([`Dashboard::serve`] and [`Dashboard::check_exposure`] refuse a shorter one).
     pub fn token(token: impl Into<String>) -> Self {
         Self::Token(token.into())
     }
 
-    /// Basic authentication ([`Auth::Basic`]).
+    /// Basic authentication ([`Auth::Basic`]): a user name and a password of at least
+    /// [`MIN_SECRET_LEN`] characters.
     pub fn basic(user: impl Into<String>, password: impl Into<String>) -> Self {
         Self::Basic { user: user.into(), password: password.into() }
     }
@@ -47,13 +52,43 @@ impl Auth {
     pub fn parse_basic(text: &str) -> Result<Self, DashboardError> {
         match text.split_once(':') {
             Some((user, password)) if !user.is_empty() && !password.is_empty() => {
-                Ok(Self::basic(user, password))
+                let auth = Self::basic(user, password);
+                auth.check()?;
+                Ok(auth)
             }
             _ => Err(DashboardError::new(
                 DashboardErrorKind::InvalidConfig,
                 "basic auth must be user:password, both non-empty",
             )),
         }
+    }
+
+    /// Refuses an empty user name or a secret too short to keep anyone out.
+    pub fn check(&self) -> Result<(), DashboardError> {
+        let invalid =
+            |why: String| Err(DashboardError::new(DashboardErrorKind::InvalidConfig, why));
+        match self {
+            Self::Token(token) if token.chars().count() < MIN_SECRET_LEN => invalid(format!(
+                "the dashboard's token must have at least {MIN_SECRET_LEN} characters, not {}",
+                token.chars().count()
+            )),
+            Self::Basic { user, .. } if user.is_empty() => {
+                invalid("basic auth needs a user name".to_owned())
+            }
+            Self::Basic { password, .. } if password.chars().count() < MIN_SECRET_LEN => {
+                invalid(format!(
+                    "the dashboard's basic auth password must have at least {MIN_SECRET_LEN} \
+                     characters, not {}",
+                    password.chars().count()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the secret is usable; a router taken with an unusable one lets nobody in.
+    pub(crate) fn usable(&self) -> bool {
+        self.check().is_ok()
     }
 }
 
@@ -160,7 +195,12 @@ impl Dashboard {
     /// Whether actions need authentication that is missing: `Err` when the dashboard
     /// would let anyone who reaches `addr` change queues, that is when `addr` is not a
     /// loopback address, no [`auth`](Self::auth) is set and it is not read-only.
+    /// Also refuses an [`auth`](Self::auth) whose secret is empty or too short
+    /// ([`Auth::check`]).
     pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), DashboardError> {
+        if let Some(auth) = &self.auth {
+            auth.check()?;
+        }
         if addr.ip().is_loopback() || self.auth.is_some() || self.read_only {
             return Ok(());
         }

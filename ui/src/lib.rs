@@ -36,7 +36,9 @@ mod page;
 mod pages;
 mod security;
 
-pub use dashboard::{Auth, Dashboard, DashboardError, DashboardErrorKind, DEFAULT_REFRESH};
+pub use dashboard::{
+    Auth, Dashboard, DashboardError, DashboardErrorKind, DEFAULT_REFRESH, MIN_SECRET_LEN,
+};
 
 /// An error and its sources on one line, skipping sources already part of the message.
 pub(crate) fn one_line(err: &dyn std::error::Error) -> String {

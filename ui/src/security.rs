@@ -57,6 +57,9 @@ pub(crate) fn set_cookie(name: &str, value: &str, base: &str, max_age: Option<u6
 
 /// Whether the request carries the configured credentials.
 fn authenticated(auth: &Auth, headers: &HeaderMap) -> bool {
+    if !auth.usable() {
+        return false;
+    }
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match auth {
         Auth::Token(token) => {
@@ -236,7 +239,7 @@ pub(crate) async fn login(ctx: Ctx, headers: HeaderMap, Form(form): Form<Login>)
     {
         return ctx.error_page(status, "Login refused", &why);
     }
-    if !same_secret(&form.token, token) {
+    if !ctx.state.auth.as_ref().is_some_and(Auth::usable) || !same_secret(&form.token, token) {
         return ctx.error_page(StatusCode::UNAUTHORIZED, "Login refused", "wrong token");
     }
     let mut response = page::redirect(&ctx.url("/"));

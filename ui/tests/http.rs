@@ -368,7 +368,7 @@ async fn read_only_mode_hides_and_refuses_every_action() {
 
 #[tokio::test]
 async fn a_token_guards_every_page_and_action() {
-    let f = start(|d| d.auth(Auth::token("s3cret"))).await;
+    let f = start(|d| d.auth(Auth::token("s3cret-token-1"))).await;
     consumer(&f, "emails").await;
     let dead = dead_letter(&f.js, "emails", "send", b"{}", "e", ("X", "1")).await;
     let mut b = f.browser();
@@ -385,7 +385,7 @@ async fn a_token_guards_every_page_and_action() {
     }
     unchanged(&f).await;
     b.post("/login", &[("token", "wrong")]).await.expect(401).contains("wrong token");
-    b.post("/login", &[("token", "s3cret")]).await.expect(303);
+    b.post("/login", &[("token", "s3cret-token-1")]).await.expect(303);
     assert!(b.cookies.contains_key("natasks_auth"));
     b.get("/").await.expect(200).contains("Log out");
     b.post("/actions/pause", &[("queue", "emails"), ("confirm", "yes")]).await.expect(303);
@@ -394,15 +394,15 @@ async fn a_token_guards_every_page_and_action() {
     b.get("/").await.expect(401);
 
     let mut api = Browser::new(f.addr);
-    api.headers.push(("Authorization".into(), "Bearer s3cret".into()));
+    api.headers.push(("Authorization".into(), "Bearer s3cret-token-1".into()));
     api.get("/").await.expect(200);
-    api.headers[0].1 = "Bearer s3cre".into();
+    api.headers[0].1 = "Bearer s3cret-token-".into();
     api.get("/").await.expect(401);
 }
 
 #[tokio::test]
 async fn basic_auth_guards_every_page_and_action() {
-    let f = start(|d| d.auth(Auth::basic("ops", "pa:ss"))).await;
+    let f = start(|d| d.auth(Auth::basic("ops", "pa:ss-long-enough"))).await;
     consumer(&f, "emails").await;
     let dead = dead_letter(&f.js, "emails", "send", b"{}", "e", ("X", "1")).await;
     let mut b = f.browser();
@@ -411,7 +411,7 @@ async fn basic_auth_guards_every_page_and_action() {
         refused.header("www-authenticate").is_some_and(|v| v.starts_with("Basic")),
         "{refused:?}"
     );
-    b.headers.push(("Authorization".into(), "Basic b3BzOnBhOnNz".into())); // ops:pa:ss
+    b.headers.push(("Authorization".into(), "Basic b3BzOnBhOnNzLWxvbmctZW5vdWdo".into())); // ops:pa:ss-long-enough
     b.get("/").await.expect(200);
     let mut wrong = Browser::new(f.addr);
     wrong.headers.push(("Authorization".into(), "Basic b3BzOnBhc3M=".into())); // ops:pass
@@ -486,7 +486,7 @@ async fn an_exposed_address_without_auth_is_refused() {
     let err = dashboard().await.check_exposure(exposed).unwrap_err();
     assert_eq!(err.kind(), DashboardErrorKind::Unprotected);
     assert!(err.to_string().contains("without authentication"), "{err}");
-    dashboard().await.auth(Auth::token("t")).check_exposure(exposed).unwrap();
+    dashboard().await.auth(Auth::token("a-long-token")).check_exposure(exposed).unwrap();
     dashboard().await.read_only(true).check_exposure(exposed).unwrap();
     dashboard().await.check_exposure("127.0.0.1:8080".parse().unwrap()).unwrap();
     dashboard().await.check_exposure("[::1]:8080".parse().unwrap()).unwrap();
@@ -545,9 +545,10 @@ async fn nested_in_an_app_its_links_and_actions_follow_the_path() {
         .build()
         .await
         .unwrap();
-    let app = axum::Router::new()
-        .route("/", axum::routing::get(|| async { "mine" }))
-        .nest("/ops", Dashboard::new(admin.clone(), client).auth(Auth::token("t")).router());
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "mine" })).nest(
+        "/ops",
+        Dashboard::new(admin.clone(), client).auth(Auth::token("a-long-token")).router(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -556,7 +557,7 @@ async fn nested_in_an_app_its_links_and_actions_follow_the_path() {
     b.get("/").await.expect(200).contains("mine");
     b.get("/ops").await.expect(401).contains(r#"href="/ops/login""#);
     b.get("/ops/login").await.expect(200).contains(r#"action="/ops/login""#);
-    let login = b.post("/ops/login", &[("token", "t")]).await.expect(303);
+    let login = b.post("/ops/login", &[("token", "a-long-token")]).await.expect(303);
     assert_eq!(login.header("location"), Some("/ops"));
     assert!(login.header("set-cookie").is_some_and(|c| c.contains("Path=/ops;")), "{login:?}");
     let overview = b.get("/ops").await.expect(200);
@@ -653,4 +654,39 @@ async fn allowed_hosts_serve_a_public_name_and_accept_its_origin() {
     let mut other = f.browser();
     other.host = Some("evil.example".into());
     other.get("/").await.expect(403);
+}
+
+#[tokio::test]
+async fn empty_or_short_secrets_are_refused() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = natasks::Client::new(js.clone()).await.unwrap();
+    let dashboard = || Dashboard::new(natasks::admin::Admin::new(js.clone()), client.clone());
+    let loopback = "127.0.0.1:8080".parse().unwrap();
+    for auth in [
+        Auth::token(""),
+        Auth::token("short"),
+        Auth::basic("", ""),
+        Auth::basic("ops", ""),
+        Auth::basic("", "a long enough password"),
+    ] {
+        let err = dashboard().auth(auth.clone()).check_exposure(loopback).unwrap_err();
+        assert_eq!(err.kind(), DashboardErrorKind::InvalidConfig, "{auth:?}: {err}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = tokio::time::timeout(
+            DEADLINE,
+            dashboard().auth(auth.clone()).serve(listener, std::future::pending()),
+        )
+        .await
+        .expect("serve refuses at once");
+        assert_eq!(served.unwrap_err().kind(), DashboardErrorKind::InvalidConfig, "{auth:?}");
+    }
+    // A router taken without serve lets nobody in rather than everybody.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = dashboard().auth(Auth::token("")).router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut b = Browser::new(addr);
+    b.cookies.insert("natasks_auth".into(), String::new());
+    b.get("/").await.expect(401);
 }
