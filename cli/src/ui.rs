@@ -10,7 +10,7 @@ use crate::{conn, Context as _, Error, Global, Result};
 /// Serve the web dashboard.
 #[derive(Debug, Args)]
 pub struct UiArgs {
-    /// Address to listen on. Beyond loopback, authentication or --read-only is required.
+    /// Address to listen on. Beyond loopback, authentication is required (read-only too).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     listen: SocketAddr,
     /// Require this token (`Authorization: Bearer`, or typed into the login page).

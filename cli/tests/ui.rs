@@ -15,6 +15,8 @@ async fn an_exposed_address_without_auth_is_refused_with_the_reason() {
     let server = NatsServer::start().await;
     let run = natasks(&server.url(), &["ui", "--listen", "0.0.0.0:0"]).await;
     run.failed("refusing to serve the dashboard on 0.0.0.0:0 without authentication");
+    let run = natasks(&server.url(), &["ui", "--listen", "0.0.0.0:0", "--read-only"]).await;
+    run.failed("could read every task's payloads");
     let run = natasks(&server.url(), &["ui", "--listen", "0.0.0.0:0", "--basic-auth", "ops"]).await;
     run.failed("basic auth must be user:password");
     let run = natasks(&server.url(), &["ui", "--auth-token", "t", "--basic-auth", "a:b"]).await;

@@ -162,7 +162,7 @@ impl Dashboard {
     }
 
     /// Requires this authentication for every page and action. Default: none, which
-    /// [`serve`](Self::serve) accepts only on a loopback address or in read-only mode.
+    /// [`serve`](Self::serve) accepts only on a loopback address.
     #[must_use]
     pub fn auth(mut self, auth: impl Into<Option<Auth>>) -> Self {
         self.auth = auth.into();
@@ -192,24 +192,25 @@ impl Dashboard {
         self
     }
 
-    /// Whether actions need authentication that is missing: `Err` when the dashboard
-    /// would let anyone who reaches `addr` change queues, that is when `addr` is not a
-    /// loopback address, no [`auth`](Self::auth) is set and it is not read-only.
+    /// Whether the dashboard is exposed without authentication: `Err` when `addr` is not a
+    /// loopback address and no [`auth`](Self::auth) is set, read-only included, since every
+    /// page shows task payloads, which often carry secrets.
     /// Also refuses an [`auth`](Self::auth) whose secret is empty or too short
     /// ([`Auth::check`]).
     pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), DashboardError> {
         if let Some(auth) = &self.auth {
             auth.check()?;
         }
-        if addr.ip().is_loopback() || self.auth.is_some() || self.read_only {
+        if addr.ip().is_loopback() || self.auth.is_some() {
             return Ok(());
         }
         Err(DashboardError::new(
             DashboardErrorKind::Unprotected,
             format!(
                 "refusing to serve the dashboard on {addr} without authentication: anyone who \
-                 can reach a non-loopback address could requeue, delete and dispatch tasks; set \
-                 a token or basic auth, use read-only mode, or listen on a loopback address"
+                 can reach a non-loopback address could read every task's payloads and, unless \
+                 read-only, requeue, delete and dispatch tasks; set a token or basic auth, or \
+                 listen on a loopback address"
             ),
         ))
     }
@@ -279,7 +280,7 @@ pub struct DashboardError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DashboardErrorKind {
-    /// Listening beyond loopback without authentication while actions are allowed.
+    /// Listening beyond loopback without authentication (read-only included).
     Unprotected,
     /// A setting that cannot be used (such as basic auth without a password).
     InvalidConfig,

@@ -13,8 +13,8 @@
 //! * **Authentication**: [`Auth::Token`] (a bearer token, or typed once into the login form,
 //!   then kept in an HttpOnly cookie) or [`Auth::Basic`]. When set, every page needs it.
 //! * **Read-only mode** ([`Dashboard::read_only`]) hides and refuses every action.
-//! * [`Dashboard::serve`] refuses to listen beyond loopback without authentication unless
-//!   read-only ([`DashboardErrorKind::Unprotected`]).
+//! * [`Dashboard::serve`] refuses to listen beyond loopback without authentication, even
+//!   read-only, since pages show payloads ([`DashboardErrorKind::Unprotected`]).
 //! * It answers only to `localhost`, IP addresses and [`Dashboard::allowed_hosts`], so a
 //!   page of another site whose name is rebound to a loopback address cannot use it.
 //! * Every action is a POST carrying a random token bound to a cookie (CSRF), and is

@@ -487,7 +487,10 @@ async fn an_exposed_address_without_auth_is_refused() {
     assert_eq!(err.kind(), DashboardErrorKind::Unprotected);
     assert!(err.to_string().contains("without authentication"), "{err}");
     dashboard().await.auth(Auth::token("a-long-token")).check_exposure(exposed).unwrap();
-    dashboard().await.read_only(true).check_exposure(exposed).unwrap();
+    // Read-only still shows every payload, which may carry secrets.
+    let err = dashboard().await.read_only(true).check_exposure(exposed).unwrap_err();
+    assert_eq!(err.kind(), DashboardErrorKind::Unprotected);
+    assert!(err.to_string().contains("payloads"), "{err}");
     dashboard().await.check_exposure("127.0.0.1:8080".parse().unwrap()).unwrap();
     dashboard().await.check_exposure("[::1]:8080".parse().unwrap()).unwrap();
 
