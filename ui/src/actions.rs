@@ -12,7 +12,7 @@ use maud::{html, Markup};
 use natasks::admin::{AdminError, AdminErrorKind, Selection, TaskState};
 use natasks::{DispatchErrorKind, Task};
 
-use crate::page::Ctx;
+use crate::page::{queue_path, Ctx};
 use crate::pages::list::FilterFields;
 use crate::security;
 
@@ -103,8 +103,7 @@ fn describe(action: &str, fields: &Fields) -> Option<Markup> {
 
 /// The confirmation step: the same form once more, with `confirm=yes`.
 fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
-    let cancel =
-        fields.get("queue").map(|q| format!("/queues/{q}")).unwrap_or_else(|| "/".to_owned());
+    let cancel = fields.get("queue").map(|q| queue_path(q)).unwrap_or_else(|| "/".to_owned());
     let body = html! {
         h1 { "Confirm" }
         div.card {
@@ -132,7 +131,7 @@ fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
 async fn run(ctx: &Ctx, action: &str, fields: &Fields) -> Result<Done, Failure> {
     let admin = &ctx.state.admin;
     let queue = fields.get("queue").map(String::as_str).unwrap_or("");
-    let back = format!("/queues/{queue}");
+    let back = queue_path(queue);
     match action {
         "pause" => {
             admin.pause(queue, None).await.map_err(admin_failure)?;
@@ -212,7 +211,7 @@ async fn bulk(ctx: &Ctx, action: &str, queue: &str, fields: &Fields) -> Result<D
             .unwrap_or_else(|| "it is gone".to_owned());
         return Err((StatusCode::NOT_FOUND, format!("nothing done: {why}")));
     }
-    Ok(Done { back: format!("/queues/{queue}?state={state}"), message })
+    Ok(Done { back: format!("{}?state={state}", queue_path(queue)), message })
 }
 
 async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Failure> {

@@ -72,6 +72,24 @@ fn decode_flash(value: &str) -> Option<Flash> {
     Some(Flash { ok: kind == "ok", message: message.to_owned() })
 }
 
+/// Percent-encodes a path segment or query value: every byte but letters, digits and
+/// `-_.~`, so a queue named `a?b`, `jobs#1`, `a/b` or `x%41` stays one value.
+pub(crate) fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The dashboard path of `queue`'s page.
+pub(crate) fn queue_path(queue: &str) -> String {
+    format!("/queues/{}", urlencode(queue))
+}
+
 /// A `303 See Other` to `location`.
 pub(crate) fn redirect(location: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, location.to_owned())]).into_response()

@@ -693,3 +693,28 @@ async fn empty_or_short_secrets_are_refused() {
     b.cookies.insert("natasks_auth".into(), String::new());
     b.get("/").await.expect(401);
 }
+
+#[tokio::test]
+async fn queue_names_with_url_characters_link_to_their_own_queue() {
+    let f = start(|d| d).await;
+    let names = ["a", "a?b", "jobs#1", "x%41", "a/b"];
+    for name in names {
+        f.client.dispatch(Task::new("t", name), name).await.unwrap();
+    }
+    let mut b = f.browser();
+    let overview = b.get("/").await.expect(200);
+    for name in names {
+        let row = format!("<tr data-queue=\"{}\">", name.replace('&', "&amp;"));
+        let at = overview.body.find(&row).unwrap_or_else(|| panic!("no row {name}"));
+        let href = overview.body[at..].split("href=\"").nth(1).unwrap().split('"').next().unwrap();
+        let page = b.get(href).await.expect(200);
+        assert!(page.body.contains(&format!("<h1>Queue {name}</h1>")), "{href}:\n{}", page.body);
+        let dead_href = overview.body[at..].split("href=\"").nth(2).unwrap().split('"').next();
+        let dead = b.get(dead_href.unwrap()).await.expect(200);
+        assert!(dead.body.contains(&format!("<h1>Queue {name}</h1>")), "{}", dead.body);
+    }
+    let gone = [("queue", "a?b"), ("state", "pending"), ("all", "1"), ("confirm", "yes")];
+    let done = b.post("/actions/delete", &gone).await.expect(303);
+    assert_eq!(done.header("location"), Some("/queues/a%3Fb?state=pending"));
+    assert_eq!(f.admin.queue("a").await.unwrap().pending, 1, "queue a untouched");
+}

@@ -125,7 +125,7 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
                         tr data-seq=(task.sequence) {
                             td { a href=(ctx.url(&format!("/tasks/{}", task.sequence))) { (task.sequence) } }
                             @if show_queue {
-                                td { a href=(ctx.url(&format!("/queues/{}", task.queue))) { (task.queue) } }
+                                td { a href=(ctx.url(&page::queue_path(&task.queue))) { (task.queue) } }
                                 td { (task.state.as_str()) }
                             }
                             td.wrap { (task.name) }

@@ -43,7 +43,7 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
 }
 
 fn row(ctx: &Ctx, queue: &QueueInfo) -> Markup {
-    let link = ctx.url(&format!("/queues/{}", queue.name));
+    let link = ctx.url(&page::queue_path(&queue.name));
     html! {
         tr data-queue=(queue.name) {
             td { a href=(link) { (queue.name) } }

@@ -8,7 +8,7 @@ use natasks::admin::TaskState;
 use serde::Deserialize;
 
 use crate::actions::admin_failure;
-use crate::page::Ctx;
+use crate::page::{self, urlencode, Ctx};
 use crate::pages::list;
 use crate::pages::overview::{pause_form, state_text};
 
@@ -49,7 +49,7 @@ pub(crate) async fn page(
             return ctx.error_page(status, "Queue unavailable", &why);
         }
     };
-    let here = ctx.url(&format!("/queues/{queue}"));
+    let here = ctx.url(&page::queue_path(&queue));
     let count = |s: TaskState| match s {
         TaskState::Pending => Some(info.pending),
         TaskState::InFlight => Some(info.in_flight),
@@ -120,16 +120,4 @@ pub(crate) fn label(state: TaskState) -> &'static str {
         TaskState::Dead => "Dead",
         _ => "Other",
     }
-}
-
-/// Percent-encodes a query value.
-pub(crate) fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

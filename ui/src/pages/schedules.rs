@@ -36,7 +36,7 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
                 tbody { @for s in &schedules {
                     tr data-schedule=(s.id) {
                         td { (match s.kind { ScheduleKind::Delayed => "delayed", _ => "periodic" }) }
-                        td { a href=(ctx.url(&format!("/queues/{}", s.queue))) { (s.queue) } }
+                        td { a href=(ctx.url(&page::queue_path(&s.queue))) { (s.queue) } }
                         td.wrap { (s.name) }
                         // A delayed task's spec repeats its due time, shown under Next.
                         td.wrap { @if s.kind == ScheduleKind::Delayed { "once" } @else { (s.spec) } }

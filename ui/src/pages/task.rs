@@ -26,7 +26,7 @@ pub(crate) async fn page(ctx: Ctx, Path(seq): Path<u64>) -> Response {
         Some(id) => lifecycle(&ctx, id).await,
         None => html! {},
     };
-    let queue_link = ctx.url(&format!("/queues/{}?state={}", s.queue, s.state.as_str()));
+    let queue_link = ctx.url(&format!("{}?state={}", page::queue_path(&s.queue), s.state.as_str()));
     let body = html! {
         h1 { "Task " (seq) }
         div.card {
