@@ -101,8 +101,14 @@ fn describe(action: &str, fields: &Fields) -> Option<Markup> {
     Some(html! { p { (text) } })
 }
 
-/// The confirmation step: the same form once more, with `confirm=yes`.
+/// The confirmation step: the same form once more, with `confirm=yes`. A dispatch's form
+/// also carries a random `nonce`, its message id, so confirming twice dispatches once.
 fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
+    let mut fields = fields.clone();
+    if action == "dispatch" {
+        fields.insert("nonce".to_owned(), security::random_token());
+    }
+    let fields = &fields;
     let cancel = fields.get("queue").map(|q| queue_path(q)).unwrap_or_else(|| "/".to_owned());
     let body = html! {
         h1 { "Confirm" }
@@ -230,7 +236,12 @@ async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Fai
             }
         },
     };
-    let task = Task::new(name, payload.into_bytes());
+    let mut task = Task::new(name, payload.into_bytes());
+    // The confirmation form's nonce: a second post of the same form (a double click, a
+    // reload) is acknowledged by the stream but not stored again.
+    if let Some(nonce) = fields.get("nonce").filter(|n| !n.is_empty()) {
+        task = task.with_message_id(format!("natasks-ui-{nonce}"));
+    }
     let client = &ctx.state.client;
     let result = match delay {
         None => client.dispatch(task, queue).await,

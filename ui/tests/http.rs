@@ -718,3 +718,30 @@ async fn queue_names_with_url_characters_link_to_their_own_queue() {
     assert_eq!(done.header("location"), Some("/queues/a%3Fb?state=pending"));
     assert_eq!(f.admin.queue("a").await.unwrap().pending, 1, "queue a untouched");
 }
+
+#[tokio::test]
+async fn confirming_a_dispatch_twice_dispatches_once() {
+    let f = start(|d| d).await;
+    let mut b = f.browser();
+    b.get("/").await.expect(200);
+    let confirm = b
+        .post("/actions/dispatch", &[("queue", "emails"), ("name", "send"), ("payload", "{}")])
+        .await
+        .expect(200);
+    // The confirmation form's fields, posted twice as a double click would.
+    let form = confirm.body.split("id=\"confirm\"").next().unwrap();
+    let fields: Vec<(String, String)> = form
+        .split("<input type=\"hidden\" name=\"")
+        .skip(1)
+        .map(|field| {
+            let (name, rest) = field.split_once('"').unwrap();
+            let value = rest.split("value=\"").nth(1).unwrap().split('"').next().unwrap();
+            (name.to_owned(), value.replace("&quot;", "\"").replace("&amp;", "&"))
+        })
+        .collect();
+    let origin = format!("http://{}", f.addr);
+    for _ in 0..2 {
+        b.post_raw("/actions/dispatch", &fields, &[("Origin", &origin)]).await.expect(303);
+    }
+    assert_eq!(f.admin.queue("emails").await.unwrap().pending, 1);
+}
