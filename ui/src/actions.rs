@@ -57,6 +57,9 @@ pub(crate) async fn handle(
             &format!("there is no action {action:?}"),
         );
     };
+    if let Err((status, why)) = check_fields(&action, &fields) {
+        return ctx.error_page(status, "Action refused", &why);
+    }
     if fields.get("confirm").map(String::as_str) != Some("yes") {
         return confirm(&ctx, &action, &fields, what);
     }
@@ -64,6 +67,23 @@ pub(crate) async fn handle(
         Ok(done) => ctx.redirect_with(&done.back, true, &done.message),
         Err((status, why)) => ctx.error_page(status, "Action failed", &why),
     }
+}
+
+/// Refuses a form that leaves what the action acts on unstated: every action but `cancel`
+/// needs a queue, a one-task or all-matching requeue or delete needs its state.
+fn check_fields(action: &str, fields: &Fields) -> Result<(), Failure> {
+    let bad = |why: &str| Err((StatusCode::BAD_REQUEST, why.to_owned()));
+    let given = |name: &str| fields.get(name).is_some_and(|v| !v.trim().is_empty());
+    if action != "cancel" && !given("queue") {
+        return bad("the form names no queue");
+    }
+    if matches!(action, "requeue" | "delete") && !given("state") {
+        return bad("the form names no task state");
+    }
+    if action == "cancel" && !given("id") {
+        return bad("the form names no schedule");
+    }
+    Ok(())
 }
 
 /// What the action will do, in words, or `None` for an unknown action.
@@ -75,25 +95,39 @@ fn describe(action: &str, fields: &Fields) -> Option<Markup> {
             field("queue")
         ),
         "resume" => format!("Resume queue {:?}.", field("queue")),
-        "dispatch" => format!("Dispatch task {:?} to queue {:?}.", field("name"), field("queue")),
+        "dispatch" => {
+            let delay = fields.get("delay").map(|d| d.trim()).filter(|d| !d.is_empty());
+            let when = match delay {
+                None => "now".to_owned(),
+                Some(seconds) => format!("in {seconds} seconds"),
+            };
+            let payload = field("payload");
+            return Some(html! {
+                p { (format!("Dispatch task {:?} to queue {:?} {when}.", field("name"), field("queue"))) }
+                @if payload.is_empty() {
+                    p { "With an empty payload." }
+                } @else {
+                    p { "Payload (" (payload.len()) " bytes):" }
+                    pre.payload { (payload) }
+                }
+            });
+        }
         "requeue" | "delete" => {
             let verb = if action == "requeue" { "Requeue" } else { "Delete" };
-            let state = field("state");
-            let which = match (fields.get("all").is_some(), filter_fields(fields).is_empty()) {
-                (false, _) => format!("{} task {}", state, field("seq")),
-                (true, true) => format!("every {state} task"),
-                (true, false) => {
-                    let f = filter_fields(fields);
-                    let given: Vec<String> = f
-                        .pairs()
-                        .iter()
-                        .filter(|(_, v)| !v.trim().is_empty())
-                        .map(|(k, v)| format!("{k} {v:?}"))
-                        .collect();
-                    format!("every {state} task matching {}", given.join(", "))
+            let (state, queue) = (field("state"), field("queue"));
+            if fields.get("all").is_none() {
+                format!("{verb} {state} task {} of queue {queue:?}.", field("seq"))
+            } else {
+                let conditions = filter_fields(fields).conditions();
+                if conditions.is_empty() {
+                    format!("{verb} every {state} task of queue {queue:?}.")
+                } else {
+                    return Some(html! {
+                        p { (format!("{verb} every {state} task of queue {queue:?} matching all of:")) }
+                        ul { @for condition in &conditions { li { (condition) } } }
+                    });
                 }
-            };
-            format!("{verb} {which} of queue {:?}.", field("queue"))
+            }
         }
         "cancel" => format!("Cancel schedule {:?} of queue {:?}.", field("id"), field("queue")),
         _ => return None,
@@ -114,9 +148,6 @@ fn confirm(ctx: &Ctx, action: &str, fields: &Fields, what: Markup) -> Response {
         h1 { "Confirm" }
         div.card {
             (what)
-            @if let Some(payload) = fields.get("payload").filter(|p| action == "dispatch" && !p.is_empty()) {
-                pre.payload { (payload) }
-            }
             form.inline method="post" action=(ctx.url(&format!("/actions/{action}"))) {
                 @for (name, value) in fields {
                     @if name != "confirm" {
@@ -176,7 +207,7 @@ fn filter_fields(fields: &Fields) -> FilterFields {
 /// Requeue (dead letters) or delete one task, or every task of a state matching a filter.
 async fn bulk(ctx: &Ctx, action: &str, queue: &str, fields: &Fields) -> Result<Done, Failure> {
     let bad = |why: String| (StatusCode::BAD_REQUEST, why);
-    let state_text = fields.get("state").map(String::as_str).unwrap_or("dead");
+    let state_text = fields.get("state").map(String::as_str).unwrap_or("");
     let state: TaskState = state_text.parse().map_err(|err: AdminError| bad(err.to_string()))?;
     let selection = if fields.get("all").is_some() {
         Selection::Matching(filter_fields(fields).filter().map_err(bad)?)

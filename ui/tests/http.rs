@@ -172,9 +172,11 @@ async fn actions_are_confirmed_then_run_and_reported() {
     // Delete all dead letters matching a search (error contains "#1"), then one pending task.
     let matching =
         [("queue", "emails"), ("state", "dead"), ("all", "1"), ("error", "#1"), ("confirm", "yes")];
-    b.post("/actions/delete", &matching[..4]).await.expect(200).contains(
-        "Delete every dead task matching error &quot;#1&quot; of queue &quot;emails&quot;.",
-    );
+    b.post("/actions/delete", &matching[..4])
+        .await
+        .expect(200)
+        .contains("Delete every dead task of queue &quot;emails&quot; matching all of:")
+        .contains("<li>last error contains &quot;#1&quot;</li>");
     b.post("/actions/delete", &matching).await.expect(303);
     b.get("/").await.contains("Deleted 1 task of &quot;emails&quot;.");
     assert_eq!(f.admin.queue("emails").await.unwrap().dead_letters, 2);
@@ -744,4 +746,54 @@ async fn confirming_a_dispatch_twice_dispatches_once() {
         b.post_raw("/actions/dispatch", &fields, &[("Origin", &origin)]).await.expect(303);
     }
     assert_eq!(f.admin.queue("emails").await.unwrap().pending, 1);
+}
+
+#[tokio::test]
+async fn confirmations_state_exactly_what_will_happen() {
+    let f = start(|d| d).await;
+    consumer(&f, "emails").await;
+    let dead = dead_letter(&f.js, "emails", "send", b"{}", "SMTP timeout", ("X", "1")).await;
+    let mut b = f.browser();
+    b.get("/").await.expect(200);
+    // Every condition of an "all matching" action, labelled.
+    let all = [
+        ("queue", "emails"),
+        ("state", "dead"),
+        ("all", "1"),
+        ("name", "send"),
+        ("header", "X=1"),
+        ("payload", "{"),
+        ("json", "a=1"),
+        ("error", "smtp"),
+    ];
+    b.post("/actions/delete", &all)
+        .await
+        .expect(200)
+        .contains("Delete every dead task of queue &quot;emails&quot; matching all of:")
+        .contains("<li>name is &quot;send&quot;</li>")
+        .contains("<li>header X=1</li>")
+        .contains("<li>payload contains &quot;{&quot;</li>")
+        .contains("<li>JSON field a=1</li>")
+        .contains("<li>last error contains &quot;smtp&quot;</li>");
+    // A dispatch states its delay and labels its payload.
+    let later = [("queue", "emails"), ("name", "send"), ("payload", "hi"), ("delay", "60")];
+    b.post("/actions/dispatch", &later)
+        .await
+        .expect(200)
+        .contains("in 60 seconds")
+        .contains("Payload (2 bytes)");
+    let now = [("queue", "emails"), ("name", "send"), ("payload", "")];
+    b.post("/actions/dispatch", &now).await.expect(200).contains("now").contains("empty payload");
+    // A one-task action without its state, or any action without a queue, is refused.
+    let seq = dead.to_string();
+    for confirm in ["no", "yes"] {
+        let stateless = [("queue", "emails"), ("seq", seq.as_str()), ("confirm", confirm)];
+        b.post("/actions/delete", &stateless).await.expect(400).contains("state");
+        for (action, extra) in [("pause", ("x", "")), ("dispatch", ("name", "send"))] {
+            let fields = [("queue", ""), extra, ("confirm", confirm)];
+            b.post(&format!("/actions/{action}"), &fields).await.expect(400).contains("queue");
+        }
+    }
+    unchanged(&f).await;
+    assert!(f.admin.queues().await.unwrap().iter().all(|q| q.pending == 0), "nothing dispatched");
 }

@@ -39,6 +39,21 @@ impl FilterFields {
         ]
     }
 
+    /// The given conditions in words, such as `last error contains "timeout"`.
+    pub(crate) fn conditions(&self) -> Vec<String> {
+        let given = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        [
+            given(&self.name).map(|v| format!("name is {v:?}")),
+            given(&self.header).map(|v| format!("header {v}")),
+            given(&self.payload).map(|v| format!("payload contains {v:?}")),
+            given(&self.json).map(|v| format!("JSON field {v}")),
+            given(&self.error).map(|v| format!("last error contains {v:?}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// Whether any condition is given.
     pub(crate) fn is_empty(&self) -> bool {
         self.pairs().iter().all(|(_, v)| v.trim().is_empty())
