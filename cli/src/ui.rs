@@ -26,6 +26,9 @@ pub struct UiArgs {
     /// public name; besides it, only `localhost` and IP addresses are served. Repeatable.
     #[arg(long = "allowed-host", value_name = "HOST")]
     allowed_hosts: Vec<String>,
+    /// Mark cookies Secure (sent over HTTPS only), for a dashboard behind a TLS proxy.
+    #[arg(long)]
+    secure_cookies: bool,
 }
 
 pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
@@ -48,7 +51,8 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
     let dashboard = Dashboard::new(admin, client)
         .read_only(args.read_only)
         .auth(auth)
-        .allowed_hosts(args.allowed_hosts);
+        .allowed_hosts(args.allowed_hosts)
+        .secure_cookies(args.secure_cookies);
     // Refuse before binding, so nothing ever listens unprotected.
     dashboard.check_exposure(args.listen).map_err(|err| Error::msg(err.to_string()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -21,7 +21,8 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(1);
 #[non_exhaustive]
 pub enum Auth {
     /// A secret token: sent as `Authorization: Bearer <token>`, or typed once into the
-    /// dashboard's login form, which keeps it in an HttpOnly cookie.
+    /// dashboard's login form, which then keeps a random session id (never the token) in
+    /// an HttpOnly cookie.
     Token(String),
     /// HTTP basic authentication with this user name and password.
     Basic {
@@ -111,6 +112,7 @@ pub struct Dashboard {
     auth: Option<Auth>,
     refresh: Duration,
     allowed_hosts: Vec<String>,
+    secure_cookies: bool,
 }
 
 impl fmt::Debug for Dashboard {
@@ -120,6 +122,7 @@ impl fmt::Debug for Dashboard {
             .field("auth", &self.auth)
             .field("refresh", &self.refresh)
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("secure_cookies", &self.secure_cookies)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +136,10 @@ pub(crate) struct Shared {
     pub(crate) refresh: Duration,
     /// Host names served beside loopback names and IP addresses, lowercase.
     pub(crate) allowed_hosts: Vec<String>,
+    /// Whether cookies carry the `Secure` flag.
+    pub(crate) secure_cookies: bool,
+    /// The login sessions: random ids handed out as cookies by the login form.
+    pub(crate) sessions: security::Sessions,
     /// The reading of the queues every open live overview shares.
     pub(crate) live: live::Shared,
 }
@@ -151,6 +158,7 @@ impl Dashboard {
             auth: None,
             refresh: DEFAULT_REFRESH,
             allowed_hosts: Vec::new(),
+            secure_cookies: false,
         }
     }
 
@@ -192,6 +200,14 @@ impl Dashboard {
         self
     }
 
+    /// Marks the dashboard's cookies `Secure`, so browsers send them over HTTPS only: set it
+    /// when the dashboard is reached through a proxy that terminates TLS. Default: off.
+    #[must_use]
+    pub fn secure_cookies(mut self, secure: bool) -> Self {
+        self.secure_cookies = secure;
+        self
+    }
+
     /// Whether the dashboard is exposed without authentication: `Err` when `addr` is not a
     /// loopback address and no [`auth`](Self::auth) is set, read-only included, since every
     /// page shows task payloads, which often carry secrets.
@@ -227,6 +243,8 @@ impl Dashboard {
             auth: self.auth,
             refresh: self.refresh,
             allowed_hosts: self.allowed_hosts,
+            secure_cookies: self.secure_cookies,
+            sessions: security::Sessions::default(),
             live: live::Shared::default(),
         });
         let protected = Router::new()

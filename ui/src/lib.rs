@@ -11,7 +11,7 @@
 //! # Security
 //!
 //! * **Authentication**: [`Auth::Token`] (a bearer token, or typed once into the login form,
-//!   then kept in an HttpOnly cookie) or [`Auth::Basic`]. When set, every page needs it.
+//!   then a random session id kept in an HttpOnly cookie) or [`Auth::Basic`]. When set, every page needs it.
 //! * **Read-only mode** ([`Dashboard::read_only`]) hides and refuses every action.
 //! * [`Dashboard::serve`] refuses to listen beyond loopback without authentication, even
 //!   read-only, since pages show payloads ([`DashboardErrorKind::Unprotected`]).

@@ -4,7 +4,7 @@
 
 use axum::extract::{FromRequestParts, NestedPath, Request};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use maud::{html, Markup, DOCTYPE};
@@ -105,6 +105,11 @@ impl Ctx {
         format!("{}{}", self.base, path)
     }
 
+    /// A `Set-Cookie` value for this dashboard (its path, its `Secure` setting).
+    pub(crate) fn cookie(&self, name: &str, value: &str, max_age: Option<u64>) -> HeaderValue {
+        security::set_cookie(name, value, &self.base, max_age, self.state.secure_cookies)
+    }
+
     /// Whether actions are shown.
     pub(crate) fn can_act(&self) -> bool {
         !self.state.read_only
@@ -115,10 +120,7 @@ impl Ctx {
         let mut response = redirect(&self.url(path));
         let text = format!("{}:{}", if ok { "ok" } else { "err" }, message);
         let value = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text);
-        response.headers_mut().append(
-            header::SET_COOKIE,
-            security::set_cookie(FLASH_COOKIE, &value, &self.base, None),
-        );
+        response.headers_mut().append(header::SET_COOKIE, self.cookie(FLASH_COOKIE, &value, None));
         response
     }
 
@@ -194,16 +196,10 @@ impl Ctx {
         );
         headers.insert("referrer-policy", header::HeaderValue::from_static("same-origin"));
         if self.new_csrf {
-            headers.append(
-                header::SET_COOKIE,
-                security::set_cookie(CSRF_COOKIE, &self.csrf, &self.base, None),
-            );
+            headers.append(header::SET_COOKIE, self.cookie(CSRF_COOKIE, &self.csrf, None));
         }
         if self.flash.is_some() {
-            headers.append(
-                header::SET_COOKIE,
-                security::set_cookie(FLASH_COOKIE, "", &self.base, Some(0)),
-            );
+            headers.append(header::SET_COOKIE, self.cookie(FLASH_COOKIE, "", Some(0)));
         }
         response
     }

@@ -46,26 +46,66 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
         .map(|(_, value)| value)
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, scoped to the dashboard's path;
-/// `max_age` 0 removes the cookie.
-pub(crate) fn set_cookie(name: &str, value: &str, base: &str, max_age: Option<u64>) -> HeaderValue {
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, scoped to the dashboard's path, and
+/// `Secure` if `secure`; `max_age` 0 removes the cookie.
+pub(crate) fn set_cookie(
+    name: &str,
+    value: &str,
+    base: &str,
+    max_age: Option<u64>,
+    secure: bool,
+) -> HeaderValue {
     let path = if base.is_empty() { "/" } else { base };
     let age = max_age.map(|age| format!("; Max-Age={age}")).unwrap_or_default();
-    let text = format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict{age}");
+    let secure = if secure { "; Secure" } else { "" };
+    let text = format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict{secure}{age}");
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// The most login sessions kept; logging in beyond it ends the oldest.
+const MAX_SESSIONS: usize = 1024;
+
+/// The login sessions: each login form hands out a random id as its cookie, so the cookie
+/// never holds the token itself, whatever characters it has, and logging out ends the
+/// session on the server too.
+#[derive(Default)]
+pub(crate) struct Sessions(std::sync::Mutex<std::collections::VecDeque<String>>);
+
+impl Sessions {
+    /// A new session's id.
+    fn open(&self) -> String {
+        let id = random_token();
+        let mut ids = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.len() >= MAX_SESSIONS {
+            ids.pop_front();
+        }
+        ids.push_back(id.clone());
+        id
+    }
+
+    /// Whether `id` is an open session.
+    fn valid(&self, id: &str) -> bool {
+        let ids = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().fold(false, |found, open| found | same_secret(open, id))
+    }
+
+    /// Ends session `id`.
+    fn close(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|open| open != id);
+    }
+}
+
 /// Whether the request carries the configured credentials.
-fn authenticated(auth: &Auth, headers: &HeaderMap) -> bool {
+fn authenticated(auth: &Auth, sessions: &Sessions, headers: &HeaderMap) -> bool {
     if !auth.usable() {
         return false;
     }
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match auth {
-        Auth::Token(token) => {
-            let bearer = authorization.and_then(|v| v.strip_prefix("Bearer "));
-            bearer.or_else(|| cookie(headers, AUTH_COOKIE)).is_some_and(|t| same_secret(t, token))
-        }
+        Auth::Token(token) => match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(bearer) => same_secret(bearer, token),
+            None => cookie(headers, AUTH_COOKIE).is_some_and(|id| sessions.valid(id)),
+        },
         Auth::Basic { user, password } => authorization
             .and_then(|v| v.strip_prefix("Basic "))
             .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok())
@@ -82,7 +122,7 @@ pub(crate) async fn require_auth(
     next: Next,
 ) -> Response {
     let Some(auth) = &state.auth else { return next.run(request).await };
-    if authenticated(auth, request.headers()) {
+    if authenticated(auth, &state.sessions, request.headers()) {
         return next.run(request).await;
     }
     match auth {
@@ -230,7 +270,7 @@ pub(crate) struct Login {
     token: String,
 }
 
-/// Checks the typed token and keeps it in an HttpOnly cookie.
+/// Checks the typed token and opens a session, whose id an HttpOnly cookie keeps.
 pub(crate) async fn login(ctx: Ctx, headers: HeaderMap, Form(form): Form<Login>) -> Response {
     let Some(Auth::Token(token)) = &ctx.state.auth else {
         return (StatusCode::NOT_FOUND, "no login here").into_response();
@@ -243,7 +283,7 @@ pub(crate) async fn login(ctx: Ctx, headers: HeaderMap, Form(form): Form<Login>)
         return ctx.error_page(StatusCode::UNAUTHORIZED, "Login refused", "wrong token");
     }
     let mut response = page::redirect(&ctx.url("/"));
-    let cookie = set_cookie(AUTH_COOKIE, &form.token, &ctx.base, None);
+    let cookie = ctx.cookie(AUTH_COOKIE, &ctx.state.sessions.open(), None);
     response.headers_mut().append(header::SET_COOKIE, cookie);
     response
 }
@@ -260,10 +300,11 @@ pub(crate) async fn logout(ctx: Ctx, headers: HeaderMap, Form(form): Form<Logout
     {
         return ctx.error_page(status, "Logout refused", &why);
     }
+    if let Some(id) = cookie(&headers, AUTH_COOKIE) {
+        ctx.state.sessions.close(id);
+    }
     let mut response = page::redirect(&ctx.url("/login"));
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, set_cookie(AUTH_COOKIE, "", &ctx.base, Some(0)));
+    response.headers_mut().append(header::SET_COOKIE, ctx.cookie(AUTH_COOKIE, "", Some(0)));
     response
 }
 

@@ -797,3 +797,21 @@ async fn confirmations_state_exactly_what_will_happen() {
     unchanged(&f).await;
     assert!(f.admin.queues().await.unwrap().iter().all(|q| q.pending == 0), "nothing dispatched");
 }
+
+#[tokio::test]
+async fn the_login_cookie_is_a_session_not_the_token() {
+    let token = "ab;cd ef=gh ünïcode";
+    let f = start(|d| d.auth(Auth::token(token)).secure_cookies(true)).await;
+    let mut b = f.browser();
+    b.get("/login").await.expect(200);
+    let login = b.post("/login", &[("token", token)]).await.expect(303);
+    let set = login.header("set-cookie").unwrap_or_default().to_owned();
+    assert!(set.starts_with("natasks_auth=") && set.contains("; Secure"), "{set}");
+    let session = b.cookies.get("natasks_auth").cloned().unwrap();
+    assert!(!session.contains("ab") && session.len() == 64, "the cookie holds {session:?}");
+    b.get("/").await.expect(200).contains("Log out");
+    // Logging out ends the session on the server, not only in this browser.
+    b.post("/logout", &[]).await.expect(303);
+    b.cookies.insert("natasks_auth".into(), session);
+    b.get("/").await.expect(401);
+}
