@@ -815,3 +815,24 @@ async fn the_login_cookie_is_a_session_not_the_token() {
     b.cookies.insert("natasks_auth".into(), session);
     b.get("/").await.expect(401);
 }
+
+#[tokio::test]
+async fn a_request_without_host_is_judged_by_its_authority() {
+    let f = start(|d| d).await;
+    consumer(&f, "emails").await;
+    let mut b = f.browser();
+    b.get("/").await.expect(200);
+    let (addr, csrf) = (f.addr, b.csrf());
+    // HTTP/2 carries no Host header, only the URI's authority; so does this request.
+    let evil = "GET http://evil.example/ HTTP/1.1\r\nConnection: close\r\n\r\n".to_owned();
+    raw_request(addr, evil).await.expect(403);
+    let body = format!("queue=emails&confirm=yes&csrf={csrf}");
+    let post = format!(
+        "POST http://{addr}/actions/pause HTTP/1.1\r\nConnection: close\r\nOrigin: http://{addr}\r\n\
+         Cookie: natasks_csrf={csrf}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw_request(addr, post).await.expect(303);
+    assert!(f.admin.queue("emails").await.unwrap().paused_until.is_some());
+}

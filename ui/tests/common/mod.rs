@@ -226,6 +226,11 @@ impl Browser {
     }
 }
 
+/// Sends `request` as written and reads the response.
+pub async fn raw_request(addr: SocketAddr, request: String) -> Response {
+    tokio::time::timeout(DEADLINE, exchange(addr, request)).await.expect("an answer in time")
+}
+
 async fn exchange(addr: SocketAddr, request: String) -> Response {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
