@@ -46,8 +46,10 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
         .map(|(_, value)| value)
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, scoped to the dashboard's path, and
-/// `Secure` if `secure`; `max_age` 0 removes the cookie.
+/// A `Set-Cookie` value: HttpOnly, scoped to the dashboard's path, and `Secure` if
+/// `secure`; `max_age` 0 removes the cookie. SameSite=Strict, except the login session's,
+/// which is Lax so that a link to the dashboard from elsewhere opens it logged in; actions
+/// stay guarded by the CSRF cookie, which is Strict, and the origin checks.
 pub(crate) fn set_cookie(
     name: &str,
     value: &str,
@@ -58,7 +60,8 @@ pub(crate) fn set_cookie(
     let path = if base.is_empty() { "/" } else { base };
     let age = max_age.map(|age| format!("; Max-Age={age}")).unwrap_or_default();
     let secure = if secure { "; Secure" } else { "" };
-    let text = format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict{secure}{age}");
+    let same_site = if name == AUTH_COOKIE { "Lax" } else { "Strict" };
+    let text = format!("{name}={value}; Path={path}; HttpOnly; SameSite={same_site}{secure}{age}");
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 

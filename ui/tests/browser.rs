@@ -130,6 +130,11 @@ impl Driver {
         value.as_str().unwrap_or("").trim().to_owned()
     }
 
+    /// The value `script` returns in the page.
+    async fn script(&self, script: &str) -> serde_json::Value {
+        self.call("POST", "/execute/sync", Some(json!({"script": script, "args": []}))).await
+    }
+
     async fn url(&self) -> String {
         self.call("GET", "/url", None).await.as_str().unwrap_or("").to_owned()
     }
@@ -259,6 +264,34 @@ async fn a_dead_letter_is_seen_requeued_and_processed_in_a_browser() {
     browser.click(&format!("{dead_cell} a")).await;
     browser.wait_text("nav.tabs a.current", "Dead (2)").await;
     browser.screenshot(&dir, "queue").await;
+
+    // On a phone, each row's buttons are 44 px touch targets, apart from each other, and
+    // on screen without scrolling the table sideways.
+    browser.size(390, 844).await;
+    browser.wait_text("nav.tabs a.current", "Dead (2)").await;
+    let layout = browser
+        .script(
+            "const rows = [...document.querySelectorAll('table.tasks tbody tr')];
+             return rows.map(row => {
+               const b = [...row.querySelectorAll('button')].map(e => e.getBoundingClientRect());
+               return { sizes: b.map(r => [Math.round(r.width), Math.round(r.height)]),
+                        gap: b.length > 1 ? Math.round(b[1].left - b[0].right) : null,
+                        right: Math.round(Math.max(...b.map(r => r.right))),
+                        width: window.innerWidth };
+             });",
+        )
+        .await;
+    let rows = layout.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{layout}");
+    for row in rows {
+        for size in row["sizes"].as_array().unwrap() {
+            assert!(size[0].as_i64() >= Some(44) && size[1].as_i64() >= Some(44), "{layout}");
+        }
+        assert!(row["gap"].as_i64() >= Some(16), "requeue and delete apart: {layout}");
+        assert!(row["right"].as_i64() <= row["width"].as_i64(), "buttons on screen: {layout}");
+    }
+    browser.screenshot(&dir, "queue-phone").await;
+    browser.size(1280, 800).await;
     browser.click("table.tasks tbody tr:first-child td:first-child a").await;
     browser.wait_text("h2", &format!("Payload (JSON, {} bytes)", payload.len())).await;
     browser.screenshot(&dir, "task").await;

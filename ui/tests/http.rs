@@ -836,3 +836,15 @@ async fn a_request_without_host_is_judged_by_its_authority() {
     raw_request(addr, post).await.expect(303);
     assert!(f.admin.queue("emails").await.unwrap().paused_until.is_some());
 }
+
+#[tokio::test]
+async fn a_link_from_elsewhere_keeps_the_login_but_not_the_csrf_cookie() {
+    let f = start(|d| d.auth(Auth::token("a-long-token"))).await;
+    let mut b = f.browser();
+    let page = b.get("/login").await.expect(200);
+    let csrf = page.header("set-cookie").unwrap_or_default().to_owned();
+    assert!(csrf.starts_with("natasks_csrf=") && csrf.contains("SameSite=Strict"), "{csrf}");
+    let login = b.post("/login", &[("token", "a-long-token")]).await.expect(303);
+    let session = login.header("set-cookie").unwrap_or_default().to_owned();
+    assert!(session.starts_with("natasks_auth=") && session.contains("SameSite=Lax"), "{session}");
+}

@@ -95,11 +95,12 @@ impl FilterFields {
 pub(crate) fn row_actions(ctx: &Ctx, task: &TaskSummary) -> Markup {
     html! {
         @if ctx.can_act() {
-            @if task.state == TaskState::Dead {
-                (one_task_form(ctx, "requeue", task, "Requeue"))
-                " "
+            span.row-actions {
+                @if task.state == TaskState::Dead {
+                    (one_task_form(ctx, "requeue", task, "Requeue"))
+                }
+                (one_task_form(ctx, "delete", task, "Delete"))
             }
-            (one_task_form(ctx, "delete", task, "Delete"))
         }
     }
 }
@@ -126,6 +127,7 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
             table.tasks {
                 thead { tr {
                     th { "#" }
+                    @if ctx.can_act() { th { "" } }
                     @if show_queue { th { "Queue" } th { "State" } }
                     th { "Task" }
                     @if ids { th.hide-narrow { "Id" } }
@@ -133,12 +135,13 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
                     @if scheduled { th { "Due" } }
                     @if dead { th.num { "Attempts" } th { "Last error" } }
                     th.num.hide-narrow { "Bytes" }
-                    @if ctx.can_act() { th { "" } }
                 } }
                 tbody {
                     @for task in tasks {
                         tr data-seq=(task.sequence) {
                             td { a href=(ctx.url(&format!("/tasks/{}", task.sequence))) { (task.sequence) } }
+                            // Actions come before the wide columns, on screen on a phone.
+                            @if ctx.can_act() { td { (row_actions(ctx, task)) } }
                             @if show_queue {
                                 td { a href=(ctx.url(&page::queue_path(&task.queue))) { (task.queue) } }
                                 td { (task.state.as_str()) }
@@ -152,7 +155,6 @@ pub(crate) fn table(ctx: &Ctx, tasks: &[TaskSummary], show_queue: bool) -> Marku
                                 td.wrap { (task.last_error.as_deref().unwrap_or("")) }
                             }
                             td.num.hide-narrow { (task.size) }
-                            @if ctx.can_act() { td { (row_actions(ctx, task)) } }
                         }
                     }
                 }
