@@ -56,6 +56,7 @@ const WORKLOADS: &[&str] = &[
     "starvation",
     "rate_limit_overhead",
     "many_queues_500",
+    "dashboard_overview",
     "alloc_c64",
     "memory",
 ];
@@ -410,6 +411,7 @@ async fn run_one(
         "starvation" => workloads::starvation(env, imp, options.starvation).await,
         "rate_limit_overhead" => workloads::rate_limit_overhead(env, imp, n).await,
         "many_queues_500" => workloads::many_queues(env, imp).await,
+        "dashboard_overview" => workloads::dashboard_overview(env, imp, n).await,
         "alloc_c64" => workloads::alloc_c64(env, imp, n).await,
         "drain_c8" | "drain_c64" => {
             let shape = process_shape(workload)?;
@@ -550,6 +552,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "rate_limit_overhead") {
         println!("  rate_limit_overhead: e2e_c64 with a rate of 10,000,000/s (every start counted, none waits); natasks_norate_ fields: the same without a rate");
+    }
+    if rows.iter().any(|r| r.workload == "dashboard_overview") {
+        println!("  dashboard_overview: e2e_c64 with the dashboard's live overview open (SSE, refresh 100 ms, ten times the default); natasks_nodash_ fields: the same without it; overview_ms_: the overview page over HTTP with 50 queues, beside the Admin::queues() call it is built on (queues_call_ms_p50)");
     }
     if rows.iter().any(|r| r.workload == "many_queues_500") {
         println!("  many_queues_500: one worker (64 slots) serving 500 queues, 20 tasks dispatched to each; raw: 500 raw pull consumers sharing one semaphore; RSS growth of this process and the server's consumer count in the line below");

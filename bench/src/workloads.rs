@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
+mod dashboard;
 mod guarded;
 mod observed;
 mod periodic;
@@ -31,6 +32,7 @@ mod process;
 mod queues;
 mod search;
 mod tracking;
+pub use dashboard::dashboard_overview;
 pub use guarded::{dispatch_batch, dispatch_unique};
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;

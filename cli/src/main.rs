@@ -18,6 +18,7 @@ mod schedules;
 mod search;
 mod task;
 mod tasks;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -167,6 +168,9 @@ enum Command {
     /// Live tail of tracked tasks' lifecycle events until Ctrl-C (one line, or with --json
     /// one JSON object, per event). Shows what happens while it runs, nothing earlier.
     Events(events::EventsArgs),
+    /// Serve the web dashboard: queues with live counts, tasks, dead letters, schedules,
+    /// search, and actions (loopback only unless authenticated or --read-only).
+    Ui(ui::UiArgs),
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -182,6 +186,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Schedules(args) => schedules::run(g, args).await,
         Command::Task(cmd) => task::run(g, cmd).await,
         Command::Events(args) => events::run(g, args).await,
+        Command::Ui(args) => ui::run(g, args).await,
     }
 }
 
