@@ -330,3 +330,21 @@ async fn a_purge_of_pending_tasks_spares_one_taken_meanwhile() {
     assert_eq!(stored(&js, "natasks.orders").await, 1, "the task taken meanwhile stays");
     drop(worker);
 }
+
+/// "Requeue every dead letter" while a worker fails every copy at once: the copies that
+/// come back dead are new dead letters, not the ones the operator asked to requeue, and a
+/// requeue that picked them up again would never end.
+#[tokio::test]
+async fn a_requeue_of_all_ends_with_the_dead_letters_there_when_it_began() {
+    let server = NatsServer::start().await;
+    let (js, _client, admin) = setup(&server).await;
+    dead_letters(&js, "orders", "orders.charge", 600).await;
+    let (running, _seen) = failing_worker(&js, "orders", "orders.charge").await;
+    let all = Selection::Matching(Filter::default());
+    let outcome = tokio::time::timeout(DEADLINE, admin.requeue("orders", &all))
+        .await
+        .expect("the requeue ended")
+        .unwrap();
+    running.stop().await.unwrap();
+    assert_eq!(outcome.done, 600, "{outcome:?}");
+}

@@ -98,6 +98,10 @@ struct Selected<'a> {
     /// Next index into a list, or next sequence to read for a filter.
     cursor: u64,
     total: u64,
+    /// For a filter: the stream's last sequence when the operation began. Tasks stored
+    /// later are not selected: a requeued copy that fails again and is dead-lettered anew
+    /// would otherwise be requeued again, without end.
+    last: u64,
 }
 
 /// A selected task, or the reason a named one is not there.
@@ -126,8 +130,11 @@ impl<'a> Selected<'a> {
                 }
             }
         };
-        let cursor = if matches!(selection, Selection::Matching(_)) { 1 } else { 0 };
-        Ok(Self { admin, stream, queue, state, delivered, selection, cursor, total })
+        let (cursor, last) = match selection {
+            Selection::Matching(_) => (1, read::last_sequence(stream).await?),
+            _ => (0, u64::MAX),
+        };
+        Ok(Self { admin, stream, queue, state, delivered, selection, cursor, total, last })
     }
 
     /// The next chunk; empty at the end.
@@ -171,9 +178,13 @@ impl<'a> Selected<'a> {
         else {
             return Ok(Vec::new());
         };
+        let until = until.map_or(self.last, |until| until.min(self.last));
+        if from > until {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         let mut last = None;
-        read::scan(&self.admin.js, self.stream, &subject, from, until, |message| {
+        read::scan(&self.admin.js, self.stream, &subject, from, Some(until), |message| {
             last = Some(message.sequence);
             let summary = self.admin.summarize(&message, |_| self.delivered);
             if summary.is_some_and(|s| s.queue == self.queue && s.state == self.state)
