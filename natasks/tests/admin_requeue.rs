@@ -224,6 +224,21 @@ async fn a_message_with_unreadable_headers_does_not_stop_a_scan() {
     .await;
     let page = admin.tasks("orders", TaskState::Dead, None, 10).await.unwrap();
     assert_eq!(page.items.len(), 2, "{page:?}");
+    // Search reads a dead-letter queue no worker consumes through a consumer of its own,
+    // whose client cannot decode the odd message either.
+    let options = natasks::admin::SearchOptions {
+        queue: Some("orders".into()),
+        states: vec![TaskState::Dead],
+        ..Default::default()
+    };
+    let found = tokio::time::timeout(
+        DEADLINE,
+        admin.search(&Filter::new().name("orders.charge"), &options, |_| {}),
+    )
+    .await
+    .expect("the search ended")
+    .unwrap();
+    assert_eq!(found.items.len(), 2, "{found:?}");
     let outcome = admin.requeue("orders", &Selection::Matching(Filter::default())).await.unwrap();
     assert_eq!(outcome.done, 2, "{outcome:?}");
     assert_eq!(stored(&js, "natasks.orders").await, 2);

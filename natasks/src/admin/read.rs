@@ -238,6 +238,10 @@ pub(crate) async fn scan(
 /// Messages one pull of [`scan_by_consumer`] asks for.
 const PULL_BATCH: usize = 1_000;
 
+/// How long [`scan_by_consumer`] waits for the server's next message before it leaves the
+/// rest to [`scan`].
+const STALL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Like [`scan`] from the start of `filter`, through an ephemeral pull consumer that
 /// acknowledges nothing (so nothing is consumed), several times faster than message gets
 /// for a long subject. The server refuses it where a worker consumer covers `filter` (a
@@ -245,11 +249,16 @@ const PULL_BATCH: usize = 1_000;
 /// consumers: then `Ok(false)`, nothing read, and the caller reads with [`scan`]. While it
 /// reads, a worker cannot start consuming `filter` (its consumer would overlap); the
 /// server removes the consumer after half a minute should this process die.
+///
+/// `Ok(None)`: read to the end, or stopped by `each`. `Ok(Some(from))`: the caller reads the
+/// rest with [`scan`] from `from` (1 when the consumer was refused). That also happens when
+/// the server's next message does not come within [`STALL`]: a message whose headers the
+/// client cannot decode (another client's) stops the consumer's flow, where [`scan`] skips it.
 pub(crate) async fn scan_by_consumer(
     stream: &Stream,
     filter: &str,
     mut each: impl FnMut(StreamMessage) -> ControlFlow<()>,
-) -> Result<bool, AdminError> {
+) -> Result<Option<u64>, AdminError> {
     use async_nats::jetstream::consumer::{pull, AckPolicy};
     let config = pull::Config {
         filter_subject: filter.to_owned(),
@@ -260,7 +269,7 @@ pub(crate) async fn scan_by_consumer(
         memory_storage: true,
         ..Default::default()
     };
-    let Ok(consumer) = stream.create_consumer(config).await else { return Ok(false) };
+    let Ok(consumer) = stream.create_consumer(config).await else { return Ok(Some(1)) };
     let name = consumer.cached_info().name.clone();
     let last = last_sequence(stream).await;
     let read = async {
@@ -275,7 +284,12 @@ pub(crate) async fn scan_by_consumer(
                 .await
                 .map_err(|err| AdminError::broker(what(), err))?;
             let mut got = 0;
-            while let Some(message) = batch.next().await {
+            loop {
+                let message = match tokio::time::timeout(STALL, batch.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(_) => return Ok(Some(seen + 1)),
+                };
                 let message = message.map_err(|err| AdminError::broker_boxed(what(), err))?;
                 got += 1;
                 let (sequence, time) = match message.info() {
@@ -287,7 +301,7 @@ pub(crate) async fn scan_by_consumer(
                     continue;
                 }
                 if sequence > last {
-                    return Ok(());
+                    return Ok(None);
                 }
                 seen = sequence;
                 let (message, _acker) = message.split();
@@ -299,17 +313,17 @@ pub(crate) async fn scan_by_consumer(
                     time,
                 };
                 if each(message).is_break() {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             if got == 0 {
-                return Ok(());
+                return Ok(None);
             }
         }
     }
     .await;
     let _ = stream.delete_consumer(&name).await;
-    read.map(|()| true)
+    read
 }
 
 /// The stream's last sequence, read now.

@@ -274,8 +274,13 @@ impl Admin {
             };
             // A dead-letter queue no worker consumes reads fastest through a consumer.
             let dead = matches!(self.place(subject), Place::Dead(_));
-            if !dead || !read::scan_by_consumer(&stream, subject, &mut each).await? {
-                read::scan(&self.js, &stream, subject, 1, None, &mut each).await?;
+            let rest = if dead {
+                read::scan_by_consumer(&stream, subject, &mut each).await?
+            } else {
+                Some(1)
+            };
+            if let Some(from) = rest {
+                read::scan(&self.js, &stream, subject, from, None, &mut each).await?;
             }
             if truncated {
                 break;
