@@ -266,8 +266,9 @@ async fn bulk(g: &Global, admin: &Admin, args: &BulkArgs, what: Bulk) -> Result<
     finish(&outcome, noun)
 }
 
-/// Runs a bulk operation with progress on stderr; Ctrl-C stops it after the current task.
-/// With --json, prints the outcome.
+/// Runs a bulk operation with progress on stderr; Ctrl-C stops it after the current task,
+/// a second Ctrl-C at once (a long scan that selects nothing reaches no "after"; every step
+/// is safe to interrupt and run again). With --json, prints the outcome.
 pub async fn run_bulk(
     g: &Global,
     queue: &str,
@@ -282,6 +283,11 @@ pub async fn run_bulk(
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 stop.store(true, Ordering::SeqCst);
+                eprintln!("stopping after the current task; Ctrl-C again to stop now");
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopped; run the command again to continue");
+                std::process::exit(130);
             }
         });
     }
@@ -297,9 +303,12 @@ pub async fn run_bulk(
         if counted {
             progress.get_or_insert_with(|| output::Progress::new(label, step.total)).inc();
         }
-        tasks.push(
-            json!({ "seq": step.sequence, "queue": step.queue, "duplicate": step.duplicate }),
-        );
+        // Kept only for --json: a run over a million dead letters keeps no list otherwise.
+        if g.json {
+            tasks.push(
+                json!({ "seq": step.sequence, "queue": step.queue, "duplicate": step.duplicate }),
+            );
+        }
         if stop.load(Ordering::SeqCst) {
             ControlFlow::Break(())
         } else {
