@@ -73,6 +73,7 @@ mod task;
 pub mod track;
 pub mod wire;
 mod worker;
+pub mod workflow;
 
 pub use client::{Client, ClientBuilder, Receipt};
 pub use error::{

@@ -18,6 +18,7 @@ use super::store::{is_conflict, is_too_large, Lookup, Tracker};
 use super::DEFAULT_RETENTION;
 use crate::extract::{Live, ProgressReport};
 use crate::wire;
+use crate::workflow::StepRef;
 
 /// A worker's tracking: the bucket, its default retention, and the cancel tokens of the
 /// tracked tasks it runs.
@@ -85,6 +86,7 @@ impl WorkerTracking {
             .or_else(|| headers.get(wire::NATS_MSG_ID))
             .map_or_else(|| format!("seq-{sequence}"), |v| v.as_str().to_owned());
         let scheduler = headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str().to_owned());
+        let step = StepRef::from_headers(headers);
         Some(Attempt {
             tracking: self,
             id,
@@ -100,6 +102,7 @@ impl WorkerTracking {
             last_progress: None,
             revision: 0,
             stale: false,
+            step,
         })
     }
 
@@ -164,6 +167,8 @@ pub(crate) struct Attempt<'a> {
     revision: u64,
     /// A newer attempt owns the record: this one writes nothing more.
     stale: bool,
+    /// The workflow step the task is, if any.
+    step: Option<StepRef>,
 }
 
 /// Whether a tracked attempt may run.
@@ -346,7 +351,19 @@ impl Attempt<'_> {
     }
 
     fn event(&self, kind: EventKind) -> Event {
-        Event::new(kind, &self.id, self.queue, self.task, self.attempt)
+        let mut event = Event::new(kind, &self.id, self.queue, self.task, self.attempt);
+        event.workflow = self.step.as_ref().map(|step| step.workflow.clone());
+        event
+    }
+
+    /// The workflow step the task is, if any.
+    pub(crate) fn step(&self) -> Option<&StepRef> {
+        self.step.as_ref()
+    }
+
+    /// The bucket and connection, for what follows a workflow step.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracking.tracker
     }
 
     /// Writes `record` if the record is still as this attempt last saw it. When it is not:

@@ -27,6 +27,7 @@ use crate::observe::{Finished, Outcome, Started};
 use crate::task::{DecodeError, Delivery, Task};
 use crate::track::worker::{Attempt, Begin, Ended, Unrecorded};
 use crate::wire;
+use crate::workflow::{StepEnd, StepRef};
 
 /// What happens to a delivery.
 #[derive(Debug)]
@@ -252,7 +253,9 @@ impl Tracked<'_> {
             Settle::Cancelled { announce } => Ended::Cancelled { announce: *announce },
         };
         let result = if matches!(settle, Settle::Ack) { self.result.take() } else { None };
-        match attempt.finish(ended, result).await {
+        // A workflow step needs its result after it is recorded.
+        let kept = attempt.step().and(result.clone());
+        let settle = match attempt.finish(ended, result).await {
             Ok(()) => settle,
             Err(Unrecorded::ResultTooLarge(error)) => {
                 let reason = DeadLetterReason::Rejected;
@@ -260,9 +263,47 @@ impl Tracked<'_> {
                 let _ = attempt.finish(ended, None).await;
                 Settle::DeadLetter(reason, error)
             }
+        };
+        match attempt.step() {
+            Some(step) => Box::pin(follow(attempt.tracker(), step, settle, kept)).await,
+            None => settle,
         }
     }
 }
+
+/// What follows a workflow step that ended, dispatched before the step is acknowledged
+/// (see `crate::workflow`). Should that fail, the step is handed back to come here again.
+async fn follow(
+    tracker: &crate::track::Tracker,
+    step: &StepRef,
+    settle: Settle,
+    result: Option<Vec<u8>>,
+) -> Settle {
+    let end = match &settle {
+        Settle::Ack => StepEnd::Succeeded(result.as_deref()),
+        Settle::GiveUp(error) | Settle::Discard(error) => {
+            StepEnd::Ended { state: "failed", error: Some(error) }
+        }
+        Settle::DeadLetter(_, error) => StepEnd::Ended { state: "dead_lettered", error: Some(error) },
+        Settle::Cancelled { .. } => StepEnd::Ended { state: "cancelled", error: None },
+        Settle::Retry(..) => return settle,
+    };
+    let mut last = None;
+    for pause in [0, 100, 500] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        match crate::workflow::advance(tracker, step, end).await {
+            Ok(()) => return settle,
+            Err(err) => last = Some(err),
+        }
+    }
+    let error = last.map(|err| err.to_string()).unwrap_or_default();
+    tracing::warn!(workflow = %step.workflow, %error, "could not dispatch what follows the step; handing it back");
+    Settle::Retry(Some(FOLLOW_RETRY), format!("workflow {}: {error}", step.workflow))
+}
+
+/// How soon a step whose follower could not be dispatched comes back.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+
 
 /// A delivery as the worker read it.
 pub(super) struct Received<'a> {

@@ -1,0 +1,266 @@
+//! The worker's side: when a step of a workflow ends, dispatch what comes next, once.
+//!
+//! Runs after the step's outcome is recorded and before the step is acknowledged, so
+//! there is no crash window: a worker that dies anywhere in here has not acknowledged the
+//! step, which is delivered again; the rerun ends the same way and comes here again, where
+//! the markers and the group's record make every repeat a no-op:
+//!
+//! * before the batch is stored: nothing of it is (atomic), the rerun stores it;
+//! * after it is stored: the rerun's batch is refused whole by its marker (the subject
+//!   already holds a message), which says the next task is stored;
+//! * a group member's end is added to the group's record by compare-and-set, once: a rerun
+//!   finds itself there, and publishes the callback if the set is complete (the marker
+//!   makes that one callback whoever publishes it and however often).
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::plan::{self, Ended, Kind, Plan, StepPlan, Written};
+use super::status::{GroupResults, MemberOutcome};
+use super::{WorkflowError, WorkflowErrorKind, HEADER_WORKFLOW, HEADER_WORKFLOW_STEP};
+use crate::batch::publish_atomic;
+use crate::track::client::TrackedDispatch;
+use crate::track::Tracker;
+
+/// Which step of which workflow a received task is, from its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepRef {
+    pub(crate) workflow: String,
+    role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Chain(usize),
+    Member(usize),
+    Callback,
+}
+
+impl StepRef {
+    /// The step a task is, if its headers name a workflow and a step.
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let workflow = headers.get(HEADER_WORKFLOW)?.as_str().to_owned();
+        let step = headers.get(HEADER_WORKFLOW_STEP)?.as_str();
+        let role = if step == "callback" {
+            Role::Callback
+        } else if let Some(member) = step.strip_prefix('m') {
+            Role::Member(member.parse().ok()?)
+        } else {
+            Role::Chain(step.parse().ok()?)
+        };
+        Some(Self { workflow, role })
+    }
+}
+
+/// How a step ended, as the workflow sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepEnd<'a> {
+    /// With the handler's result (JSON), if any.
+    Succeeded(Option<&'a [u8]>),
+    /// Without success: the final state's label and the error.
+    Ended { state: &'static str, error: Option<&'a str> },
+}
+
+/// Dispatches what follows `step`'s end: a chain's next step, or a group's callback once
+/// every member ended. Returns once that is stored (or found stored).
+pub(crate) async fn advance(
+    tracker: &Tracker,
+    step: &StepRef,
+    end: StepEnd<'_>,
+) -> Result<(), WorkflowError> {
+    match step.role {
+        // A chain stops at a step that did not succeed: its status shows where and why.
+        Role::Chain(_) if matches!(end, StepEnd::Ended { .. }) => Ok(()),
+        Role::Chain(index) => {
+            let StepEnd::Succeeded(result) = end else { return Ok(()) };
+            let Some((plan, _)) = plan::read(tracker, &step.workflow).await? else {
+                return Ok(gone(step));
+            };
+            let Some(next) = plan.steps.get(index + 1).filter(|_| plan.kind == Kind::Chain)
+            else {
+                return Ok(());
+            };
+            let payload = Bytes::copy_from_slice(result.unwrap_or(b"null"));
+            let mark = (index + 1).to_string();
+            dispatch_guarded(tracker, &step.workflow, &plan, next, &mark, payload).await
+        }
+        Role::Member(index) => member_ended(tracker, step, index, end).await,
+        Role::Callback => Ok(()),
+    }
+}
+
+/// Records a member's end in the group's record, then publishes the callback if every
+/// member has ended.
+async fn member_ended(
+    tracker: &Tracker,
+    step: &StepRef,
+    index: usize,
+    end: StepEnd<'_>,
+) -> Result<(), WorkflowError> {
+    let mut ended = match end {
+        StepEnd::Succeeded(result) => Ended {
+            state: "succeeded".to_owned(),
+            error: None,
+            result: result
+                .and_then(|json| std::str::from_utf8(json).ok())
+                .and_then(|json| RawValue::from_string(json.to_owned()).ok()),
+            result_omitted: false,
+        },
+        StepEnd::Ended { state, error } => Ended {
+            state: state.to_owned(),
+            error: error.map(str::to_owned),
+            result: None,
+            result_omitted: false,
+        },
+    };
+    // Members end at once by the hundred: a lost race rereads and tries again.
+    for _ in 0..1000 {
+        let Some((mut plan, revision)) = plan::read(tracker, &step.workflow).await? else {
+            return Ok(gone(step));
+        };
+        if index >= plan.steps.len() || plan.kind != Kind::Group {
+            return Ok(());
+        }
+        if !plan.ended.contains_key(&index) {
+            plan.ended.insert(index, ended.clone());
+            match plan::write(tracker, &step.workflow, &plan, revision).await? {
+                Written::Yes => {}
+                Written::Conflict => continue,
+                Written::TooLarge if ended.result.is_some() => {
+                    ended.result = None;
+                    ended.result_omitted = true;
+                    continue;
+                }
+                Written::TooLarge => {
+                    return Err(WorkflowError::new(
+                        WorkflowErrorKind::TooLarge,
+                        format!("the record of group {:?} outgrew max_payload", plan.name),
+                    ))
+                }
+            }
+        }
+        if plan.ended.len() < plan.steps.len() {
+            return Ok(());
+        }
+        let Some(callback) = &plan.callback else { return Ok(()) };
+        let results = group_results(&step.workflow, &plan, true);
+        let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
+        let sent =
+            dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload).await;
+        return match sent {
+            Err(err) if err.kind() == WorkflowErrorKind::TooLarge => {
+                let results = group_results(&step.workflow, &plan, false);
+                let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
+                dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload)
+                    .await
+            }
+            sent => sent,
+        };
+    }
+    Err(WorkflowError::new(
+        WorkflowErrorKind::Broker,
+        format!("the record of workflow {:?} kept changing; not recorded", step.workflow),
+    ))
+}
+
+/// The callback's payload: every member's outcome, with its result unless `with_results`
+/// is false (then read by id).
+fn group_results(id: &str, plan: &Plan, with_results: bool) -> GroupResults {
+    let members = plan
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(index, member)| {
+            let ended = plan.ended.get(&index);
+            let result = ended
+                .and_then(|e| e.result.as_ref())
+                .filter(|_| with_results)
+                .and_then(|raw| serde_json::from_str(raw.get()).ok());
+            MemberOutcome {
+                index,
+                id: member.id.clone(),
+                state: ended.map_or_else(String::new, |e| e.state.clone()),
+                error: ended.and_then(|e| e.error.clone()),
+                result_omitted: ended.is_some_and(|e| {
+                    e.result_omitted || (!with_results && e.result.is_some())
+                }),
+                result,
+            }
+        })
+        .collect();
+    GroupResults { workflow: id.to_owned(), name: plan.name.clone(), members }
+}
+
+/// Publishes `next` with `payload`, guarded by marker `mark`: stored once, whoever
+/// publishes it and however often.
+async fn dispatch_guarded(
+    tracker: &Tracker,
+    id: &str,
+    plan: &Plan,
+    next: &StepPlan,
+    mark: &str,
+    payload: Bytes,
+) -> Result<(), WorkflowError> {
+    let Some(outgoing) = next.outgoing(payload) else {
+        return Err(WorkflowError::new(
+            WorkflowErrorKind::Broker,
+            format!("the plan of workflow {id:?} has no message for step {mark}"),
+        ));
+    };
+    let prefix = &tracker.settings().subject_prefix;
+    let marker = plan::marker(prefix, id, mark, plan.retention);
+    let tracked = TrackedDispatch {
+        id: next.id.clone(),
+        queue: next.queue.clone(),
+        task: next.task.clone(),
+        retention: plan.retention,
+        due: None,
+        schedule: None,
+    };
+    super::dispatch::announce(tracker, &tracked, id).await;
+    match publish_atomic(tracker.js(), vec![marker, outgoing]).await {
+        Ok(ack) => {
+            tracked.stored(tracker, ack.last, false).await;
+            Ok(())
+        }
+        // The marker is there: this step was dispatched already.
+        Err(err) if err.is_conflict() => Ok(()),
+        Err(err) if err.is_too_large() => Err(WorkflowError::with_source(
+            WorkflowErrorKind::TooLarge,
+            format!("step {mark} of workflow {id:?} is larger than the server's max_payload"),
+            err,
+        )),
+        Err(err) => Err(WorkflowError::with_source(
+            WorkflowErrorKind::Broker,
+            format!("dispatch step {mark} of workflow {id:?}"),
+            err,
+        )),
+    }
+}
+
+/// The plan is gone (expired, or never stored because its dispatch failed): nothing can
+/// follow.
+fn gone(step: &StepRef) {
+    tracing::warn!(workflow = %step.workflow, "the workflow's plan is not recorded; nothing follows this step");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_from_headers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(StepRef::from_headers(&headers), None);
+        headers.insert(HEADER_WORKFLOW, "w1");
+        headers.insert(HEADER_WORKFLOW_STEP, "2");
+        assert_eq!(StepRef::from_headers(&headers).unwrap().role, Role::Chain(2));
+        headers.insert(HEADER_WORKFLOW_STEP, "m17");
+        assert_eq!(StepRef::from_headers(&headers).unwrap().role, Role::Member(17));
+        headers.insert(HEADER_WORKFLOW_STEP, "callback");
+        assert_eq!(StepRef::from_headers(&headers).unwrap().role, Role::Callback);
+        headers.insert(HEADER_WORKFLOW_STEP, "mx");
+        assert_eq!(StepRef::from_headers(&headers), None);
+    }
+}

@@ -1,0 +1,229 @@
+//! Dispatching a workflow: its plan first, then its first tasks and its start marker in
+//! one atomic batch.
+
+use std::collections::HashSet;
+
+use time::OffsetDateTime;
+
+use super::plan::{self, Kind, Plan, StepPlan, Written};
+use super::{
+    Chain, Group, Workflow, WorkflowError, WorkflowErrorKind, WorkflowReceipt,
+    HEADER_WORKFLOW, HEADER_WORKFLOW_STEP, MAX_STEPS,
+};
+use crate::batch::{publish_atomic, Outgoing};
+use crate::client::Client;
+use crate::task::Task;
+use crate::track::client::TrackedDispatch;
+use crate::track::{Event, EventKind, DEFAULT_RETENTION};
+
+/// A step ready to go: its message and what its record says.
+pub(super) struct Ready {
+    pub(super) outgoing: Outgoing,
+    pub(super) tracked: TrackedDispatch,
+}
+
+impl Client {
+    /// Dispatches a [`Chain`] or a [`Group`]: stores its plan, then its first tasks (a
+    /// chain's first step, or every member of a group) in one atomic batch, all or none.
+    /// The steps after them are dispatched by the workers, each exactly once (see
+    /// [`workflow`](crate::workflow)).
+    ///
+    /// Everything is checked before anything is stored: an empty workflow, too many steps
+    /// ([`MAX_STEPS`]), two steps with one id, a later chain step or a callback with a
+    /// payload of its own, or any invalid task fails with nothing published.
+    pub async fn dispatch_workflow(
+        &self,
+        workflow: impl Into<Workflow>,
+    ) -> Result<WorkflowReceipt, WorkflowError> {
+        let id = nuid::next().to_string();
+        let (plan, first) = self.plan(&id, workflow.into())?;
+        let tracker = self.tracker();
+        // The plan goes first: a worker ending a first step reads it. Should the batch
+        // below fail, or this process die before it, the plan is never read (no stored
+        // task names this workflow) and expires with its retention.
+        match plan::write(tracker, &id, &plan, 0).await? {
+            Written::Yes => {}
+            Written::Conflict => {
+                return Err(WorkflowError::new(
+                    WorkflowErrorKind::Broker,
+                    format!("a workflow with id {id:?} is already recorded"),
+                ))
+            }
+            Written::TooLarge => {
+                return Err(WorkflowError::new(
+                    WorkflowErrorKind::TooLarge,
+                    format!(
+                        "the plan of workflow {:?} ({} steps) is larger than the server's max_payload",
+                        plan.name,
+                        plan.steps.len() + usize::from(plan.callback.is_some())
+                    ),
+                ))
+            }
+        }
+        let (js, settings) = self.stream();
+        let mut batch = Vec::with_capacity(first.len() + 1);
+        batch.push(plan::marker(&settings.subject_prefix, &id, "start", plan.retention));
+        let mut tracked = Vec::with_capacity(first.len());
+        for ready in first {
+            batch.push(ready.outgoing);
+            tracked.push(ready.tracked);
+        }
+        for step in &tracked {
+            announce(tracker, step, &id).await;
+        }
+        let ack = publish_atomic(js, batch).await.map_err(|err| {
+            WorkflowError::with_source(
+                WorkflowErrorKind::Broker,
+                format!("store the first tasks of workflow {:?}", plan.name),
+                err,
+            )
+        })?;
+        // The batch holds consecutive sequences: the marker first, then the tasks.
+        for (offset, step) in tracked.iter().enumerate() {
+            step.stored(tracker, ack.first + 1 + offset as u64, false).await;
+        }
+        let mut steps: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
+        steps.extend(plan.callback.iter().map(|c| c.id.clone()));
+        Ok(WorkflowReceipt { id, steps })
+    }
+
+    /// Checks `workflow` and turns it into its plan and its first messages.
+    fn plan(&self, id: &str, workflow: Workflow) -> Result<(Plan, Vec<Ready>), WorkflowError> {
+        let (kind, name, steps, callback) = match workflow {
+            Workflow::Chain(Chain { name, steps }) => (Kind::Chain, name, steps, None),
+            Workflow::Group(Group { name, members, callback }) => {
+                (Kind::Group, name, members, callback)
+            }
+        };
+        let what = match kind {
+            Kind::Chain => "chain",
+            Kind::Group => "group",
+        };
+        if steps.is_empty() {
+            return Err(invalid(format!("{what} {name:?} has no steps")));
+        }
+        let total = steps.len() + usize::from(callback.is_some());
+        if total > MAX_STEPS {
+            return Err(invalid(format!(
+                "{what} {name:?} has {total} steps; a workflow has at most {MAX_STEPS}"
+            )));
+        }
+        let mut plan = Plan {
+            kind,
+            name: name.clone(),
+            created: OffsetDateTime::now_utc(),
+            retention: 0,
+            steps: Vec::with_capacity(steps.len()),
+            callback: None,
+            ended: Default::default(),
+        };
+        let mut ids = HashSet::new();
+        let mut first = Vec::new();
+        for (index, (task, queue)) in steps.into_iter().enumerate() {
+            let later = kind == Kind::Chain && index > 0;
+            if later && !task.payload().is_empty() {
+                return Err(invalid(format!(
+                    "step {index} ({:?}) of chain {name:?} has a payload; every step after the \
+                     first takes the previous step's result as its payload",
+                    task.name()
+                )));
+            }
+            let role = match kind {
+                Kind::Chain => index.to_string(),
+                Kind::Group => format!("m{index}"),
+            };
+            let (mut step, ready) =
+                self.step(id, &name, &role, task, &queue, &mut ids, &mut plan)?;
+            if later {
+                step.keep(&ready.outgoing);
+            } else {
+                first.push(ready);
+            }
+            plan.steps.push(step);
+        }
+        if let Some((task, queue)) = callback {
+            if !task.payload().is_empty() {
+                return Err(invalid(format!(
+                    "the callback ({:?}) of group {name:?} has a payload; it receives the \
+                     members' outcomes as its payload",
+                    task.name()
+                )));
+            }
+            let (mut step, ready) =
+                self.step(id, &name, "callback", task, &queue, &mut ids, &mut plan)?;
+            step.keep(&ready.outgoing);
+            plan.callback = Some(step);
+        }
+        Ok((plan, first))
+    }
+
+    /// One step: its id, its message (tracked, with the workflow's headers) and its plan.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        id: &str,
+        name: &str,
+        role: &str,
+        mut task: Task,
+        queue: &str,
+        ids: &mut HashSet<String>,
+        plan: &mut Plan,
+    ) -> Result<(StepPlan, Ready), WorkflowError> {
+        let step_id = match task.dispatch_id() {
+            Some(given) => given.to_owned(),
+            None => format!("{id}.{role}"),
+        };
+        if !ids.insert(step_id.clone()) {
+            return Err(invalid(format!(
+                "two steps of workflow {name:?} have the id {step_id:?}; every step needs its own"
+            )));
+        }
+        if task.track().is_none() {
+            task = task.tracked();
+        }
+        let retention = match task.track() {
+            Some(r) if !r.is_zero() => r.as_secs(),
+            _ => DEFAULT_RETENTION.as_secs(),
+        };
+        plan.retention = plan.retention.max(retention);
+        let task_name = task.name().to_owned();
+        let task = task
+            .with_message_id(step_id.clone())
+            .with_header(HEADER_WORKFLOW, id)
+            .with_header(HEADER_WORKFLOW_STEP, role);
+        let (outgoing, info) = self.outgoing(task, queue).map_err(|err| {
+            WorkflowError::with_source(
+                WorkflowErrorKind::InvalidTask,
+                format!("step {role} ({task_name:?}) of workflow {name:?} cannot be dispatched"),
+                err,
+            )
+        })?;
+        let step = StepPlan {
+            id: step_id.clone(),
+            task: info.task.clone(),
+            queue: info.queue.clone(),
+            subject: None,
+            headers: Vec::new(),
+        };
+        let tracked = TrackedDispatch {
+            id: step_id,
+            queue: info.queue,
+            task: info.task,
+            retention,
+            due: None,
+            schedule: None,
+        };
+        Ok((step, Ready { outgoing, tracked }))
+    }
+}
+
+/// The `dispatched` event of a step, naming its workflow.
+pub(super) async fn announce(tracker: &crate::track::Tracker, step: &TrackedDispatch, id: &str) {
+    let mut event = Event::new(EventKind::Dispatched, &step.id, &step.queue, &step.task, 0);
+    event.workflow = Some(id.to_owned());
+    event.publish(tracker).await;
+}
+
+fn invalid(message: String) -> WorkflowError {
+    WorkflowError::new(WorkflowErrorKind::InvalidWorkflow, message)
+}
