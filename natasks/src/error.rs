@@ -96,6 +96,21 @@ pub enum DispatchErrorKind {
     /// server is too old (nats-server 2.11 or newer is needed) or the record bucket cannot
     /// be opened. Nothing was stored.
     TrackingUnavailable,
+    /// A task with the same unique key ([`Task::unique`](crate::Task::unique)) is pending,
+    /// scheduled or running in the queue; [`DispatchError::existing_id`] names it. Nothing
+    /// was stored.
+    Duplicate,
+    /// A task with the same throttle key ([`Task::throttle`](crate::Task::throttle)) was
+    /// dispatched to the queue within the window; [`DispatchError::existing_id`] names it and
+    /// [`DispatchError::retry_at`] says when the window ends. Nothing was stored.
+    Throttled,
+    /// A batch ([`Client::dispatch_batch`](crate::Client::dispatch_batch)) is empty or holds
+    /// more messages than the server stores in one atomic batch. Nothing was stored.
+    InvalidBatch,
+    /// The task needs a feature the stream or server lacks: atomic batches (batches, unique
+    /// and throttled tasks need nats-server 2.12 or newer) or per-message TTLs (2.11). The
+    /// message names the server's version. Nothing was stored.
+    Unsupported,
 }
 
 /// Dispatching a task failed. Nothing was stored unless the kind is
@@ -107,11 +122,21 @@ pub struct DispatchError {
     message: String,
     #[source]
     source: Option<BoxError>,
+    /// The task that holds the key, for [`DispatchErrorKind::Duplicate`] and
+    /// [`DispatchErrorKind::Throttled`].
+    conflict: Option<Box<Conflict>>,
+}
+
+/// The task a guard refused a dispatch for.
+#[derive(Debug, Clone)]
+pub(crate) struct Conflict {
+    pub(crate) id: String,
+    pub(crate) until: Option<time::OffsetDateTime>,
 }
 
 impl DispatchError {
     pub(crate) fn new(kind: DispatchErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self { kind, message: message.into(), source: None, conflict: None }
     }
 
     pub(crate) fn with_source(
@@ -119,7 +144,27 @@ impl DispatchError {
         message: impl Into<String>,
         source: impl Into<BoxError>,
     ) -> Self {
-        Self { kind, message: message.into(), source: Some(source.into()) }
+        Self { kind, message: message.into(), source: Some(source.into()), conflict: None }
+    }
+
+    pub(crate) fn conflict(
+        kind: DispatchErrorKind,
+        message: impl Into<String>,
+        conflict: Conflict,
+    ) -> Self {
+        Self { conflict: Some(Box::new(conflict)), ..Self::new(kind, message) }
+    }
+
+    /// The id of the task that holds the key, when the kind is
+    /// [`DispatchErrorKind::Duplicate`] or [`DispatchErrorKind::Throttled`].
+    pub fn existing_id(&self) -> Option<&str> {
+        self.conflict.as_ref().map(|c| c.id.as_str())
+    }
+
+    /// When the throttle window ends (a dispatch with the key is accepted again), when the
+    /// kind is [`DispatchErrorKind::Throttled`].
+    pub fn retry_at(&self) -> Option<time::OffsetDateTime> {
+        self.conflict.as_ref().and_then(|c| c.until)
     }
 
     /// An error raised by a dispatch middleware to refuse a task.

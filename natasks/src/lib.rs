@@ -55,6 +55,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod batch;
 mod client;
 mod error;
 mod extract;
@@ -75,7 +76,7 @@ pub mod wire;
 mod worker;
 pub mod workflow;
 
-pub use client::{Client, ClientBuilder, Receipt};
+pub use client::{Batch, Client, ClientBuilder, Receipt};
 pub use error::{
     no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
     RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError, SetupErrorKind,

@@ -32,6 +32,10 @@ impl Default for StreamSettings {
 pub(crate) struct StreamState {
     /// The server stores message schedules (nats-server 2.12+).
     pub(crate) schedules: bool,
+    /// The stream stores atomic batches (nats-server 2.12+) and captures the marker subjects.
+    pub(crate) atomic: bool,
+    /// The stream honours per-message TTLs, `Nats-TTL` (nats-server 2.11+).
+    pub(crate) ttl: bool,
     /// The stream, for creating consumers.
     pub(crate) stream: stream::Stream,
 }
@@ -77,24 +81,32 @@ impl StreamSettings {
         Ok(())
     }
 
-    fn subjects(&self) -> [String; 2] {
+    fn subjects(&self) -> [String; 3] {
         [
             wire::queues_wildcard(&self.subject_prefix),
             wire::schedules_wildcard(&self.subject_prefix),
+            wire::markers_wildcard(&self.subject_prefix),
         ]
     }
 
-    /// The stream natasks creates; message schedules only where the server stores them.
-    fn config(&self, schedules: bool) -> stream::Config {
+    /// The stream natasks creates; each feature only where the server has it.
+    fn config(&self, features: Features) -> stream::Config {
+        let [queues, schedules, markers] = self.subjects();
+        let mut subjects = vec![queues, schedules];
+        if features.atomic {
+            subjects.push(markers);
+        }
         stream::Config {
             name: self.name.clone(),
-            subjects: self.subjects().to_vec(),
+            subjects,
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window.unwrap_or_default(),
-            allow_message_schedules: schedules,
+            allow_message_schedules: features.schedules,
+            allow_atomic_publish: features.atomic,
+            allow_message_ttl: features.ttl,
             ..Default::default()
         }
     }
@@ -105,29 +117,28 @@ impl StreamSettings {
     /// stream is adopted as it is, without delayed dispatch. Other settings of an existing
     /// stream are left as the operator made them.
     pub(crate) async fn ensure(&self, js: &jetstream::Context) -> Result<StreamState, SetupError> {
-        let support = schedule_support(&js.client().server_info().version);
+        let features = Features::of(&js.client().server_info().version);
         match js.get_stream(&self.name).await {
-            Ok(existing) => return self.adopt(js, existing, support).await,
+            Ok(existing) => return self.adopt(js, existing, features).await,
             Err(err) if is_not_found(&err) => {}
             Err(err) => {
                 return Err(SetupError::jetstream(format!("read stream {:?}", self.name), err))
             }
         }
-        let create_error =
-            match js.create_stream(self.config(support != Support::Unsupported)).await {
-                Ok(mut created) => {
-                    let info = created.info().await.map_err(|err| {
-                        SetupError::jetstream(format!("read stream {:?}", self.name), err)
-                    })?;
-                    let schedules = info.config.allow_message_schedules;
-                    return Ok(StreamState { schedules, stream: created });
-                }
-                Err(err) => err,
-            };
+        let create_error = match js.create_stream(self.config(features)).await {
+            Ok(mut created) => {
+                let info = created.info().await.map_err(|err| {
+                    SetupError::jetstream(format!("read stream {:?}", self.name), err)
+                })?;
+                let config = info.config.clone();
+                return Ok(self.state(&config, created));
+            }
+            Err(err) => err,
+        };
         // Another process may have created it meanwhile (or only the reply was lost).
         tracing::debug!(stream = %self.name, error = %create_error, "create stream failed, trying to adopt it");
         match js.get_stream(&self.name).await {
-            Ok(existing) => self.adopt(js, existing, support).await,
+            Ok(existing) => self.adopt(js, existing, features).await,
             Err(_) => {
                 let message = if create_error.kind() == CreateStreamErrorKind::TimedOut {
                     format!(
@@ -144,14 +155,29 @@ impl StreamSettings {
         }
     }
 
+    /// What the stream, as the server echoes its config, can do.
+    fn state(&self, config: &stream::Config, stream: stream::Stream) -> StreamState {
+        let [_, schedules, markers] = self.subjects();
+        StreamState {
+            schedules: config.allow_message_schedules && config.subjects.contains(&schedules),
+            atomic: config.allow_atomic_publish && config.subjects.contains(&markers),
+            ttl: config.allow_message_ttl,
+            stream,
+        }
+    }
+
+    /// Adopts an existing stream, adding what this server supports and the stream lacks:
+    /// the schedule subjects and flag, the marker subjects and atomic batches, per-message
+    /// TTLs. An older server cannot store them (and never echoes the flags), so nothing is
+    /// asked of it that it would silently drop.
     async fn adopt(
         &self,
         js: &jetstream::Context,
         stream: stream::Stream,
-        support: Support,
+        features: Features,
     ) -> Result<StreamState, SetupError> {
         let mut config = stream.cached_info().config.clone();
-        let [queues, schedules] = self.subjects();
+        let [queues, schedules, markers] = self.subjects();
         if !config.subjects.contains(&queues) {
             return Err(SetupError::new(
                 SetupErrorKind::IncompatibleStream,
@@ -167,32 +193,70 @@ impl StreamSettings {
                 format!("stream {:?} exists without work-queue retention", self.name),
             ));
         }
-        if config.subjects.contains(&schedules) && config.allow_message_schedules {
-            return Ok(StreamState { schedules: true, stream });
+        let mut missing = Vec::new();
+        if features.schedules {
+            if !config.subjects.contains(&schedules) {
+                config.subjects.push(schedules);
+                missing.push("schedule subjects");
+            }
+            if !config.allow_message_schedules {
+                config.allow_message_schedules = true;
+                missing.push("message schedules");
+            }
         }
-        if support == Support::Unsupported {
-            // Nothing to enable: the server would not store it (and never echoes the flag).
-            tracing::debug!(stream = %self.name, "server stores no message schedules; stream adopted as is");
-            return Ok(StreamState { schedules: false, stream });
+        if features.atomic {
+            if !config.subjects.contains(&markers) {
+                config.subjects.push(markers);
+                missing.push("marker subjects");
+            }
+            if !config.allow_atomic_publish {
+                config.allow_atomic_publish = true;
+                missing.push("atomic batches");
+            }
         }
-        if !config.subjects.contains(&schedules) {
-            config.subjects.push(schedules);
+        if features.ttl && !config.allow_message_ttl {
+            config.allow_message_ttl = true;
+            missing.push("per-message TTLs");
         }
-        config.allow_message_schedules = true;
+        if missing.is_empty() {
+            return Ok(self.state(&config, stream));
+        }
+        let missing = missing.join(", ");
+        tracing::debug!(stream = %self.name, %missing, "adding to the stream");
         let info = js.update_stream(config).await.map_err(|err| {
             let message = if err.kind() == CreateStreamErrorKind::TimedOut {
                 format!(
-                    "stream {name:?} has no message schedules and adding them got no answer; \
-                     that needs permission to publish to `$JS.API.STREAM.UPDATE.{name}`: have \
-                     an administrator start a natasks client or worker once to add them",
+                    "stream {name:?} lacks {missing} and adding them got no answer; that needs \
+                     permission to publish to `$JS.API.STREAM.UPDATE.{name}`: have an \
+                     administrator start a natasks client or worker once to add them",
                     name = self.name
                 )
             } else {
-                format!("add message schedules to stream {:?}", self.name)
+                format!("add {missing} to stream {:?}", self.name)
             };
             SetupError::jetstream(message, err)
         })?;
-        Ok(StreamState { schedules: info.config.allow_message_schedules, stream })
+        Ok(self.state(&info.config, stream))
+    }
+}
+
+/// What the stream may be asked to do on the connected server, judged by the version it
+/// announced (from its INFO, which needs no permission, unlike `$JS.API.INFO`). An unknown
+/// version enables everything and trusts the config the server echoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Features {
+    schedules: bool,
+    atomic: bool,
+    ttl: bool,
+}
+
+impl Features {
+    fn of(version: &str) -> Self {
+        Self {
+            schedules: schedule_support(version) != Support::Unsupported,
+            atomic: atomic_support(version) != Support::Unsupported,
+            ttl: ttl_support(version) != Support::Unsupported,
+        }
     }
 }
 
@@ -211,6 +275,16 @@ pub(crate) enum Support {
 /// from the server's INFO, which needs no permission, unlike `$JS.API.INFO`.
 pub(crate) fn schedule_support(version: &str) -> Support {
     version_support(version, (2, 12))
+}
+
+/// Atomic batches arrived in nats-server 2.12 (JetStream API level 2).
+pub(crate) fn atomic_support(version: &str) -> Support {
+    version_support(version, (2, 12))
+}
+
+/// Per-message TTLs arrived in nats-server 2.11 (JetStream API level 1).
+pub(crate) fn ttl_support(version: &str) -> Support {
+    version_support(version, (2, 11))
 }
 
 /// Recurring schedules (`@every`, cron, time zones) arrived in nats-server 2.14 (JetStream
@@ -272,6 +346,17 @@ mod tests {
         ] {
             assert_eq!(schedule_support(version), support, "{version}");
         }
+    }
+
+    #[test]
+    fn batches_and_ttls_by_version() {
+        assert_eq!(
+            Features::of("2.9.10"),
+            Features { schedules: false, atomic: false, ttl: false }
+        );
+        assert_eq!(Features::of("2.11.4"), Features { schedules: false, atomic: false, ttl: true });
+        assert_eq!(Features::of("2.12.0"), Features { schedules: true, atomic: true, ttl: true });
+        assert_eq!(Features::of("v?"), Features { schedules: true, atomic: true, ttl: true });
     }
 
     #[test]

@@ -63,6 +63,14 @@ pub(crate) const NATS_SCHEDULE_TIME_ZONE: &str = "Nats-Schedule-Time-Zone";
 /// On a message a schedule produced: when the schedule fires next (RFC 3339), or `purge`.
 pub(crate) const NATS_SCHEDULE_NEXT: &str = "Nats-Schedule-Next";
 pub(crate) const NATS_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// Per-message TTL (nats-server 2.11+): whole seconds.
+pub(crate) const NATS_TTL: &str = "Nats-TTL";
+/// Atomic batches (nats-server 2.12+): the batch's id.
+pub(crate) const NATS_BATCH_ID: &str = "Nats-Batch-Id";
+/// Atomic batches: the message's place in its batch, from 1.
+pub(crate) const NATS_BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+/// Atomic batches: on the last message, `1` stores the batch.
+pub(crate) const NATS_BATCH_COMMIT: &str = "Nats-Batch-Commit";
 
 /// [`HEADER_TASK`] as a header name: inserting or looking up a name built once allocates
 /// nothing, where a `&str` name is copied into a new one on every call.
@@ -86,6 +94,11 @@ pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";
 /// after [`SCHEDULE_TOKEN`], periodic schedules two, so the two never share a subject.
 pub const PERIODIC_TOKEN: &str = "periodic";
 
+/// The subject token reserved for markers: guards stored in the task stream on subjects no
+/// worker consumes (`<prefix>.__natasks_mark.<kind>.<queue>.<key>`), such as the lock of a
+/// unique task. No queue may use it.
+pub const MARK_TOKEN: &str = "__natasks_mark";
+
 /// The longest schedule id, in bytes.
 pub const MAX_SCHEDULE_ID: usize = 128;
 
@@ -108,6 +121,76 @@ pub(crate) fn schedules_wildcard(prefix: &str) -> String {
 /// on the same subject replaces the first.
 pub(crate) fn schedule_subject(prefix: &str) -> String {
     format!("{prefix}.{SCHEDULE_TOKEN}.{}", nuid::next())
+}
+
+/// The stream subject that captures every marker.
+pub(crate) fn markers_wildcard(prefix: &str) -> String {
+    format!("{prefix}.{MARK_TOKEN}.>")
+}
+
+/// The subject of a marker: `<prefix>.__natasks_mark.<part>...`. Each part must be one valid
+/// subject token: a fixed word, a queue name, or the output of [`encode_token`].
+pub(crate) fn marker_subject(prefix: &str, parts: &[&str]) -> String {
+    let mut subject = format!("{prefix}.{MARK_TOKEN}");
+    for part in parts {
+        subject.push('.');
+        subject.push_str(part);
+    }
+    subject
+}
+
+/// The longest token [`encode_token`] writes out in full; longer ones are hashed.
+const MAX_ENCODED_TOKEN: usize = 96;
+
+/// Turns any string (an e-mail address, text with spaces, dots or any Unicode) into one
+/// valid subject token: ASCII letters, digits, `-` and `_` stay, every other byte becomes
+/// `%XX` (upper-case hex), so `decode_token` gives the string back. An encoding longer than
+/// 96 characters is replaced by `~` and the SHA-256 of the string in hex (65 characters):
+/// `~` never appears in the first form, so the two cannot collide.
+pub(crate) fn encode_token(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for byte in raw.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.is_empty() {
+        // No valid subject has an empty token.
+        out.push('%');
+    }
+    if out.len() > MAX_ENCODED_TOKEN {
+        let digest = ring::digest::digest(&ring::digest::SHA256, raw.as_bytes());
+        out = std::iter::once('~'.to_string())
+            .chain(digest.as_ref().iter().map(|b| format!("{b:02x}")))
+            .collect();
+    }
+    out
+}
+
+/// The string an [`encode_token`] token stands for; `None` for a hashed token or one
+/// `encode_token` cannot have written.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn decode_token(token: &str) -> Option<String> {
+    if token == "%" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else if first.is_ascii_alphanumeric() || first == b'-' || first == b'_' {
+            bytes.push(first);
+            rest = tail;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// The subject of periodic schedule `id` (a valid id, see [`validate_schedule_id`]).
@@ -152,6 +235,9 @@ pub fn validate_queue(queue: &str) -> Result<&str, InvalidName> {
     let invalid = |problem| InvalidName { what: "queue name", value: queue.to_owned(), problem };
     if queue == SCHEDULE_TOKEN {
         return Err(invalid("is reserved for natasks schedules"));
+    }
+    if queue == MARK_TOKEN {
+        return Err(invalid("is reserved for natasks markers"));
     }
     if queue.contains(['*', '>']) {
         return Err(invalid("must not contain the wildcards `*` or `>`"));
@@ -282,7 +368,7 @@ mod tests {
         assert_eq!(validate_queue("").unwrap(), "default");
         assert_eq!(validate_queue("emails").unwrap(), "emails");
         assert_eq!(validate_queue("emails-dlq").unwrap(), "emails-dlq");
-        for bad in ["a.b", "a*", ">", "a b", "a\tb", SCHEDULE_TOKEN, "x\ny"] {
+        for bad in ["a.b", "a*", ">", "a b", "a\tb", SCHEDULE_TOKEN, MARK_TOKEN, "x\ny"] {
             let err = validate_queue(bad).unwrap_err();
             assert!(err.to_string().starts_with("queue name"), "{bad}: {err}");
         }
@@ -350,6 +436,52 @@ mod tests {
         assert_eq!(periodics_wildcard("natasks"), "natasks.__natasks_schedule.periodic.*");
         assert_eq!(periodic_id("a.b.__natasks_schedule.periodic.x_1"), Some("x_1"));
         assert_eq!(periodic_id("natasks.__natasks_schedule.AbC123"), None);
+    }
+
+    #[test]
+    fn markers() {
+        assert_eq!(markers_wildcard("natasks"), "natasks.__natasks_mark.>");
+        assert_eq!(
+            marker_subject("natasks", &["unique", "emails", "k"]),
+            "natasks.__natasks_mark.unique.emails.k"
+        );
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        for raw in [
+            "order-42",
+            "ann@example.com",
+            "a b.c*d>e",
+            "Größe ✓",
+            "100%",
+            "~x",
+            "",
+            "tab\there",
+            &"x".repeat(96),
+        ] {
+            let token = encode_token(raw);
+            assert!(!token.is_empty(), "{raw:?}");
+            assert!(token.len() <= 96, "{raw:?} -> {token}");
+            assert!(
+                token.bytes().all(|b| b.is_ascii_graphic() && !b".*>".contains(&b)),
+                "{raw:?} -> {token}"
+            );
+            assert_eq!(decode_token(&token).as_deref(), Some(raw), "{token}");
+        }
+        assert_eq!(encode_token("ann@example.com"), "ann%40example%2Ecom");
+        assert_ne!(encode_token("a.b"), encode_token("a_b"));
+    }
+
+    #[test]
+    fn long_tokens_are_hashed() {
+        let long = "é".repeat(100);
+        let token = encode_token(&long);
+        assert_eq!(token.len(), 65);
+        assert!(token.starts_with('~'));
+        assert_eq!(token, encode_token(&long));
+        assert_ne!(token, encode_token(&"é".repeat(101)));
+        assert_eq!(decode_token(&token), None);
     }
 
     #[test]

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::FutureExt;
 use time::OffsetDateTime;
@@ -20,7 +19,14 @@ use crate::stream::StreamSettings;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
 use crate::track::Tracker;
-use crate::wire;
+mod batch;
+mod guarded;
+mod prepare;
+
+pub use self::batch::Batch;
+pub(crate) use self::prepare::Prepared;
+use self::prepare::{publish_error, About, Rejected};
+use crate::batch::Outgoing;
 
 /// Publishes tasks into queues. Cheap to clone; clones share the connection.
 ///
@@ -66,6 +72,10 @@ struct Publisher {
     js: jetstream::Context,
     stream: StreamSettings,
     schedules: bool,
+    /// The stream stores atomic batches and markers (nats-server 2.12+).
+    atomic: bool,
+    /// The stream honours per-message TTLs (nats-server 2.11+).
+    ttl: bool,
     propagator: Option<Arc<dyn Propagator>>,
     observers: Observers,
     tracker: Arc<Tracker>,
@@ -147,6 +157,21 @@ impl Client {
     /// (`crate::periodic`) reach JetStream.
     pub(crate) fn stream(&self) -> (&jetstream::Context, &StreamSettings) {
         (&self.inner.publisher.js, &self.inner.publisher.stream)
+    }
+
+    /// Turns `task` into the message(s) [`dispatch`](Self::dispatch) (or, with `due`,
+    /// [`dispatch_at`](Self::dispatch_at)) would publish, with every header it would
+    /// write (id, tracking, propagated context, queue and name, schedule), for a caller that
+    /// publishes it in an atomic batch of its own. Dispatch middleware does not run; the
+    /// propagator does. A tracked task's records are the caller's to write, through
+    /// [`Prepared::track`] and [`tracker`](Self::tracker).
+    pub(crate) fn outgoing(
+        &self,
+        task: Task,
+        queue: &str,
+        due: Option<OffsetDateTime>,
+    ) -> Result<Prepared, DispatchError> {
+        self.inner.publisher.prepare(Dispatch::new(task, queue, due)).map_err(|r| r.error)
     }
 
     /// The door through which task lifecycle operations (`crate::track`) reach the broker.
@@ -256,11 +281,12 @@ impl Publisher {
         started: Option<Instant>,
     ) -> Result<Receipt, DispatchError> {
         let (result, about) = match prepared {
-            Ok(Prepared { subject, message, about, id, track: None }) => {
-                (self.store(subject, message, &about, id).await, about)
-            }
-            Ok(Prepared { subject, message, about, id, track: Some(track) }) => {
-                (self.store_tracked(subject, message, &about, id, track).await, about)
+            Ok(Prepared { message, marker, about, id, track }) => {
+                let stored = match track {
+                    None => self.store(message, marker, &about, id).await,
+                    Some(track) => self.store_tracked(message, marker, &about, id, track).await,
+                };
+                (stored, about)
             }
             Err(Rejected { error, about }) => (Err(error), about),
         };
@@ -279,8 +305,8 @@ impl Publisher {
     /// Publishes a tracked task between its `dispatched` event and its first record.
     async fn store_tracked(
         &self,
-        subject: String,
-        message: PublishMessage,
+        message: Outgoing,
+        marker: Option<Outgoing>,
         about: &About,
         id: String,
         track: TrackedDispatch,
@@ -297,7 +323,7 @@ impl Publisher {
             ));
         }
         track.announce(&self.tracker).await;
-        let stored = self.store(subject, message, about, id).await;
+        let stored = self.store(message, marker, about, id).await;
         match &stored {
             Ok(receipt) => {
                 let sequence = receipt.sequence.unwrap_or_default();
@@ -308,13 +334,20 @@ impl Publisher {
         stored
     }
 
+    /// Stores a prepared task: alone by a plain publish, or with its guard marker in one
+    /// atomic batch.
     async fn store(
         &self,
-        subject: String,
-        message: PublishMessage,
+        message: Outgoing,
+        marker: Option<Outgoing>,
         about: &About,
         id: String,
     ) -> Result<Receipt, DispatchError> {
+        if let Some(marker) = marker {
+            return self.store_guarded(marker, message, about, id).await;
+        }
+        let Outgoing { subject, headers, payload } = message;
+        let message = PublishMessage::build().payload(payload).headers(headers);
         let ack = self
             .js
             .send_publish(subject, message)
@@ -326,151 +359,6 @@ impl Publisher {
         tracing::debug!(duplicate = ack.duplicate, "task stored");
         Ok(Receipt { id, sequence: Some(ack.sequence), duplicate: ack.duplicate })
     }
-
-    /// Validates the dispatch and turns it into the message to publish. Everything is
-    /// prepared before the first await, so the publish future holds only what the publish
-    /// needs: dispatch futures are many and small this way.
-    fn prepare(&self, mut dispatch: Dispatch) -> Result<Prepared, Rejected> {
-        let (schedule, retention) = match self.check(&mut dispatch) {
-            Ok(checked) => checked,
-            Err(error) => {
-                let queue = match wire::validate_queue(&dispatch.queue) {
-                    Ok(name) if name != dispatch.queue => name.to_owned(),
-                    _ => dispatch.queue,
-                };
-                let about = About {
-                    queue,
-                    task: dispatch.task.name().to_owned(),
-                    delayed: dispatch.due.is_some(),
-                };
-                return Err(Rejected { error, about });
-            }
-        };
-        let queue =
-            if dispatch.queue.is_empty() { wire::DEFAULT_QUEUE.to_owned() } else { dispatch.queue };
-        let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
-        headers.insert(wire::TASK_NAME, task.as_str());
-        headers.insert(wire::QUEUE_NAME, queue.as_str());
-        let id = match message_id {
-            Some(id) => {
-                headers.insert(wire::NATS_MSG_ID, id.as_str());
-                id
-            }
-            None => {
-                headers.insert(wire::ID_NAME, dispatch.id.as_str());
-                // A tracked task's id is its message id too: a middleware that publishes a
-                // dispatch twice stores it once, and its record stays one task's.
-                if retention.is_some() {
-                    headers.insert(wire::NATS_MSG_ID, dispatch.id.as_str());
-                }
-                dispatch.id
-            }
-        };
-        if let Some(retention) = retention {
-            headers.insert(wire::TRACK_NAME, retention.as_secs().to_string());
-        }
-        let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
-        let subject = match schedule {
-            None => target,
-            Some(schedule) => {
-                headers.insert(wire::NATS_SCHEDULE, schedule.as_str());
-                headers.insert(wire::NATS_SCHEDULE_TARGET, target.as_str());
-                if headers.get(wire::NATS_MSG_ID).is_some() {
-                    headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
-                }
-                wire::schedule_subject(&self.stream.subject_prefix)
-            }
-        };
-        let track = retention.map(|retention| TrackedDispatch {
-            id: id.clone(),
-            queue: queue.clone(),
-            task: task.clone(),
-            retention: TrackedDispatch::retention(retention),
-            due: dispatch.due,
-            schedule: dispatch.due.is_some().then(|| subject.clone()),
-        });
-        let message = PublishMessage::build().payload(payload).headers(headers);
-        let about = About { queue, task, delayed: dispatch.due.is_some() };
-        Ok(Prepared { subject, message, about, id, track })
-    }
-
-    /// Everything that can refuse a dispatch before it is published; runs the propagator.
-    /// Returns the `Nats-Schedule` header value of a delayed dispatch, and the retention of
-    /// a tracked one.
-    #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        dispatch: &mut Dispatch,
-    ) -> Result<(Option<String>, Option<Duration>), DispatchError> {
-        wire::validate_queue(&dispatch.queue)?;
-        wire::validate_task_name(dispatch.task.name())?;
-        if let Some(propagator) = &self.propagator {
-            propagator.inject(&mut dispatch.task);
-        }
-        if let Some(invalid) = dispatch.task.invalid_header() {
-            return Err(invalid.clone().into());
-        }
-        if let Some(id) = dispatch.task.dispatch_id() {
-            wire::validate_header(wire::NATS_MSG_ID, id)?;
-        }
-        if dispatch.due.is_some() && !self.schedules {
-            return Err(DispatchError::new(
-                DispatchErrorKind::SchedulesUnsupported,
-                format!(
-                    "delayed dispatch needs message schedules (nats-server 2.12 or newer); the connected server is {}",
-                    self.js.client().server_info().version
-                ),
-            ));
-        }
-        let retention = crate::track::dispatch_retention(&dispatch.task, dispatch.id())?;
-        Ok((dispatch.due.map(schedule::at_expression).transpose()?, retention))
-    }
-}
-
-/// A dispatch ready to publish.
-struct Prepared {
-    subject: String,
-    message: PublishMessage,
-    about: About,
-    id: String,
-    track: Option<TrackedDispatch>,
-}
-
-/// A dispatch refused before it was published.
-struct Rejected {
-    error: DispatchError,
-    about: About,
-}
-
-/// What error messages and observers say about a dispatch.
-struct About {
-    queue: String,
-    task: String,
-    delayed: bool,
-}
-
-fn publish_error(
-    about: &About,
-    err: async_nats::jetstream::context::PublishError,
-) -> DispatchError {
-    let About { queue, task, .. } = about;
-    let (kind, what) = match err.kind() {
-        PublishErrorKind::MaxPayloadExceeded => {
-            (DispatchErrorKind::PayloadTooLarge, "is larger than the server's max_payload")
-        }
-        PublishErrorKind::TimedOut => (
-            DispatchErrorKind::Timeout,
-            "was not confirmed in time: it may still be stored (retry with the same message id), \
-             the server may be unreachable, or this user may lack permission to publish to the \
-             queue's subject (the server reports permission violations on the connection's \
-             event callback)",
-        ),
-        PublishErrorKind::StreamNotFound => {
-            (DispatchErrorKind::Rejected, "found no stream (was the stream deleted?)")
-        }
-        _ => (DispatchErrorKind::Rejected, "was refused"),
-    };
-    DispatchError::with_source(kind, format!("task {task:?} for queue {queue:?} {what}"), err)
 }
 
 /// Configures a [`Client`]. Created by [`Client::builder`].
@@ -541,6 +429,8 @@ impl ClientBuilder {
             js: self.js,
             stream: self.stream,
             schedules: state.schedules,
+            atomic: state.atomic,
+            ttl: state.ttl,
             propagator: self.propagator,
             observers: self.observers,
         });

@@ -1,0 +1,187 @@
+//! Atomic batches (nats-server 2.12+, ADR-50): several messages of one stream stored all
+//! together or not at all.
+//!
+//! async-nats has no batch publisher, so the batch goes out as the server expects it over
+//! plain NATS: every message carries `Nats-Batch-Id` and `Nats-Batch-Sequence` (1..n); the
+//! first is sent as a request (the server answers with an empty reply, or an error when it
+//! cannot start the batch), the middle ones are published, and the last carries
+//! `Nats-Batch-Commit: 1` and is a request whose answer is the batch's publish ack. The
+//! server checks every condition of every message (`Nats-Expected-Last-Subject-Sequence`,
+//! duplicates) when the commit arrives, and stores nothing if one fails. A publisher that
+//! dies before the commit leaves an open batch the server abandons after 10 s idle,
+//! storing nothing of it.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::error::BoxError;
+use crate::wire;
+
+/// The most messages a batch may hold: the server's default `jetstream.limits.batch`.
+pub(crate) const MAX_BATCH: usize = 1000;
+
+/// One message of a batch, ready to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) subject: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+}
+
+/// What the server said of a stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchAck {
+    /// The stream sequence of the batch's first message.
+    pub(crate) first: u64,
+    /// The stream sequence of its last message: a batch occupies consecutive sequences.
+    pub(crate) last: u64,
+    /// How many messages were stored.
+    pub(crate) count: u64,
+}
+
+impl BatchAck {
+    /// The stream sequence of message `index` (from 0) of the batch.
+    pub(crate) fn sequence(&self, index: usize) -> u64 {
+        self.first + index as u64
+    }
+}
+
+/// Publishing an atomic batch failed; nothing was stored unless it is
+/// [`BatchPublishError::Timeout`], where the outcome is unknown.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BatchPublishError {
+    /// The batch holds no message.
+    #[error("an atomic batch needs at least one message")]
+    Empty,
+    /// The batch holds more than [`MAX_BATCH`] messages.
+    #[error("an atomic batch holds at most {MAX_BATCH} messages, this one {0}")]
+    TooLarge(usize),
+    /// The server refused the batch.
+    #[error("the server refused the batch (error {code}): {description}")]
+    Refused {
+        /// The JetStream error code (`err_code`).
+        code: u64,
+        /// The server's description.
+        description: String,
+    },
+    /// The commit was sent but not confirmed in time: the batch may or may not be stored.
+    #[error("the server did not confirm the batch in time")]
+    Timeout(#[source] BoxError),
+    /// The batch could not be sent (no connection, no stream listening).
+    #[error("the batch could not be sent")]
+    Send(#[source] BoxError),
+}
+
+/// `Nats-Expected-Last-Subject-Sequence` did not hold for a message of the batch.
+pub(crate) const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// The stream does not allow atomic batches.
+pub(crate) const ATOMIC_DISABLED: u64 = 10174;
+
+impl BatchPublishError {
+    /// The JetStream error code the server refused the batch with.
+    pub(crate) fn code(&self) -> Option<u64> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Reply {
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// How long the commit may take to be confirmed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stores all `messages` or none. They must all be captured by one stream (the task stream);
+/// at most [`MAX_BATCH`]. Checked before anything is sent: an empty or oversized batch
+/// publishes nothing.
+pub(crate) async fn publish_atomic(
+    js: &jetstream::Context,
+    messages: Vec<Outgoing>,
+) -> Result<BatchAck, BatchPublishError> {
+    let total = messages.len();
+    if total == 0 {
+        return Err(BatchPublishError::Empty);
+    }
+    if total > MAX_BATCH {
+        return Err(BatchPublishError::TooLarge(total));
+    }
+    let client = js.client();
+    let batch_id = nuid::next().to_string();
+    for (index, Outgoing { subject, mut headers, payload }) in messages.into_iter().enumerate() {
+        let position = index + 1;
+        headers.insert(wire::NATS_BATCH_ID, batch_id.as_str());
+        headers.insert(wire::NATS_BATCH_SEQUENCE, position.to_string().as_str());
+        if position == total {
+            headers.insert(wire::NATS_BATCH_COMMIT, "1");
+            let request = async_nats::Request::new()
+                .payload(payload)
+                .headers(headers)
+                .timeout(Some(COMMIT_TIMEOUT));
+            let reply =
+                client.send_request(subject, request).await.map_err(|err| match err.kind() {
+                    async_nats::RequestErrorKind::TimedOut => {
+                        BatchPublishError::Timeout(err.into())
+                    }
+                    _ => BatchPublishError::Send(err.into()),
+                })?;
+            let reply = parse(&reply.payload)?;
+            let count = reply.count.unwrap_or(total as u64);
+            return Ok(BatchAck { first: reply.seq + 1 - count, last: reply.seq, count });
+        }
+        if position == 1 {
+            // The server answers the first message: an empty reply, or why it cannot start.
+            let reply = client
+                .request_with_headers(subject, headers, payload)
+                .await
+                .map_err(|err| BatchPublishError::Send(err.into()))?;
+            if !reply.payload.is_empty() {
+                parse(&reply.payload)?;
+            }
+        } else {
+            client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|err| BatchPublishError::Send(err.into()))?;
+        }
+    }
+    unreachable!("the last message of a non-empty batch returns")
+}
+
+fn parse(payload: &[u8]) -> Result<Reply, BatchPublishError> {
+    let reply: Reply = serde_json::from_slice(payload).map_err(|err| {
+        BatchPublishError::Send(
+            format!(
+                "unreadable reply {:?}: {err}",
+                String::from_utf8_lossy(&payload[..payload.len().min(200)])
+            )
+            .into(),
+        )
+    })?;
+    match reply.error {
+        Some(ApiError { err_code, description }) => {
+            Err(BatchPublishError::Refused { code: err_code, description })
+        }
+        None => Ok(reply),
+    }
+}

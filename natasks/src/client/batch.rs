@@ -1,0 +1,227 @@
+//! Dispatching many tasks at once, all or none: [`Client::dispatch_batch`].
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::prepare::About;
+use super::{Client, Receipt};
+use crate::batch::{self, Outgoing, MAX_BATCH};
+use crate::error::{DispatchError, DispatchErrorKind};
+use crate::middleware::Dispatch;
+use crate::observe::Dispatched;
+use crate::schedule::{self, DueTime};
+use crate::task::Task;
+use crate::track::client::TrackedDispatch;
+
+/// Tasks to store together: every one or none ([`Client::dispatch_batch`]). They may go to
+/// different queues, and be immediate or delayed.
+///
+/// ```no_run
+/// # async fn example(client: natasks::Client) -> Result<(), natasks::DispatchError> {
+/// use std::time::Duration;
+/// use natasks::{Batch, Task};
+///
+/// let mut batch = Batch::new();
+/// batch.add(Task::new("orders.charge", "order-42"), "payments");
+/// batch.add(Task::new("emails.receipt", "order-42"), "emails");
+/// batch.add_in(Task::new("emails.survey", "order-42"), "emails", Duration::from_secs(86_400));
+/// let receipts = client.dispatch_batch(batch).await?;
+/// assert_eq!(receipts.len(), 3);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Batch {
+    items: Vec<Item>,
+}
+
+#[derive(Debug)]
+struct Item {
+    task: Task,
+    queue: String,
+    /// When the task is due; an error for a due time the server cannot hold.
+    due: Result<Option<OffsetDateTime>, DispatchError>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `task` for `queue` (an empty name means `default`), delivered at once.
+    pub fn add(&mut self, task: Task, queue: &str) -> &mut Self {
+        self.items.push(Item { task, queue: queue.to_owned(), due: Ok(None) });
+        self
+    }
+
+    /// Adds `task` for `queue`, delivered after `delay` (at once when zero), as
+    /// [`Client::dispatch_in`] does.
+    pub fn add_in(&mut self, task: Task, queue: &str, delay: Duration) -> &mut Self {
+        let due = if delay.is_zero() { Ok(None) } else { schedule::due_in(delay).map(Some) };
+        self.items.push(Item { task, queue: queue.to_owned(), due });
+        self
+    }
+
+    /// Adds `task` for `queue`, delivered at `at` (at once when not in the future), as
+    /// [`Client::dispatch_at`] does.
+    pub fn add_at(&mut self, task: Task, queue: &str, at: impl DueTime) -> &mut Self {
+        let due = at.into_due_time().map(|at| (at > OffsetDateTime::now_utc()).then_some(at));
+        self.items.push(Item { task, queue: queue.to_owned(), due });
+        self
+    }
+
+    /// How many tasks the batch holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the batch holds no task.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+impl<Q: AsRef<str>> FromIterator<(Task, Q)> for Batch {
+    fn from_iter<I: IntoIterator<Item = (Task, Q)>>(iter: I) -> Self {
+        let mut batch = Self::new();
+        for (task, queue) in iter {
+            batch.add(task, queue.as_ref());
+        }
+        batch
+    }
+}
+
+impl Client {
+    /// Stores every task of `batch` or none, in one JetStream atomic batch (nats-server 2.12
+    /// or newer), and returns their receipts in order.
+    ///
+    /// A batch holds at most 1,000 messages, the server's limit per atomic batch: one per
+    /// task, two for a unique or throttled task (its marker and the task). Every task is
+    /// checked before anything is sent: an empty batch, one over the limit, an invalid task
+    /// or a server without atomic batches fails the whole batch, naming the task, and
+    /// nothing is published (there is no fallback to dispatching one by one). A unique or
+    /// throttle key that is held refuses the whole batch
+    /// ([`DispatchErrorKind::Duplicate`], [`DispatchErrorKind::Throttled`]).
+    ///
+    /// Dispatch middleware does not run for batched tasks; the propagator and observers
+    /// do. Tracked tasks are recorded as [`dispatch`](Self::dispatch) records them.
+    pub async fn dispatch_batch(&self, batch: Batch) -> Result<Vec<Receipt>, DispatchError> {
+        let started = std::time::Instant::now();
+        let publisher = &self.inner.publisher;
+        if batch.items.is_empty() {
+            return Err(DispatchError::new(
+                DispatchErrorKind::InvalidBatch,
+                "an empty batch has nothing to dispatch",
+            ));
+        }
+        if batch.items.len() > MAX_BATCH {
+            return Err(too_large(batch.items.len()));
+        }
+        let mut prepared = Vec::with_capacity(batch.items.len());
+        for (index, Item { task, queue, due }) in batch.items.into_iter().enumerate() {
+            let what = |err: DispatchError| {
+                let kind = err.kind();
+                DispatchError::with_source(kind, format!("task {index} of the batch"), err)
+            };
+            let due = due.map_err(what)?;
+            let ready =
+                publisher.prepare(Dispatch::new(task, &queue, due)).map_err(|r| what(r.error))?;
+            prepared.push(ready);
+        }
+        let messages = prepared.iter().map(|p| 1 + usize::from(p.marker.is_some())).sum();
+        if messages > MAX_BATCH {
+            return Err(too_large(messages));
+        }
+        if !publisher.atomic {
+            return Err(DispatchError::new(
+                DispatchErrorKind::Unsupported,
+                format!(
+                    "a batch needs atomic batches (nats-server 2.12 or newer); the connected \
+                     server is {}",
+                    publisher.js.client().server_info().version
+                ),
+            ));
+        }
+        let mut outgoing = Vec::with_capacity(messages);
+        let mut tracked = Vec::new();
+        let mut slots = Vec::with_capacity(prepared.len());
+        let mut abouts = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            if let Some(marker) = p.marker {
+                outgoing.push(marker);
+            }
+            slots.push((p.id, outgoing.len()));
+            outgoing.push(p.message);
+            if let Some(track) = p.track {
+                tracked.push((track, outgoing.len() - 1));
+            }
+            abouts.push(p.about);
+        }
+        if !tracked.is_empty() {
+            if let Err(err) = publisher.tracker.store().await {
+                return Err(DispatchError::with_source(
+                    DispatchErrorKind::TrackingUnavailable,
+                    "the batch holds tracked tasks, which cannot be tracked",
+                    err,
+                ));
+            }
+            for (track, _) in &tracked {
+                track.announce(&publisher.tracker).await;
+            }
+        }
+        let stored = publish(publisher, outgoing, &abouts).await;
+        for about in &abouts {
+            publisher.observers.dispatched(&Dispatched {
+                queue: &about.queue,
+                task: &about.task,
+                delayed: about.delayed,
+                elapsed: started.elapsed(),
+                error: stored.as_ref().err(),
+            });
+        }
+        match &stored {
+            Ok(ack) => {
+                for (track, index) in &tracked {
+                    track.stored(&publisher.tracker, ack.sequence(*index), false).await;
+                }
+            }
+            Err(err) => {
+                for (track, _) in &tracked {
+                    TrackedDispatch::refused(track, &publisher.tracker, err).await;
+                }
+            }
+        }
+        let ack = stored?;
+        Ok(slots
+            .into_iter()
+            .map(|(id, index)| Receipt {
+                id,
+                sequence: Some(ack.sequence(index)),
+                duplicate: false,
+            })
+            .collect())
+    }
+}
+
+async fn publish(
+    publisher: &super::Publisher,
+    outgoing: Vec<Outgoing>,
+    abouts: &[About],
+) -> Result<batch::BatchAck, DispatchError> {
+    let count = abouts.len();
+    batch::publish_atomic(&publisher.js, outgoing)
+        .await
+        .map_err(|err| publisher.batch_error(format!("a batch of {count} tasks"), err))
+}
+
+fn too_large(messages: usize) -> DispatchError {
+    DispatchError::new(
+        DispatchErrorKind::InvalidBatch,
+        format!(
+            "a batch stores at most {MAX_BATCH} messages (the server's atomic batch limit; a \
+             unique or throttled task takes two), this one {messages}"
+        ),
+    )
+}

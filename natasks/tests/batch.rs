@@ -1,0 +1,129 @@
+//! Atomic batch dispatch: every task of a batch is stored, or none.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use natasks::{Batch, Client, DispatchErrorKind, Task, Worker};
+
+#[tokio::test]
+async fn a_batch_across_queues_with_delayed_tasks_is_stored_and_runs() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+
+    let mut batch = Batch::new();
+    batch.add(Task::new("orders.charge", "o-1"), "payments");
+    batch.add(Task::new("emails.receipt", "o-1").with_message_id("receipt-o-1"), "emails");
+    batch.add_in(Task::new("emails.survey", "o-1"), "emails", Duration::from_secs(1));
+    batch.add(Task::new("emails.tracked", "o-1").tracked(), "emails");
+    let receipts = client.dispatch_batch(batch).await.unwrap();
+
+    assert_eq!(receipts.len(), 4);
+    assert_eq!(receipts[1].id, "receipt-o-1");
+    let sequences: Vec<u64> = receipts.iter().map(|r| r.sequence.unwrap()).collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4], "a batch takes consecutive sequences");
+    assert_eq!(stored(&js, "natasks.payments").await, 1);
+    // Task subjects stay `<prefix>.<queue>`, so Go workers process batched tasks.
+    let charge = first_on(&js, "natasks.payments").await;
+    assert_eq!(charge.headers.get("Natasks-Task").map(|v| v.as_str()), Some("orders.charge"));
+    assert!(charge.headers.get("Nats-Batch-Id").is_some());
+
+    match client.status(&receipts[3].id).await.unwrap() {
+        natasks::Status::Known(status) => assert_eq!(status.state, natasks::TaskState::Pending),
+        other => panic!("a batched tracked task is recorded, got {other:?}"),
+    }
+
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "emails")
+        .handle("emails.receipt", reporter(seen.tx.clone()))
+        .handle("emails.survey", reporter(seen.tx.clone()))
+        .handle("emails.tracked", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let mut names: Vec<String> =
+        seen.take(3, DEADLINE).await.iter().map(|t| t.name().to_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["emails.receipt", "emails.survey", "emails.tracked"]);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_the_server_refuses_stores_nothing() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+
+    // Two tasks with one message id: the server refuses the whole batch at its commit.
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "1"), "q1");
+    batch.add_in(Task::new("b", "2"), "q2", Duration::from_secs(60));
+    batch.add(Task::new("c", "3").with_message_id("same"), "q1");
+    batch.add(Task::new("d", "4").with_message_id("same"), "q2");
+    let err = client.dispatch_batch(batch).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Rejected, "{err}");
+    assert_eq!(stream_messages(&js).await, 0, "nothing of a refused batch is stored");
+
+    // The stream is usable afterwards.
+    let receipts = client.dispatch_batch([(Task::new("a", "1"), "q1")].into_iter().collect()).await;
+    assert_eq!(receipts.unwrap().len(), 1);
+    assert_eq!(stream_messages(&js).await, 1);
+}
+
+#[tokio::test]
+async fn bad_batches_are_refused_before_anything_is_published() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+
+    let err = client.dispatch_batch(Batch::new()).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidBatch);
+    assert!(err.to_string().contains("empty"), "{err}");
+
+    let oversized: Batch = (0..1001).map(|i| (Task::new("t", i.to_string()), "q")).collect();
+    let err = client.dispatch_batch(oversized).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidBatch);
+    assert!(err.to_string().contains("at most 1000"), "{err}");
+
+    let mut invalid = Batch::new();
+    invalid.add(Task::new("ok", "1"), "q");
+    invalid.add(Task::new("bad name", "2"), "q");
+    let err = client.dispatch_batch(invalid).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidTask);
+    assert!(err.to_string().contains("task 1 of the batch"), "{err}");
+
+    let mut too_late = Batch::new();
+    too_late.add(Task::new("ok", "1"), "q");
+    too_late.add_in(Task::new("late", "2"), "q", Duration::from_secs(400 * 365 * 86_400));
+    let err = client.dispatch_batch(too_late).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidDueTime);
+
+    assert_eq!(stream_messages(&js).await, 0);
+
+    // The limit itself is fine.
+    let full: Batch = (0..1000).map(|i| (Task::new("t", i.to_string()), "q")).collect();
+    let receipts = client.dispatch_batch(full).await.unwrap();
+    assert_eq!(receipts.len(), 1000);
+    assert_eq!(stored(&js, "natasks.q").await, 1000);
+}
+
+#[tokio::test]
+async fn a_server_without_atomic_batches_gets_an_error_naming_its_version() {
+    let Some(binary) = old_server_binary() else {
+        eprintln!("skipped: the old nats-server is not installed (scripts/install-nats-server)");
+        return;
+    };
+    let server = NatsServer::builder().binary(binary).start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let err = client
+        .dispatch_batch([(Task::new("a", "1"), "q")].into_iter().collect())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Unsupported);
+    assert!(err.to_string().contains("2.11"), "{err}");
+    assert_eq!(stream_messages(&js).await, 0);
+}
