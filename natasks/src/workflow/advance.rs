@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use super::plan::{self, Ended, Kind, Plan, StepPlan, Written};
 use super::status::{GroupResults, MemberOutcome};
 use super::{WorkflowError, WorkflowErrorKind, HEADER_WORKFLOW, HEADER_WORKFLOW_STEP};
-use crate::batch::publish_atomic;
+use crate::batch::{self, publish_atomic};
 use crate::track::client::TrackedDispatch;
 use crate::track::Tracker;
 
@@ -225,17 +225,8 @@ async fn dispatch_guarded(
             Ok(())
         }
         // The marker is there: this step was dispatched already.
-        Err(err) if err.is_conflict() => Ok(()),
-        Err(err) if err.is_too_large() => Err(WorkflowError::with_source(
-            WorkflowErrorKind::TooLarge,
-            format!("step {mark} of workflow {id:?} is larger than the server's max_payload"),
-            err,
-        )),
-        Err(err) => Err(WorkflowError::with_source(
-            WorkflowErrorKind::Broker,
-            format!("dispatch step {mark} of workflow {id:?}"),
-            err,
-        )),
+        Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => Ok(()),
+        Err(err) => Err(super::dispatch::batch_error(format!("step {mark} of workflow {id:?}"), err)),
     }
 }
 

@@ -10,7 +10,7 @@ use super::{
     Chain, Group, Workflow, WorkflowError, WorkflowErrorKind, WorkflowReceipt,
     HEADER_WORKFLOW, HEADER_WORKFLOW_STEP, MAX_STEPS,
 };
-use crate::batch::{publish_atomic, Outgoing};
+use crate::batch::{self, publish_atomic, BatchPublishError, Outgoing};
 use crate::client::Client;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
@@ -19,6 +19,8 @@ use crate::track::{Event, EventKind, DEFAULT_RETENTION};
 /// A step ready to go: its message and what its record says.
 pub(super) struct Ready {
     pub(super) outgoing: Outgoing,
+    /// The task's own guard (a unique key's marker), stored just before it.
+    pub(super) guard: Option<Outgoing>,
     pub(super) tracked: TrackedDispatch,
 }
 
@@ -65,22 +67,21 @@ impl Client {
         batch.push(plan::marker(&settings.subject_prefix, &id, "start", plan.retention));
         let mut tracked = Vec::with_capacity(first.len());
         for ready in first {
+            batch.extend(ready.guard);
+            // Where the task lands in the batch.
+            let at = batch.len();
             batch.push(ready.outgoing);
-            tracked.push(ready.tracked);
+            tracked.push((at, ready.tracked));
         }
-        for step in &tracked {
+        for (_, step) in &tracked {
             announce(tracker, step, &id).await;
         }
-        let ack = publish_atomic(js, batch).await.map_err(|err| {
-            WorkflowError::with_source(
-                WorkflowErrorKind::Broker,
-                format!("store the first tasks of workflow {:?}", plan.name),
-                err,
-            )
-        })?;
-        // The batch holds consecutive sequences: the marker first, then the tasks.
-        for (offset, step) in tracked.iter().enumerate() {
-            step.stored(tracker, ack.first + 1 + offset as u64, false).await;
+        let ack = publish_atomic(js, batch)
+            .await
+            .map_err(|err| batch_error(format!("the first tasks of workflow {:?}", plan.name), err))?;
+        // The batch holds consecutive sequences.
+        for (at, step) in &tracked {
+            step.stored(tracker, ack.sequence(*at), false).await;
         }
         let mut steps: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
         steps.extend(plan.callback.iter().map(|c| c.id.clone()));
@@ -135,6 +136,7 @@ impl Client {
             let (mut step, ready) =
                 self.step(id, &name, &role, task, &queue, &mut ids, &mut plan)?;
             if later {
+                no_guard(&ready, &name)?;
                 step.keep(&ready.outgoing);
             } else {
                 first.push(ready);
@@ -151,6 +153,7 @@ impl Client {
             }
             let (mut step, ready) =
                 self.step(id, &name, "callback", task, &queue, &mut ids, &mut plan)?;
+            no_guard(&ready, &name)?;
             step.keep(&ready.outgoing);
             plan.callback = Some(step);
         }
@@ -191,7 +194,7 @@ impl Client {
             .with_message_id(step_id.clone())
             .with_header(HEADER_WORKFLOW, id)
             .with_header(HEADER_WORKFLOW_STEP, role);
-        let (outgoing, info) = self.outgoing(task, queue).map_err(|err| {
+        let prepared = self.outgoing(task, queue, None).map_err(|err| {
             WorkflowError::with_source(
                 WorkflowErrorKind::InvalidTask,
                 format!("step {role} ({task_name:?}) of workflow {name:?} cannot be dispatched"),
@@ -200,20 +203,21 @@ impl Client {
         })?;
         let step = StepPlan {
             id: step_id.clone(),
-            task: info.task.clone(),
-            queue: info.queue.clone(),
+            task: prepared.about.task.clone(),
+            queue: prepared.about.queue.clone(),
             subject: None,
             headers: Vec::new(),
         };
-        let tracked = TrackedDispatch {
+        let tracked = prepared.track.unwrap_or(TrackedDispatch {
             id: step_id,
-            queue: info.queue,
-            task: info.task,
+            queue: prepared.about.queue,
+            task: prepared.about.task,
             retention,
             due: None,
             schedule: None,
-        };
-        Ok((step, Ready { outgoing, tracked }))
+        });
+        let ready = Ready { outgoing: prepared.message, guard: prepared.marker, tracked };
+        Ok((step, ready))
     }
 }
 
@@ -222,6 +226,41 @@ pub(super) async fn announce(tracker: &crate::track::Tracker, step: &TrackedDisp
     let mut event = Event::new(EventKind::Dispatched, &step.id, &step.queue, &step.task, 0);
     event.workflow = Some(id.to_owned());
     event.publish(tracker).await;
+}
+
+/// A step dispatched later by a worker cannot carry a guard of its own: its marker is the
+/// workflow's.
+fn no_guard(ready: &Ready, name: &str) -> Result<(), WorkflowError> {
+    match ready.guard {
+        Some(_) => Err(invalid(format!(
+            "step {:?} of workflow {name:?} is unique or throttled; only the first tasks of a \
+             workflow may be",
+            ready.tracked.id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The server's error code for a message larger than the stream accepts.
+const MESSAGE_TOO_LARGE: u64 = 10054;
+
+/// The error of a batch the server did not store. `what` names what it held.
+pub(super) fn batch_error(what: String, err: BatchPublishError) -> WorkflowError {
+    let (kind, problem) = match &err {
+        BatchPublishError::Empty | BatchPublishError::TooLarge(_) => {
+            (WorkflowErrorKind::InvalidWorkflow, "do not fit in one atomic batch".to_owned())
+        }
+        BatchPublishError::Refused { code: batch::ATOMIC_DISABLED, .. } => (
+            WorkflowErrorKind::Unsupported,
+            "need atomic batches, which the stream does not allow (nats-server 2.12 or newer)"
+                .to_owned(),
+        ),
+        BatchPublishError::Refused { code: MESSAGE_TOO_LARGE, .. } => {
+            (WorkflowErrorKind::TooLarge, "are larger than the server's max_payload".to_owned())
+        }
+        _ => (WorkflowErrorKind::Broker, "were not stored".to_owned()),
+    };
+    WorkflowError::with_source(kind, format!("{what} {problem}"), err)
 }
 
 fn invalid(message: String) -> WorkflowError {

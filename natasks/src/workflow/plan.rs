@@ -102,7 +102,7 @@ pub(crate) fn marker(prefix: &str, id: &str, step: &str, retention: u64) -> Outg
     let subject = wire::marker_subject(prefix, &["wf", &wire::encode_token(id), step]);
     let mut headers = HeaderMap::new();
     headers.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
-    headers.insert("Nats-TTL", format!("{}s", retention.max(1)).as_str());
+    headers.insert(wire::NATS_TTL, format!("{}s", retention.max(1)).as_str());
     Outgoing { subject, headers, payload: Bytes::from(id.to_owned()) }
 }
 
