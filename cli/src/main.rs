@@ -2,7 +2,7 @@
 //!
 //! See queue depths, dispatch tasks, inspect and requeue dead letters, declare and remove
 //! periodic schedules, list and cancel delayed tasks, follow tracked tasks (status, result,
-//! cancel, live events). Every command talks to NATS directly; nothing runs in the
+//! cancel, live events), show a workflow's steps. Every command talks to NATS directly; nothing runs in the
 //! background.
 
 mod conn;
@@ -14,6 +14,7 @@ mod queue;
 mod queues;
 mod schedules;
 mod task;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -152,6 +153,9 @@ enum Command {
     /// Live tail of tracked tasks' lifecycle events until Ctrl-C (one line, or with --json
     /// one JSON object, per event). Shows what happens while it runs, nothing earlier.
     Events(events::EventsArgs),
+    /// The steps of a workflow (a chain or a group with its callback), by its id.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -164,6 +168,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Schedules(args) => schedules::run(g, args).await,
         Command::Task(cmd) => task::run(g, cmd).await,
         Command::Events(args) => events::run(g, args).await,
+        Command::Workflow(cmd) => workflow::run(g, cmd).await,
     }
 }
 

@@ -40,7 +40,11 @@ async fn settled(client: &Client, id: &str) -> WorkflowStatus {
 }
 
 /// A worker with the chain and group handlers; `runs` counts callback runs.
-async fn worker(js: &jetstream::Context, callback_runs: Arc<AtomicU64>, fail_first: u64) -> Running {
+async fn worker(
+    js: &jetstream::Context,
+    callback_runs: Arc<AtomicU64>,
+    fail_first: u64,
+) -> Running {
     let add = |Json(numbers): Json<Vec<u64>>| async move {
         Ok::<_, HandlerError>(numbers.iter().sum::<u64>())
     };

@@ -77,23 +77,24 @@ async fn workflow_worker_process() {
         }
     };
     let runs = js.clone();
-    let collect = move |Json(results): Json<GroupResults>, Attempt(attempt): Attempt, task: Task| {
-        let js = runs.clone();
-        async move {
-            let ids: BTreeSet<&str> = results.members.iter().map(|m| m.id.as_str()).collect();
-            let run = Run {
-                sequence: task.delivery().map_or(0, |d| d.stream_sequence),
-                attempt,
-                members: results.members.len(),
-                distinct: ids.len(),
-                succeeded: results.members.iter().filter(|m| m.succeeded()).count(),
-                sum: results.members.iter().filter_map(|m| m.result.as_ref()?.as_u64()).sum(),
-            };
-            let record = serde_json::to_vec(&run)?;
-            js.publish(RUNS_SUBJECT, record.into()).await?.await?;
-            Ok::<_, HandlerError>(())
-        }
-    };
+    let collect =
+        move |Json(results): Json<GroupResults>, Attempt(attempt): Attempt, task: Task| {
+            let js = runs.clone();
+            async move {
+                let ids: BTreeSet<&str> = results.members.iter().map(|m| m.id.as_str()).collect();
+                let run = Run {
+                    sequence: task.delivery().map_or(0, |d| d.stream_sequence),
+                    attempt,
+                    members: results.members.len(),
+                    distinct: ids.len(),
+                    succeeded: results.members.iter().filter(|m| m.succeeded()).count(),
+                    sum: results.members.iter().filter_map(|m| m.result.as_ref()?.as_u64()).sum(),
+                };
+                let record = serde_json::to_vec(&run)?;
+                js.publish(RUNS_SUBJECT, record.into()).await?.await?;
+                Ok::<_, HandlerError>(())
+            }
+        };
     let worker = Worker::builder(js, QUEUE)
         .ack_wait(ACK_WAIT)
         .concurrency(8)
@@ -181,7 +182,8 @@ async fn a_group_of_200_calls_back_once_through_retries_and_killed_workers() {
     let receipt =
         client.dispatch_workflow(group.then(Task::new("collect", ""), QUEUE)).await.unwrap();
 
-    let mut workers = vec![Proc::start(&url).await, Proc::start(&url).await, Proc::start(&url).await];
+    let mut workers =
+        vec![Proc::start(&url).await, Proc::start(&url).await, Proc::start(&url).await];
     // Kill two workers while members run (their held tasks come back after the lease),
     // and start fresh ones in their place.
     until_fewer(&js, 150).await;
@@ -206,10 +208,8 @@ async fn a_group_of_200_calls_back_once_through_retries_and_killed_workers() {
 
     let mut runs_stream = js.get_stream("RUNS").await.unwrap();
     let count = runs_stream.info().await.unwrap().state.messages;
-    let consumer = runs_stream
-        .create_consumer(jetstream::consumer::pull::Config::default())
-        .await
-        .unwrap();
+    let consumer =
+        runs_stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap();
     let mut messages = consumer.fetch().max_messages(100).messages().await.unwrap();
     let mut runs = Vec::new();
     while let Some(message) = messages.next().await {

@@ -284,7 +284,9 @@ async fn follow(
         Settle::GiveUp(error) | Settle::Discard(error) => {
             StepEnd::Ended { state: "failed", error: Some(error) }
         }
-        Settle::DeadLetter(_, error) => StepEnd::Ended { state: "dead_lettered", error: Some(error) },
+        Settle::DeadLetter(_, error) => {
+            StepEnd::Ended { state: "dead_lettered", error: Some(error) }
+        }
         Settle::Cancelled { .. } => StepEnd::Ended { state: "cancelled", error: None },
         Settle::Retry(..) => return settle,
     };
@@ -303,7 +305,6 @@ async fn follow(
 
 /// How soon a step whose follower could not be dispatched comes back.
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
-
 
 /// A delivery as the worker read it.
 pub(super) struct Received<'a> {

@@ -77,8 +77,7 @@ pub(crate) async fn advance(
             let Some((plan, _)) = plan::read(tracker, &step.workflow).await? else {
                 return Ok(gone(step));
             };
-            let Some(next) = plan.steps.get(index + 1).filter(|_| plan.kind == Kind::Chain)
-            else {
+            let Some(next) = plan.steps.get(index + 1).filter(|_| plan.kind == Kind::Chain) else {
                 return Ok(());
             };
             let payload = Bytes::copy_from_slice(result.unwrap_or(b"null"));
@@ -182,9 +181,8 @@ fn group_results(id: &str, plan: &Plan, with_results: bool) -> GroupResults {
                 id: member.id.clone(),
                 state: ended.map_or_else(String::new, |e| e.state.clone()),
                 error: ended.and_then(|e| e.error.clone()),
-                result_omitted: ended.is_some_and(|e| {
-                    e.result_omitted || (!with_results && e.result.is_some())
-                }),
+                result_omitted: ended
+                    .is_some_and(|e| e.result_omitted || (!with_results && e.result.is_some())),
                 result,
             }
         })
@@ -226,7 +224,9 @@ async fn dispatch_guarded(
         }
         // The marker is there: this step was dispatched already.
         Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => Ok(()),
-        Err(err) => Err(super::dispatch::batch_error(format!("step {mark} of workflow {id:?}"), err)),
+        Err(err) => {
+            Err(super::dispatch::batch_error(format!("step {mark} of workflow {id:?}"), err))
+        }
     }
 }
 

@@ -7,8 +7,8 @@ use time::OffsetDateTime;
 
 use super::plan::{self, Kind, Plan, StepPlan, Written};
 use super::{
-    Chain, Group, Workflow, WorkflowError, WorkflowErrorKind, WorkflowReceipt,
-    HEADER_WORKFLOW, HEADER_WORKFLOW_STEP, MAX_STEPS,
+    Chain, Group, Workflow, WorkflowError, WorkflowErrorKind, WorkflowReceipt, HEADER_WORKFLOW,
+    HEADER_WORKFLOW_STEP, MAX_STEPS,
 };
 use crate::batch::{self, publish_atomic, BatchPublishError, Outgoing};
 use crate::client::Client;
@@ -51,16 +51,14 @@ impl Client {
                     format!("a workflow with id {id:?} is already recorded"),
                 ))
             }
-            Written::TooLarge => {
-                return Err(WorkflowError::new(
-                    WorkflowErrorKind::TooLarge,
-                    format!(
-                        "the plan of workflow {:?} ({} steps) is larger than the server's max_payload",
-                        plan.name,
-                        plan.steps.len() + usize::from(plan.callback.is_some())
-                    ),
-                ))
-            }
+            Written::TooLarge => return Err(WorkflowError::new(
+                WorkflowErrorKind::TooLarge,
+                format!(
+                    "the plan of workflow {:?} ({} steps) is larger than the server's max_payload",
+                    plan.name,
+                    plan.steps.len() + usize::from(plan.callback.is_some())
+                ),
+            )),
         }
         let (js, settings) = self.stream();
         let mut batch = Vec::with_capacity(first.len() + 1);
@@ -76,9 +74,9 @@ impl Client {
         for (_, step) in &tracked {
             announce(tracker, step, &id).await;
         }
-        let ack = publish_atomic(js, batch)
-            .await
-            .map_err(|err| batch_error(format!("the first tasks of workflow {:?}", plan.name), err))?;
+        let ack = publish_atomic(js, batch).await.map_err(|err| {
+            batch_error(format!("the first tasks of workflow {:?}", plan.name), err)
+        })?;
         // The batch holds consecutive sequences.
         for (at, step) in &tracked {
             step.stored(tracker, ack.sequence(*at), false).await;

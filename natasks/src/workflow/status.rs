@@ -211,9 +211,11 @@ impl Client {
         let mut planned: Vec<(StepRole, &StepPlan)> =
             plan.steps.iter().map(|step| (role, step)).collect();
         planned.extend(plan.callback.iter().map(|step| (StepRole::Callback, step)));
-        let reads = planned.iter().enumerate().map(|(index, (role, step))| self.step_status(index, *role, step));
-        let steps: Vec<StepStatus> =
-            futures_util::future::try_join_all(reads).await?;
+        let reads = planned
+            .iter()
+            .enumerate()
+            .map(|(index, (role, step))| self.step_status(index, *role, step));
+        let steps: Vec<StepStatus> = futures_util::future::try_join_all(reads).await?;
         let state = overall(&plan, &steps);
         Ok(WorkflowStatus {
             id: id.to_owned(),
