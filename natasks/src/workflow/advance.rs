@@ -12,6 +12,8 @@
 //!   finds itself there, and publishes the callback if the set is complete (the marker
 //!   makes that one callback whoever publishes it and however often).
 
+use std::collections::btree_map::Entry;
+
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -75,7 +77,7 @@ pub(crate) async fn advance(
         Role::Chain(index) => {
             let StepEnd::Succeeded(result) = end else { return Ok(()) };
             let Some((plan, _)) = plan::read(tracker, &step.workflow).await? else {
-                return Ok(gone(step));
+                return gone(step);
             };
             let Some(next) = plan.steps.get(index + 1).filter(|_| plan.kind == Kind::Chain) else {
                 return Ok(());
@@ -116,13 +118,13 @@ async fn member_ended(
     // Members end at once by the hundred: a lost race rereads and tries again.
     for _ in 0..1000 {
         let Some((mut plan, revision)) = plan::read(tracker, &step.workflow).await? else {
-            return Ok(gone(step));
+            return gone(step);
         };
         if index >= plan.steps.len() || plan.kind != Kind::Group {
             return Ok(());
         }
-        if !plan.ended.contains_key(&index) {
-            plan.ended.insert(index, ended.clone());
+        if let Entry::Vacant(slot) = plan.ended.entry(index) {
+            slot.insert(ended.clone());
             match plan::write(tracker, &step.workflow, &plan, revision).await? {
                 Written::Yes => {}
                 Written::Conflict => continue,
@@ -232,8 +234,9 @@ async fn dispatch_guarded(
 
 /// The plan is gone (expired, or never stored because its dispatch failed): nothing can
 /// follow.
-fn gone(step: &StepRef) {
+fn gone(step: &StepRef) -> Result<(), WorkflowError> {
     tracing::warn!(workflow = %step.workflow, "the workflow's plan is not recorded; nothing follows this step");
+    Ok(())
 }
 
 #[cfg(test)]

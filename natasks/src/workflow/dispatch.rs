@@ -51,14 +51,16 @@ impl Client {
                     format!("a workflow with id {id:?} is already recorded"),
                 ))
             }
-            Written::TooLarge => return Err(WorkflowError::new(
-                WorkflowErrorKind::TooLarge,
-                format!(
+            Written::TooLarge => {
+                return Err(WorkflowError::new(
+                    WorkflowErrorKind::TooLarge,
+                    format!(
                     "the plan of workflow {:?} ({} steps) is larger than the server's max_payload",
                     plan.name,
                     plan.steps.len() + usize::from(plan.callback.is_some())
                 ),
-            )),
+                ))
+            }
         }
         let (js, settings) = self.stream();
         let mut batch = Vec::with_capacity(first.len() + 1);
@@ -141,7 +143,7 @@ impl Client {
             }
             plan.steps.push(step);
         }
-        if let Some((task, queue)) = callback {
+        if let Some((task, queue)) = callback.map(|boxed| *boxed) {
             if !task.payload().is_empty() {
                 return Err(invalid(format!(
                     "the callback ({:?}) of group {name:?} has a payload; it receives the \

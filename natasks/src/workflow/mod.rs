@@ -124,7 +124,7 @@ impl Chain {
 pub struct Group {
     name: String,
     members: Vec<(Task, String)>,
-    callback: Option<(Task, String)>,
+    callback: Option<Box<(Task, String)>>,
 }
 
 impl Group {
@@ -143,7 +143,7 @@ impl Group {
     /// the members' outcomes ([`GroupResults`]) as its payload (its own payload must be
     /// empty). Without a callback, the group only runs its members.
     pub fn then(mut self, task: Task, queue: &str) -> Self {
-        self.callback = Some((task, queue.to_owned()));
+        self.callback = Some(Box::new((task, queue.to_owned())));
         self
     }
 }
