@@ -43,7 +43,7 @@ impl Client {
         // The plan goes first: a worker ending a first step reads it. Should the batch
         // below fail, or this process die before it, the plan is never read (no stored
         // task names this workflow) and expires with its retention.
-        match plan::write(tracker, &id, &plan, 0).await? {
+        match plan::create(tracker, &id, &plan).await? {
             Written::Yes => {}
             Written::Conflict => {
                 return Err(WorkflowError::new(
@@ -73,16 +73,16 @@ impl Client {
             batch.push(ready.outgoing);
             tracked.push((at, ready.tracked));
         }
-        for (_, step) in &tracked {
-            announce(tracker, step, &id).await;
-        }
+        let announced = tracked.iter().map(|(_, step)| announce(tracker, step, &id));
+        futures_util::future::join_all(announced).await;
         let ack = publish_atomic(js, batch).await.map_err(|err| {
             batch_error(format!("the first tasks of workflow {:?}", plan.name), err)
         })?;
-        // The batch holds consecutive sequences.
-        for (at, step) in &tracked {
-            step.stored(tracker, ack.sequence(*at), false).await;
-        }
+        // The batch holds consecutive sequences. The records are written side by side: a
+        // group's members are many.
+        let records =
+            tracked.iter().map(|(at, step)| step.stored(tracker, ack.sequence(*at), false));
+        futures_util::future::join_all(records).await;
         let mut steps: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
         steps.extend(plan.callback.iter().map(|c| c.id.clone()));
         Ok(WorkflowReceipt { id, steps })
@@ -116,7 +116,6 @@ impl Client {
             retention: 0,
             steps: Vec::with_capacity(steps.len()),
             callback: None,
-            ended: Default::default(),
         };
         let mut ids = HashSet::new();
         let mut first = Vec::new();
