@@ -194,23 +194,6 @@ impl Store {
         Ok(ack.sequence)
     }
 
-    /// How many keys matching `filter` (a key pattern, `*` and `>` allowed) hold a value
-    /// or a marker.
-    pub(crate) async fn count_keys(
-        &self,
-        filter: &str,
-    ) -> Result<usize, async_nats::jetstream::stream::InfoError> {
-        use futures_util::StreamExt as _;
-        let mut subjects =
-            self.kv.stream.info_with_subjects(format!("{}{filter}", self.subject_prefix)).await?;
-        let mut count = 0;
-        while let Some(subject) = subjects.next().await {
-            subject?;
-            count += 1;
-        }
-        Ok(count)
-    }
-
     /// Every change of task `id`'s record from now on, starting with the current one.
     pub(crate) async fn watch(&self, id: &str) -> Result<kv::Watch, TrackError> {
         self.kv

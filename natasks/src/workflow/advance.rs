@@ -8,10 +8,11 @@
 //! * before the batch is stored: nothing of it is (atomic), the rerun stores it;
 //! * after it is stored: the rerun's batch is refused whole by its marker (the subject
 //!   already holds a message), which says the next task is stored;
-//! * a group member's end is written under a key of its own, once (the write expects the
-//!   key empty): a rerun finds it there, counts the ended members again, and publishes the
-//!   callback if all have ended (the marker makes that one callback whoever publishes it
-//!   and however often).
+//! * a group member's end is added to the group's record by compare-and-set, once: a rerun
+//!   finds itself there, and publishes the callback if the set is complete (the marker
+//!   makes that one callback whoever publishes it and however often).
+
+use std::collections::btree_map::Entry;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -90,25 +91,14 @@ pub(crate) async fn advance(
     }
 }
 
-/// Records a member's end under its own key, then publishes the callback if every member
-/// has ended.
-///
-/// Every member writes its key before it counts the keys, so the member whose write was
-/// the last one counts them all: at least one member sees the group complete. Several may
-/// (two ending at once, or a rerun after a crash): each publishes the guarded callback, and
-/// the marker stores it once.
+/// Records a member's end in the group's record, then publishes the callback if every
+/// member has ended.
 async fn member_ended(
     tracker: &Tracker,
     step: &StepRef,
     index: usize,
     end: StepEnd<'_>,
 ) -> Result<(), WorkflowError> {
-    let Some((plan, _)) = plan::read(tracker, &step.workflow).await? else {
-        return gone(step);
-    };
-    if index >= plan.steps.len() || plan.kind != Kind::Group {
-        return Ok(());
-    }
     let mut ended = match end {
         StepEnd::Succeeded(result) => Ended {
             state: "succeeded".to_owned(),
@@ -125,72 +115,74 @@ async fn member_ended(
             result_omitted: false,
         },
     };
-    // Written once: a rerun finds its end there and keeps the first.
-    if let Written::TooLarge =
-        plan::write_member(tracker, &step.workflow, index, &ended, plan.retention).await?
-    {
-        ended.result = None;
-        ended.result_omitted = true;
-        plan::write_member(tracker, &step.workflow, index, &ended, plan.retention).await?;
-    }
-    if plan.callback.is_none()
-        || plan::members_ended(tracker, &step.workflow).await? < plan.steps.len()
-    {
-        return Ok(());
-    }
-    let Some(callback) = &plan.callback else { return Ok(()) };
-    let ends = read_members(tracker, &step.workflow, plan.steps.len()).await?;
-    let results = group_results(&step.workflow, &plan, &ends, true);
-    let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
-    let sent =
-        dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload).await;
-    match sent {
-        Err(err) if err.kind() == WorkflowErrorKind::TooLarge => {
-            let results = group_results(&step.workflow, &plan, &ends, false);
-            let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
-            dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload).await
+    // Members end at once by the hundred: a lost race rereads and tries again.
+    for _ in 0..1000 {
+        let Some((mut plan, revision)) = plan::read(tracker, &step.workflow).await? else {
+            return gone(step);
+        };
+        if index >= plan.steps.len() || plan.kind != Kind::Group {
+            return Ok(());
         }
-        sent => sent,
-    }
-}
-
-/// How every member of group `id` ended. A read served by a replica that lags behind can
-/// miss a member that was counted: read again, and give up (the step is handed back and
-/// comes here again) if that lasts.
-async fn read_members(
-    tracker: &Tracker,
-    id: &str,
-    members: usize,
-) -> Result<Vec<Option<Ended>>, WorkflowError> {
-    for _ in 0..20 {
-        let reads = (0..members).map(|i| plan::read_member(tracker, id, i));
-        let ends = futures_util::future::try_join_all(reads).await?;
-        if ends.iter().all(Option::is_some) {
-            return Ok(ends);
+        if let Entry::Vacant(slot) = plan.ended.entry(index) {
+            slot.insert(ended.clone());
+            match plan::write(tracker, &step.workflow, &plan, revision).await? {
+                Written::Yes => {}
+                // Another member ended at the same moment: back off a little, at random,
+                // so that a group ending at once does not retry in lockstep.
+                Written::Conflict => {
+                    let jitter = std::hash::BuildHasher::hash_one(
+                        &std::collections::hash_map::RandomState::new(),
+                        index,
+                    ) % 4_000;
+                    tokio::time::sleep(std::time::Duration::from_micros(500 + jitter)).await;
+                    continue;
+                }
+                Written::TooLarge if ended.result.is_some() => {
+                    ended.result = None;
+                    ended.result_omitted = true;
+                    continue;
+                }
+                Written::TooLarge => {
+                    return Err(WorkflowError::new(
+                        WorkflowErrorKind::TooLarge,
+                        format!("the record of group {:?} outgrew max_payload", plan.name),
+                    ))
+                }
+            }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if plan.ended.len() < plan.steps.len() {
+            return Ok(());
+        }
+        let Some(callback) = &plan.callback else { return Ok(()) };
+        let results = group_results(&step.workflow, &plan, true);
+        let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
+        let sent =
+            dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload).await;
+        return match sent {
+            Err(err) if err.kind() == WorkflowErrorKind::TooLarge => {
+                let results = group_results(&step.workflow, &plan, false);
+                let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
+                dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload)
+                    .await
+            }
+            sent => sent,
+        };
     }
     Err(WorkflowError::new(
         WorkflowErrorKind::Broker,
-        format!("the members of workflow {id:?} were counted ended but cannot all be read"),
+        format!("the record of workflow {:?} kept changing; not recorded", step.workflow),
     ))
 }
 
 /// The callback's payload: every member's outcome, with its result unless `with_results`
 /// is false (then read by id).
-fn group_results(
-    id: &str,
-    plan: &Plan,
-    ends: &[Option<Ended>],
-    with_results: bool,
-) -> GroupResults {
+fn group_results(id: &str, plan: &Plan, with_results: bool) -> GroupResults {
     let members = plan
         .steps
         .iter()
-        .zip(ends)
         .enumerate()
-        .map(|(index, (member, ended))| {
-            let ended = ended.as_ref();
+        .map(|(index, member)| {
+            let ended = plan.ended.get(&index);
             let result = ended
                 .and_then(|e| e.result.as_ref())
                 .filter(|_| with_results)

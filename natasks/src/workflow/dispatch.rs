@@ -43,7 +43,7 @@ impl Client {
         // The plan goes first: a worker ending a first step reads it. Should the batch
         // below fail, or this process die before it, the plan is never read (no stored
         // task names this workflow) and expires with its retention.
-        match plan::create(tracker, &id, &plan).await? {
+        match plan::write(tracker, &id, &plan, 0).await? {
             Written::Yes => {}
             Written::Conflict => {
                 return Err(WorkflowError::new(
@@ -116,6 +116,7 @@ impl Client {
             retention: 0,
             steps: Vec::with_capacity(steps.len()),
             callback: None,
+            ended: Default::default(),
         };
         let mut ids = HashSet::new();
         let mut first = Vec::new();

@@ -28,20 +28,19 @@
 //!   batch is stored (or found stored), so a crash before the ack reruns the step, and
 //!   the rerun finds the marker and stores nothing, however late it comes: markers live as
 //!   long as the workflow's records, not just the duplicate window.
-//! * **A group's members are counted without contention.** Each member writes how it ended
-//!   under a key of its own, with a write that succeeds only if the key is empty (a rerun
-//!   finds it there and keeps the first), then counts the group's keys. The member whose
-//!   write came last counts them all; whoever sees the group complete (that member, one
-//!   ending at the same moment, or a rerun after a crash) publishes the guarded callback,
+//! * **A group's members are counted with compare-and-set.** Each member's end is written
+//!   into the group's record with a compare-and-set on its revision, once per member
+//!   (a rerun finds itself there and adds nothing). Whoever sees the set complete (the
+//!   member that completed it, or any rerun after a crash) publishes the guarded callback,
 //!   and the marker makes it one.
 //!
 //! # Limits
 //!
 //! A workflow has at most [`MAX_STEPS`] steps (the server's atomic batch holds at most
 //! 1000 messages, and a group's members go out in one batch with its start marker). The
-//! plan and a callback's payload must each fit in the server's `max_payload`; member results
-//! that do not fit are left out of the callback's payload (read them with
-//! [`Client::result`](crate::Client::result) by the members' ids).
+//! plan and a callback's payload must each fit in the server's `max_payload`; a member
+//! result that does not fit in the group's record is left out of the callback's payload
+//! (read it with [`Client::result`](crate::Client::result) by the member's id).
 
 mod advance;
 mod dispatch;

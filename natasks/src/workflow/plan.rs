@@ -1,6 +1,7 @@
 //! The plan of a workflow, as recorded in the task record bucket, and the markers that
 //! guard its dispatches.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -14,8 +15,7 @@ use crate::batch::Outgoing;
 use crate::track::Tracker;
 use crate::wire;
 
-/// A workflow's plan: its steps. Written once, at dispatch; a group's members record their
-/// ends under keys of their own ([`member_key`]), so that they never contend for one key.
+/// A workflow's plan: its steps and, for a group, which members have ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Plan {
     pub(crate) kind: Kind,
@@ -28,6 +28,9 @@ pub(crate) struct Plan {
     pub(crate) steps: Vec<StepPlan>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) callback: Option<StepPlan>,
+    /// A group's members that ended, by index.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) ended: BTreeMap<usize, Ended>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,70 +97,6 @@ pub(crate) fn key(id: &str) -> String {
     format!("wf.{}", crate::track::record::key(id))
 }
 
-/// The key holding how member `index` of group `id` ended: `wf.<id>.m.<index>`.
-fn member_key(id: &str, index: usize) -> String {
-    format!("{}.m.{index}", key(id))
-}
-
-/// Records how member `index` of group `id` ended, once: `Conflict` when it already is (a
-/// rerun of the member).
-pub(crate) async fn write_member(
-    tracker: &Tracker,
-    id: &str,
-    index: usize,
-    ended: &Ended,
-    retention: u64,
-) -> Result<Written, WorkflowError> {
-    let store = open(tracker).await?;
-    let json = serde_json::to_vec(ended).unwrap_or_default();
-    let ttl = Duration::from_secs(retention.max(1));
-    match store.put_raw(&member_key(id, index), json.into(), ttl, Some(0)).await {
-        Ok(_) => Ok(Written::Yes),
-        Err(err) if crate::track::is_conflict(&err) => Ok(Written::Conflict),
-        Err(err) if crate::track::is_too_large(&err) => Ok(Written::TooLarge),
-        Err(err) => Err(WorkflowError::with_source(
-            WorkflowErrorKind::Broker,
-            format!("record the end of member {index} of workflow {id:?}"),
-            err,
-        )),
-    }
-}
-
-/// How many members of group `id` have recorded their end.
-pub(crate) async fn members_ended(tracker: &Tracker, id: &str) -> Result<usize, WorkflowError> {
-    let store = open(tracker).await?;
-    store.count_keys(&format!("{}.m.*", key(id))).await.map_err(|err| {
-        WorkflowError::with_source(
-            WorkflowErrorKind::Broker,
-            format!("count the ended members of workflow {id:?}"),
-            err,
-        )
-    })
-}
-
-/// How member `index` of group `id` ended, if it did.
-pub(crate) async fn read_member(
-    tracker: &Tracker,
-    id: &str,
-    index: usize,
-) -> Result<Option<Ended>, WorkflowError> {
-    let store = open(tracker).await?;
-    let entry = store.get_raw(&member_key(id, index)).await.map_err(|err| {
-        WorkflowError::with_source(
-            WorkflowErrorKind::Broker,
-            format!("read the end of member {index} of workflow {id:?}"),
-            err,
-        )
-    })?;
-    Ok(entry.and_then(|(value, _)| serde_json::from_slice(&value).ok()))
-}
-
-async fn open(tracker: &Tracker) -> Result<&crate::track::Store, WorkflowError> {
-    tracker.store().await.map_err(|err| {
-        WorkflowError::with_source(WorkflowErrorKind::Broker, "open the task record bucket", err)
-    })
-}
-
 /// The marker guarding `step` of workflow `id` (`start`, a chain index, `callback`).
 pub(crate) fn marker(prefix: &str, id: &str, step: &str, retention: u64) -> Outgoing {
     let subject = wire::marker_subject(prefix, &["wf", &wire::encode_token(id), step]);
@@ -172,7 +111,9 @@ pub(crate) async fn read(
     tracker: &Tracker,
     id: &str,
 ) -> Result<Option<(Plan, u64)>, WorkflowError> {
-    let store = open(tracker).await?;
+    let store = tracker.store().await.map_err(|err| {
+        WorkflowError::with_source(WorkflowErrorKind::Broker, "open the task record bucket", err)
+    })?;
     let entry = store.get_raw(&key(id)).await.map_err(|err| {
         WorkflowError::with_source(
             WorkflowErrorKind::Broker,
@@ -191,24 +132,27 @@ pub(crate) async fn read(
     Ok(Some((plan, revision)))
 }
 
-/// What became of a write.
+/// What became of a write of a plan.
 pub(crate) enum Written {
     Yes,
-    /// The key is not at the revision expected (for a plan or a member's end: it exists).
+    /// The plan changed since it was read.
     Conflict,
     TooLarge,
 }
 
-/// Writes the plan of workflow `id`, if none exists.
-pub(crate) async fn create(
+/// Writes the plan of workflow `id` if its revision is still `expect` (0: if none exists).
+pub(crate) async fn write(
     tracker: &Tracker,
     id: &str,
     plan: &Plan,
+    expect: u64,
 ) -> Result<Written, WorkflowError> {
-    let store = open(tracker).await?;
+    let store = tracker.store().await.map_err(|err| {
+        WorkflowError::with_source(WorkflowErrorKind::Broker, "open the task record bucket", err)
+    })?;
     let json = serde_json::to_vec(plan).unwrap_or_default();
     let ttl = Duration::from_secs(plan.retention.max(1));
-    match store.put_raw(&key(id), json.into(), ttl, Some(0)).await {
+    match store.put_raw(&key(id), json.into(), ttl, Some(expect)).await {
         Ok(_) => Ok(Written::Yes),
         Err(err) if crate::track::is_conflict(&err) => Ok(Written::Conflict),
         Err(err) if crate::track::is_too_large(&err) => Ok(Written::TooLarge),
