@@ -29,12 +29,14 @@ mod periodic;
 mod process;
 mod queues;
 mod tracking;
+mod workflow;
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};
 pub use process::{locate_apalis, Shape};
 pub use queues::{many_queues, rate_limit_overhead, starvation, Starvation};
 pub use tracking::{dispatch_tracked, e2e_tracked};
+pub use workflow::group;
 
 type Res<T> = Result<T, BoxError>;
 
