@@ -35,6 +35,8 @@ const WORKLOADS: &[&str] = &[
     "dispatch_concurrent_64",
     "dispatch_concurrent_256",
     "dispatch_tracked_64",
+    "dispatch_batch_64",
+    "dispatch_unique_64",
     "e2e_c1",
     "e2e_c8",
     "e2e_c64",
@@ -389,6 +391,9 @@ async fn run_one(
         "e2e_c64" => workloads::e2e(env, imp, n, 64, None).await,
         // "natasks" is the tracked run; the untracked run of the round rides in the sample.
         "dispatch_tracked_64" => workloads::dispatch_tracked(env, imp, n, 64).await,
+        // "natasks" is the guarded run; the plain natasks run of the round is in `extra`.
+        "dispatch_batch_64" => workloads::dispatch_batch(env, imp, n, 64).await,
+        "dispatch_unique_64" => workloads::dispatch_unique(env, imp, n, 64).await,
         "e2e_tracked_c64" => workloads::e2e_tracked(env, imp, n, 64).await,
         // One group of 64 (or 64 plain tasks) after another: a tenth of the tasks.
         "group_64" => workloads::group(env, imp, (n / 640).max(1), 64).await,
@@ -541,6 +546,12 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload == "group_64") {
         println!("  group_64: one group of 64 tracked members and a callback after another, member tasks/s from dispatch to callback; natasks_plain_per_s / natasks_tracked_per_s: 64 plain / tracked natasks tasks at a time in the same round; raw publishes 64 and its consumer publishes the callback at the 64th (no record, no marker)");
+    }
+    if rows.iter().any(|r| r.workload == "dispatch_batch_64") {
+        println!("  dispatch_batch_64: \"natasks\" stores the tasks in atomic batches of 64 (dispatch_batch, one batch at a time); the natasks run of the same round dispatching them one by one with 64 in flight is in the line below (natasks_one_by_one_per_s, natasks_batch_vs_one_by_one), and a run with 8 batches in flight (natasks_batches_8_in_flight_per_s); raw publishes one by one with 64 in flight");
+    }
+    if rows.iter().any(|r| r.workload == "dispatch_unique_64") {
+        println!("  dispatch_unique_64: \"natasks\" dispatches unique tasks (each its own key: lock and task in one atomic batch) with 64 in flight; the plain natasks run of the same round is in the line below (natasks_plain_per_s, natasks_unique_vs_plain)");
     }
     if rows.iter().any(|r| r.workload == "starvation") {
         println!("  starvation: critical (weight 9) and low (weight 1), 8 slots; low flooded with 20 ms tasks, critical a trickle every 10 ms; tasks/s over both queues; critical's wait from dispatch to handler start in the line below (natasks weighted, natasks_strict_ with strict priority; raw: a raw consumer per queue sharing one semaphore, no priority)");

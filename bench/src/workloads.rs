@@ -24,12 +24,14 @@ use tokio::task::JoinHandle;
 use crate::alloc_count::Snapshot;
 use crate::BoxError;
 
+mod guarded;
 mod observed;
 mod periodic;
 mod process;
 mod queues;
 mod tracking;
 mod workflow;
+pub use guarded::{dispatch_batch, dispatch_unique};
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
 pub use periodic::periodic;
 pub use process::{drain, e2e as e2e_process};

@@ -43,6 +43,28 @@ pub struct DispatchArgs {
     /// e.g. 1h, 7d (default: the worker's result retention, a day unless configured).
     #[arg(long, value_name = "DURATION", requires = "track")]
     retention: Option<String>,
+    /// Make the task unique in its queue by KEY: refused (naming the task that holds the
+    /// key) while a task with the key is pending, scheduled or running. Needs nats-server
+    /// 2.12+.
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["throttle", "debounce"])]
+    unique: Option<String>,
+    /// How long the unique key is held at most, should no worker end the task, e.g. 1h.
+    #[arg(long, value_name = "DURATION", default_value = "24h", requires = "unique")]
+    unique_ttl: String,
+    /// Throttle by KEY: at most one task with the key per --window in the queue.
+    #[arg(long, value_name = "KEY", requires = "window", conflicts_with = "debounce")]
+    throttle: Option<String>,
+    /// The throttle window, e.g. 30s, 1h (whole seconds).
+    #[arg(long, value_name = "DURATION", requires = "throttle")]
+    window: Option<String>,
+    /// Debounce by KEY: replaces the pending task with the key and restarts the delay
+    /// (needs --in or --at).
+    #[arg(long, value_name = "KEY")]
+    debounce: Option<String>,
+    /// With --unique or --throttle: when the key is held, print the receipt of the task
+    /// that holds it instead of failing.
+    #[arg(long)]
+    return_existing: bool,
 }
 
 pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
@@ -55,6 +77,7 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         }
         task = task.with_message_id(id.clone());
     }
+    task = guarded(task, &args)?;
     if args.track {
         task = match args.retention.as_deref() {
             Some(text) => task.tracked_for(retention(text)?),
@@ -114,7 +137,10 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             "duplicate": receipt.duplicate,
             "due": due.map(output::time),
             "tracked": args.track,
+            "unique_key": args.unique,
         }));
+    } else if receipt.duplicate && (args.unique.is_some() || args.throttle.is_some()) {
+        println!("already queued: task {} on queue {queue} holds the key", receipt.id);
     } else {
         let tracked = if args.track { ", tracked" } else { "" };
         match due {
@@ -130,6 +156,32 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Applies `--unique`, `--throttle`, `--debounce` and `--return-existing`.
+fn guarded(mut task: natasks::Task, args: &DispatchArgs) -> Result<natasks::Task> {
+    let duration = |flag: &str, text: &str| {
+        output::parse_duration(text).map_err(|err| Error::msg(format!("invalid {flag}: {err}")))
+    };
+    if let Some(key) = &args.unique {
+        task = task.unique(key.clone(), duration("--unique-ttl", &args.unique_ttl)?);
+    }
+    if let (Some(key), Some(window)) = (&args.throttle, &args.window) {
+        task = task.throttle(key.clone(), duration("--window", window)?);
+    }
+    if let Some(key) = &args.debounce {
+        if args.delay.is_none() && args.at.is_none() {
+            return Err(Error::msg("--debounce needs --in or --at: the quiet period"));
+        }
+        task = task.debounce(key.clone());
+    }
+    if args.return_existing {
+        if args.unique.is_none() && args.throttle.is_none() {
+            return Err(Error::msg("--return-existing needs --unique or --throttle"));
+        }
+        task = task.return_existing();
+    }
+    Ok(task)
 }
 
 /// The `--retention` of a tracked task: whole seconds, at least one.

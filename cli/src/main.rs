@@ -5,6 +5,7 @@
 //! cancel, live events), show a workflow's steps. Every command talks to NATS directly; nothing runs in the
 //! background.
 
+mod batch;
 mod conn;
 mod dispatch;
 mod dlq;
@@ -142,6 +143,8 @@ enum Command {
     Queue(queue::QueueCommand),
     /// Dispatch a task (now, after a delay, or at a time).
     Dispatch(dispatch::DispatchArgs),
+    /// Dispatch the tasks of a JSON-lines file together: all are stored or none.
+    Batch(batch::BatchArgs),
     /// Inspect, requeue and purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -164,6 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Queues => queues::run(g).await,
         Command::Queue(cmd) => queue::run(g, cmd).await,
         Command::Dispatch(args) => dispatch::run(g, args).await,
+        Command::Batch(args) => batch::run(g, args).await,
         Command::Dlq(cmd) => dlq::run(g, cmd).await,
         Command::Schedules(args) => schedules::run(g, args).await,
         Command::Task(cmd) => task::run(g, cmd).await,

@@ -174,6 +174,9 @@ fn print_status(s: &TaskStatus) {
     if let Some(error) = &s.last_error {
         rows.push(("last error", error.clone()));
     }
+    if let Some(key) = &s.unique_key {
+        rows.push(("unique key", key.clone()));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in rows {
         println!("{key:<width$}  {value}");
@@ -212,6 +215,7 @@ fn status_json(id: &str, status: &Status) -> Value {
         "updated": output::time(s.updated_at),
         "progress": s.progress.as_ref().map(progress_json),
         "last_error": s.last_error,
+        "unique_key": s.unique_key,
     });
     let extra = match &s.state {
         TaskState::Scheduled { due } => json!({ "due": output::time(*due) }),

@@ -4,8 +4,8 @@
 //! async-nats has no batch publisher, so the batch goes out as the server expects it over
 //! plain NATS: every message carries `Nats-Batch-Id` and `Nats-Batch-Sequence` (1..n); the
 //! first is sent as a request (the server answers with an empty reply, or an error when it
-//! cannot start the batch), the middle ones are published, and the last carries
-//! `Nats-Batch-Commit: 1` and is a request whose answer is the batch's publish ack. The
+//! cannot start the batch), the middle ones are published once it answered, and the last
+//! carries `Nats-Batch-Commit: 1` and is a request whose answer is the batch's publish ack. The
 //! server checks every condition of every message (`Nats-Expected-Last-Subject-Sequence`,
 //! duplicates) when the commit arrives, and stores nothing if one fails. A publisher that
 //! dies before the commit leaves an open batch the server abandons after 10 s idle,
@@ -80,6 +80,8 @@ pub(crate) enum BatchPublishError {
 pub(crate) const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// The stream does not allow atomic batches.
 pub(crate) const ATOMIC_DISABLED: u64 = 10174;
+/// The stream has as many batches in flight as the server allows.
+pub(crate) const TOO_MANY_IN_FLIGHT: u64 = 10210;
 
 impl BatchPublishError {
     /// The JetStream error code the server refused the batch with.
@@ -112,9 +114,15 @@ struct ApiError {
 /// How long the commit may take to be confirmed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a batch waits, at most, for a free slot when the stream has as many batches
+/// in flight as the server allows (50 per stream by default).
+const BUSY_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Stores all `messages` or none. They must all be captured by one stream (the task stream);
 /// at most [`MAX_BATCH`]. Checked before anything is sent: an empty or oversized batch
-/// publishes nothing.
+/// publishes nothing. When the stream has as many batches in flight as the server allows,
+/// the batch (refused whole, nothing stored) is sent again after a short pause, for up to
+/// 5 s.
 pub(crate) async fn publish_atomic(
     js: &jetstream::Context,
     messages: Vec<Outgoing>,
@@ -126,9 +134,33 @@ pub(crate) async fn publish_atomic(
     if total > MAX_BATCH {
         return Err(BatchPublishError::TooLarge(total));
     }
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match publish_once(js, &messages).await {
+            Err(err)
+                if err.code() == Some(TOO_MANY_IN_FLIGHT) && started.elapsed() < BUSY_PATIENCE =>
+            {
+                // Spread the retries of many dispatchers refused at once.
+                let jitter = Duration::from_micros(u64::from(nuid::next().as_bytes()[21]) * 20);
+                tokio::time::sleep(pause + jitter).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn publish_once(
+    js: &jetstream::Context,
+    messages: &[Outgoing],
+) -> Result<BatchAck, BatchPublishError> {
+    let total = messages.len();
     let client = js.client();
     let batch_id = nuid::next().to_string();
-    for (index, Outgoing { subject, mut headers, payload }) in messages.into_iter().enumerate() {
+    for (index, message) in messages.iter().enumerate() {
+        let (subject, payload) = (message.subject.clone(), message.payload.clone());
+        let mut headers = message.headers.clone();
         let position = index + 1;
         headers.insert(wire::NATS_BATCH_ID, batch_id.as_str());
         headers.insert(wire::NATS_BATCH_SEQUENCE, position.to_string().as_str());
@@ -150,7 +182,10 @@ pub(crate) async fn publish_atomic(
             return Ok(BatchAck { first: reply.seq + 1 - count, last: reply.seq, count });
         }
         if position == 1 {
-            // The server answers the first message: an empty reply, or why it cannot start.
+            // The server answers the first message: an empty reply, or why it cannot start
+            // the batch. The rest is sent only after that answer: sent at once, messages of
+            // concurrent batches reached the server before their batch had started, and
+            // the batch failed as incomplete (seen on nats-server 2.15.1).
             let reply = client
                 .request_with_headers(subject, headers, payload)
                 .await

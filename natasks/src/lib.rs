@@ -22,6 +22,11 @@
 //!   [`TaskId`], [`Attempt`], [`Progress`], [`Cancellation`], [`Extension`], your own
 //!   [`FromTask`] types, and last, optionally, the [`Task`]), returning `Result<T, E>`
 //!   where `T` is the task's result.
+//! * A **unique** task ([`Task::unique`]) is refused while a task with its key is pending,
+//!   scheduled or running in its queue; **debounced** tasks ([`Task::debounce`]) replace the
+//!   pending one with their key; **throttled** ones ([`Task::throttle`]) are accepted once per
+//!   window; a **batch** ([`Client::dispatch_batch`]) stores many tasks all or none. The
+//!   server enforces each (JetStream atomic batches, nats-server 2.12+): see [`Task::unique`].
 //! * Every dispatch returns a [`Receipt`] with the task's **id**. A **tracked** task
 //!   ([`Task::tracked`]) has its lifecycle recorded on the broker: its status
 //!   ([`Client::status`]), its result ([`Client::result`], [`Client::wait`]), its
@@ -59,6 +64,7 @@ mod batch;
 mod client;
 mod error;
 mod extract;
+mod guard;
 mod handler;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -84,6 +90,7 @@ pub use error::{
 pub use extract::{
     Attempt, Cancellation, Extension, FromTask, Json, Progress, ProgressReport, TaskId,
 };
+pub use guard::{OnConflict, MAX_GUARD_TTL, MAX_KEY_LEN};
 pub use handler::Handler;
 pub use middleware::{Dispatch, DispatchNext, Next, Propagator};
 pub use observe::Observer;

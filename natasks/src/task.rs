@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::error::InvalidName;
 use crate::extract::Live;
+use crate::guard::Guard;
 use crate::wire;
 
 /// A task: a name that selects the handler, raw payload bytes, headers, and an optional
@@ -67,6 +68,9 @@ pub struct Task {
     /// On a received task, the worker's channel to the handler (progress, cancellation,
     /// result); only when the handler or tracking needs it.
     live: Option<Arc<Live>>,
+    /// A unique key, throttle or debounce key to dispatch with; boxed, as most tasks have
+    /// none.
+    pub(crate) guard: Option<Box<Guard>>,
 }
 
 impl Task {
@@ -84,6 +88,7 @@ impl Task {
             invalid_header: None,
             track: None,
             live: None,
+            guard: None,
         }
     }
 
@@ -310,6 +315,7 @@ impl Task {
             message_id: None,
             received_id: message_id,
             delivery: Some(delivery),
+            guard: None,
             extensions: Extensions::default(),
             invalid_header: None,
             track: None,

@@ -37,6 +37,14 @@ pub const HEADER_DEAD_LETTER_TRACK: &str = "Natasks-Dead-Letter-Track";
 /// `Nats-Msg-Id` from the message a schedule produces.
 pub const HEADER_MESSAGE_ID: &str = "Natasks-Message-Id";
 
+/// Unique tasks: the task's unique key in its queue (see
+/// [`Task::unique`](crate::Task::unique)). A Go worker ignores it.
+pub const HEADER_UNIQUE_KEY: &str = "Natasks-Unique-Key";
+/// Throttled tasks: the task's throttle key (see [`Task::throttle`](crate::Task::throttle)).
+pub const HEADER_THROTTLE_KEY: &str = "Natasks-Throttle-Key";
+/// Debounced tasks: the task's debounce key (see [`Task::debounce`](crate::Task::debounce)).
+pub const HEADER_DEBOUNCE_KEY: &str = "Natasks-Debounce-Key";
+
 /// The task id natasks gives a task at dispatch: the message id when one is given, else
 /// a fresh one. A Go worker ignores it.
 pub const HEADER_ID: &str = "Natasks-Id";
@@ -63,6 +71,8 @@ pub(crate) const NATS_SCHEDULE_TIME_ZONE: &str = "Nats-Schedule-Time-Zone";
 /// On a message a schedule produced: when the schedule fires next (RFC 3339), or `purge`.
 pub(crate) const NATS_SCHEDULE_NEXT: &str = "Nats-Schedule-Next";
 pub(crate) const NATS_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// `sub`: the message replaces every other message on its subject.
+pub(crate) const NATS_ROLLUP: &str = "Nats-Rollup";
 /// Per-message TTL (nats-server 2.11+): whole seconds.
 pub(crate) const NATS_TTL: &str = "Nats-TTL";
 /// Atomic batches (nats-server 2.12+): the batch's id.
@@ -83,6 +93,8 @@ pub(crate) const ID_NAME: HeaderName = HeaderName::from_static(HEADER_ID);
 pub(crate) const TRACK_NAME: HeaderName = HeaderName::from_static(HEADER_TRACK);
 /// [`HEADER_MESSAGE_ID`] as a header name.
 pub(crate) const MESSAGE_ID_NAME: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
+/// [`HEADER_UNIQUE_KEY`] as a header name: looked up for every task that ends.
+pub(crate) const UNIQUE_KEY_NAME: HeaderName = HeaderName::from_static(HEADER_UNIQUE_KEY);
 /// [`NATS_MSG_ID`] as a header name: looked up for every received task.
 pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG_ID);
 
@@ -193,6 +205,12 @@ pub(crate) fn decode_token(token: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// The schedule subject of the debounced tasks of `queue` with `key`: one subject per queue
+/// and key, so each new schedule replaces the pending one.
+pub(crate) fn debounce_subject(prefix: &str, queue: &str, key: &str) -> String {
+    format!("{prefix}.{SCHEDULE_TOKEN}.debounce.{queue}.{}", encode_token(key))
+}
+
 /// The subject of periodic schedule `id` (a valid id, see [`validate_schedule_id`]).
 pub(crate) fn periodic_subject(prefix: &str, id: &str) -> String {
     format!("{prefix}.{SCHEDULE_TOKEN}.{PERIODIC_TOKEN}.{id}")
@@ -296,8 +314,9 @@ pub(crate) fn is_header_name(name: &str) -> bool {
 }
 
 /// Whether header `name` describes one stored message rather than the task: the server's
-/// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id` and
-/// the `Natasks-Periodic*` headers of a periodic tick. A received task dispatched again
+/// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id`,
+/// the `Natasks-Periodic*` headers of a periodic tick and the guard keys (a task dispatched
+/// again holds no lock). A received task dispatched again
 /// leaves the ones it arrived with behind.
 pub(crate) fn is_message_header(name: &str) -> bool {
     is_server_header(name)
@@ -306,6 +325,9 @@ pub(crate) fn is_message_header(name: &str) -> bool {
         || name.eq_ignore_ascii_case(HEADER_PERIODIC)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_SCHEDULE)
         || name.eq_ignore_ascii_case(HEADER_PERIODIC_DIGEST)
+        || name.eq_ignore_ascii_case(HEADER_UNIQUE_KEY)
+        || name.eq_ignore_ascii_case(HEADER_THROTTLE_KEY)
+        || name.eq_ignore_ascii_case(HEADER_DEBOUNCE_KEY)
 }
 
 /// Whether header `name` is one of the server's (`Nats-*`, in any case).

@@ -166,7 +166,7 @@ async fn raw_groups(env: &Env, groups: usize, size: usize) -> Res<Sample> {
                     continue;
                 }
                 count += 1;
-                if count % size == 0 {
+                if count.is_multiple_of(size) {
                     publisher
                         .publish_with_headers(
                             subject.clone(),

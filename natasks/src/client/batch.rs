@@ -8,7 +8,6 @@ use super::prepare::About;
 use super::{Client, Receipt};
 use crate::batch::{self, Outgoing, MAX_BATCH};
 use crate::error::{DispatchError, DispatchErrorKind};
-use crate::middleware::Dispatch;
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
 use crate::task::Task;
@@ -121,13 +120,12 @@ impl Client {
         }
         let mut prepared = Vec::with_capacity(batch.items.len());
         for (index, Item { task, queue, due }) in batch.items.into_iter().enumerate() {
+            // The task's own error, saying which task of the batch it is.
             let what = |err: DispatchError| {
-                let kind = err.kind();
-                DispatchError::with_source(kind, format!("task {index} of the batch"), err)
+                DispatchError::new(err.kind(), format!("task {index} of the batch: {err}"))
             };
             let due = due.map_err(what)?;
-            let ready =
-                publisher.prepare(Dispatch::new(task, &queue, due)).map_err(|r| what(r.error))?;
+            let ready = self.outgoing(task, &queue, due).map_err(what)?;
             prepared.push(ready);
         }
         let messages = prepared.iter().map(|p| 1 + usize::from(p.marker.is_some())).sum();

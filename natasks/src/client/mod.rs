@@ -27,6 +27,7 @@ pub use self::batch::Batch;
 pub(crate) use self::prepare::Prepared;
 use self::prepare::{publish_error, About, Rejected};
 use crate::batch::Outgoing;
+use crate::guard::Guard;
 
 /// Publishes tasks into queues. Cheap to clone; clones share the connection.
 ///
@@ -56,7 +57,9 @@ pub struct Receipt {
     /// the dispatch without publishing.
     pub sequence: Option<u64>,
     /// The server dropped the task as a duplicate of one with the same message id, stored
-    /// within the duplicate window (`sequence` is then the original's).
+    /// within the duplicate window (`sequence` is then the original's); or, for a unique or
+    /// throttled task dispatched with [`Task::return_existing`], the key was held and this is
+    /// the receipt of the task that holds it (`id` and `sequence` are that task's).
     pub duplicate: bool,
 }
 
@@ -281,7 +284,8 @@ impl Publisher {
         started: Option<Instant>,
     ) -> Result<Receipt, DispatchError> {
         let (result, about) = match prepared {
-            Ok(Prepared { message, marker, about, id, track }) => {
+            Ok(Prepared { message, marker, guard, about, id, track }) => {
+                let marker = marker.zip(guard);
                 let stored = match track {
                     None => self.store(message, marker, &about, id).await,
                     Some(track) => self.store_tracked(message, marker, &about, id, track).await,
@@ -306,7 +310,7 @@ impl Publisher {
     async fn store_tracked(
         &self,
         message: Outgoing,
-        marker: Option<Outgoing>,
+        marker: Option<(Outgoing, Box<Guard>)>,
         about: &About,
         id: String,
         track: TrackedDispatch,
@@ -339,12 +343,12 @@ impl Publisher {
     async fn store(
         &self,
         message: Outgoing,
-        marker: Option<Outgoing>,
+        marker: Option<(Outgoing, Box<Guard>)>,
         about: &About,
         id: String,
     ) -> Result<Receipt, DispatchError> {
-        if let Some(marker) = marker {
-            return self.store_guarded(marker, message, about, id).await;
+        if let Some((marker, guard)) = marker {
+            return self.store_guarded(marker, message, &guard, about, id).await;
         }
         let Outgoing { subject, headers, payload } = message;
         let message = PublishMessage::build().payload(payload).headers(headers);

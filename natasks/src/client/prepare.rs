@@ -7,6 +7,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use super::Publisher;
 use crate::batch::Outgoing;
 use crate::error::{DispatchError, DispatchErrorKind};
+use crate::guard::{Guard, Support};
 use crate::middleware::Dispatch;
 use crate::schedule;
 use crate::track::client::TrackedDispatch;
@@ -34,6 +35,7 @@ impl Publisher {
         };
         let queue =
             if dispatch.queue.is_empty() { wire::DEFAULT_QUEUE.to_owned() } else { dispatch.queue };
+        let guard = dispatch.task.take_guard();
         let (task, payload, mut headers, message_id) = dispatch.task.into_parts();
         headers.insert(wire::TASK_NAME, task.as_str());
         headers.insert(wire::QUEUE_NAME, queue.as_str());
@@ -55,7 +57,11 @@ impl Publisher {
         if let Some(retention) = retention {
             headers.insert(wire::TRACK_NAME, retention.as_secs().to_string());
         }
-        let target = wire::queue_subject(&self.stream.subject_prefix, &queue);
+        if let Some(guard) = &guard {
+            guard.mark_task(&mut headers);
+        }
+        let prefix = &self.stream.subject_prefix;
+        let target = wire::queue_subject(prefix, &queue);
         let subject = match schedule {
             None => target,
             Some(schedule) => {
@@ -64,9 +70,16 @@ impl Publisher {
                 if headers.get(wire::NATS_MSG_ID).is_some() {
                     headers.insert(wire::HEADER_MESSAGE_ID, id.as_str());
                 }
-                wire::schedule_subject(&self.stream.subject_prefix)
+                match guard.as_ref().and_then(|g| g.schedule_subject(prefix, &queue)) {
+                    Some(debounced) => debounced,
+                    None => wire::schedule_subject(prefix),
+                }
             }
         };
+        let delayed = dispatch.due.is_some();
+        let marker = guard
+            .as_ref()
+            .and_then(|g| g.marker(prefix, &queue, &id, delayed.then_some(subject.as_str())));
         let track = retention.map(|retention| TrackedDispatch {
             id: id.clone(),
             queue: queue.clone(),
@@ -74,10 +87,11 @@ impl Publisher {
             retention: TrackedDispatch::retention(retention),
             due: dispatch.due,
             schedule: dispatch.due.is_some().then(|| subject.clone()),
+            unique_key: guard.as_ref().filter(|g| g.is_unique()).map(|g| g.key.clone()),
         });
         let about = About { queue, task, delayed: dispatch.due.is_some() };
         let message = Outgoing { subject, headers, payload };
-        Ok(Prepared { message, marker: None, about, id, track })
+        Ok(Prepared { message, marker, guard, about, id, track })
     }
 
     /// Everything that can refuse a dispatch before it is published; runs the propagator.
@@ -108,6 +122,11 @@ impl Publisher {
                 ),
             ));
         }
+        if let Some(guard) = dispatch.task.guard() {
+            let support = Support { atomic: self.atomic, ttl: self.ttl, schedules: self.schedules };
+            let version = &self.js.client().server_info().version;
+            guard.check(dispatch.due.is_some(), support, version)?;
+        }
         let retention = crate::track::dispatch_retention(&dispatch.task, dispatch.id())?;
         Ok((dispatch.due.map(schedule::at_expression).transpose()?, retention))
     }
@@ -120,6 +139,8 @@ pub(crate) struct Prepared {
     /// A guard stored in the same atomic batch just before the task (a unique task's
     /// lock, a throttle window), so that both are stored or neither.
     pub(crate) marker: Option<Outgoing>,
+    /// The unique, throttle or debounce key the task carries.
+    pub(crate) guard: Option<Box<Guard>>,
     pub(crate) about: About,
     /// The task id.
     pub(crate) id: String,

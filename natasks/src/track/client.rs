@@ -47,6 +47,7 @@ pub(crate) struct TrackedDispatch {
     pub(crate) retention: u64,
     pub(crate) due: Option<OffsetDateTime>,
     pub(crate) schedule: Option<String>,
+    pub(crate) unique_key: Option<String>,
 }
 
 impl TrackedDispatch {
@@ -80,6 +81,7 @@ impl TrackedDispatch {
         let mut record = Record::new(tag, &self.queue, &self.task, 0, self.retention);
         record.due = self.due;
         record.schedule = self.schedule.clone();
+        record.unique_key = self.unique_key.clone();
         record.sequence = self.due.is_none().then_some(sequence);
         let store = match tracker.store().await {
             Ok(store) => store,
@@ -247,7 +249,7 @@ impl Client {
                     ))
                 }
             }
-            remove_waiting(tracker, &record).await;
+            remove_waiting(tracker, id, &record).await;
             // Every worker of the queue hears it; the one running the task signals it.
             let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
             tracker.announce(subject, id.as_bytes().to_vec()).await;
@@ -290,7 +292,7 @@ impl Client {
 
 /// Removes a task that waits in its queue or as a schedule, so that it never runs. Best
 /// effort: a worker that already holds it finds the record cancelled, or hears the signal.
-async fn remove_waiting(tracker: &Tracker, record: &Record) {
+async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     let settings = tracker.settings();
     let stream = match tracker.js().get_stream(&settings.name).await {
         Ok(stream) => stream,
@@ -299,16 +301,37 @@ async fn remove_waiting(tracker: &Tracker, record: &Record) {
             return;
         }
     };
+    // A unique task's key is released once its message is gone.
+    let mut unique_key = None;
     if let Some(subject) = record.schedule.as_deref().filter(|_| record.state == Tag::Scheduled) {
+        if let Ok(schedule) = stream.get_last_raw_message_by_subject(subject).await {
+            unique_key = header(&schedule.headers, wire::HEADER_UNIQUE_KEY);
+        }
         if let Err(err) = stream.purge().filter(subject).await {
             tracing::debug!(error = %err, "could not remove a cancelled task's schedule");
+            return;
         }
     }
     if let Some(sequence) = record.sequence.filter(|_| record.state == Tag::Pending) {
+        if let Ok(task) = stream.get_raw_message(sequence).await {
+            unique_key = header(&task.headers, wire::HEADER_UNIQUE_KEY);
+        }
         if let Err(err) = stream.delete_message(sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task");
+            return;
         }
     }
+    if let Some(key) = unique_key {
+        let released =
+            crate::guard::release::release(tracker.js(), settings, &record.queue, &key, id).await;
+        if let Err(err) = released {
+            tracing::debug!(error = %err, "could not release a cancelled task's unique key");
+        }
+    }
+}
+
+fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.as_str().to_owned())
 }
 
 /// The answer of `result`/`wait` for a recorded task.

@@ -45,6 +45,9 @@ pub const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const MAX_ID: usize = 256;
 
 /// What is known of a task ([`Client::status`](crate::Client::status)).
+// One is returned per status read, never stored in bulk: boxing `Known` would only make
+// every caller's match noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Status {
@@ -77,6 +80,8 @@ pub struct TaskStatus {
     pub progress: Option<ProgressReport>,
     /// The last error, from a failed attempt.
     pub last_error: Option<String>,
+    /// The task's unique key, for a unique task ([`Task::unique`](crate::Task::unique)).
+    pub unique_key: Option<String>,
 }
 
 /// Where a tracked task is in its lifecycle.

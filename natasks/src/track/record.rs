@@ -56,6 +56,9 @@ pub(crate) struct Record {
     /// The schedule subject of a delayed task (lets cancel remove the schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) schedule: Option<String>,
+    /// The task's unique key, for a unique task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) unique_key: Option<String>,
     /// Seconds the record is kept after this change.
     pub(crate) retention: u64,
     /// On `cancelled`: whether the `cancelled` event was published.
@@ -96,6 +99,7 @@ impl Record {
             result: None,
             sequence: None,
             schedule: None,
+            unique_key: None,
             retention,
             cancel_announced: false,
         }
@@ -136,6 +140,7 @@ impl Record {
             updated_at: self.at,
             progress: self.progress.clone(),
             last_error: self.error.clone(),
+            unique_key: self.unique_key.clone(),
         }
     }
 }

@@ -96,6 +96,7 @@ impl WorkerTracking {
             retention,
             sequence,
             scheduler,
+            unique_key: headers.get(wire::UNIQUE_KEY_NAME).map(|v| v.as_str().to_owned()),
             since: OffsetDateTime::now_utc(),
             registered: 0,
             cancel: None,
@@ -158,6 +159,7 @@ pub(crate) struct Attempt<'a> {
     /// what ties a record to this task rather than to an earlier one with the same id.
     sequence: u64,
     scheduler: Option<String>,
+    unique_key: Option<String>,
     since: OffsetDateTime,
     /// This attempt's number in `running` (0: not registered).
     registered: u64,
@@ -193,6 +195,7 @@ impl Attempt<'_> {
         record.progress = self.last_progress.clone();
         record.sequence = Some(self.sequence);
         record.schedule = self.scheduler.clone();
+        record.unique_key = self.unique_key.clone();
         record
     }
 

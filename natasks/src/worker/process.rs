@@ -158,7 +158,13 @@ async fn process_parts(
                 None => (Outcome::HandedBack, AckKind::Nak(None)),
             };
             // The reply subject goes with the final ack instead of being copied for it.
-            settle_with(client, reply, kind).await;
+            match headers.get(wire::UNIQUE_KEY_NAME).filter(|_| ends(&kind)) {
+                // Boxed: rare, and the processing future of every task stays small.
+                Some(key) => {
+                    Box::pin(release_after(&inner, reply, kind, key.as_str(), &headers)).await
+                }
+                None => settle_with(client, reply, kind).await,
+            }
             outcome
         },
         span.clone(),
@@ -695,6 +701,23 @@ async fn apply(
             Box::pin(dead_letter::settle(inner, delivery, reason, &error, lease)).await
         }
     }
+}
+
+/// Whether `kind` ends the task for good (it is removed from the stream).
+fn ends(kind: &AckKind) -> bool {
+    matches!(kind, AckKind::Ack | AckKind::Term)
+}
+
+/// Settles a unique task that ended, then releases its key (see `crate::guard`).
+async fn release_after(
+    inner: &WorkerInner,
+    reply: Subject,
+    kind: AckKind,
+    key: &str,
+    headers: &HeaderMap,
+) {
+    crate::guard::release::settle(&inner.js, &inner.stream, &inner.queue, reply, kind, key, headers)
+        .await
 }
 
 /// Settles the delivery: its one final ack (`Ack`, `Nak` or `Term`).

@@ -226,6 +226,7 @@ async fn dispatch_guarded(
         retention: plan.retention,
         due: None,
         schedule: None,
+        unique_key: None,
     };
     super::dispatch::announce(tracker, &tracked, id).await;
     match publish_atomic(tracker.js(), vec![marker, outgoing]).await {

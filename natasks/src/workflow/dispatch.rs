@@ -215,6 +215,7 @@ impl Client {
             retention,
             due: None,
             schedule: None,
+            unique_key: None,
         });
         let ready = Ready { outgoing: prepared.message, guard: prepared.marker, tracked };
         Ok((step, ready))

@@ -1,0 +1,72 @@
+//! The worker's side of a unique task: its lock is released when the task ends for good.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{HeaderMap, Subject};
+
+use super::lock;
+use crate::stream::StreamSettings;
+use crate::wire;
+
+/// How long the server has to confirm the final ack of a unique task.
+const ACK_CONFIRM: Duration = Duration::from_secs(5);
+
+/// Sends the final ack (`Ack` or `Term`) of a unique task, waits for the server to confirm
+/// it, then releases the task's lock: the lock on `queue` and `key` is deleted if it names
+/// this task.
+///
+/// Ack first, release second: a worker killed between the two leaves a lock whose task is
+/// gone, which the next dispatch with the key detects and takes over atomically (see
+/// [`crate::guard`]). The other order could leave the task redelivered while a new task
+/// with the key is accepted. An ack the server does not confirm leaves the lock in place
+/// (the task may come back); the dispatch-side check and the TTL cover it.
+pub(crate) async fn settle(
+    js: &jetstream::Context,
+    stream: &StreamSettings,
+    queue: &str,
+    reply: Subject,
+    kind: AckKind,
+    key: &str,
+    headers: &HeaderMap,
+) {
+    let request = async_nats::Request::new().payload(kind.into()).timeout(Some(ACK_CONFIRM));
+    if let Err(err) = js.client().send_request(reply, request).await {
+        tracing::warn!(error = %err, "the ack of a unique task was not confirmed; its lock stays until the task is gone");
+        return;
+    }
+    let Some(id) = task_id(headers) else {
+        return;
+    };
+    if let Err(err) = release(js, stream, queue, key, id).await {
+        tracing::warn!(error = %err, key, "could not release the lock of a unique task; the next dispatch with the key takes it over");
+    }
+}
+
+/// Deletes the lock of `key` in `queue` if it belongs to task `id`. The lock is deleted by
+/// its sequence, so a lock another task took meanwhile is never touched.
+pub(crate) async fn release(
+    js: &jetstream::Context,
+    stream: &StreamSettings,
+    queue: &str,
+    key: &str,
+    id: &str,
+) -> Result<(), crate::error::BoxError> {
+    let subject = super::marker_subject("unique", &stream.subject_prefix, queue, key);
+    let Some(held) = lock::read(js, &stream.name, &subject).await? else {
+        return Ok(());
+    };
+    if held.body.id != id {
+        return Ok(());
+    }
+    lock::delete(js, &stream.name, held.sequence).await?;
+    tracing::debug!(key, id, "unique task's lock released");
+    Ok(())
+}
+
+/// The id the task was dispatched with, as its lock names it.
+fn task_id(headers: &HeaderMap) -> Option<&str> {
+    [wire::HEADER_ID, wire::HEADER_MESSAGE_ID, wire::NATS_MSG_ID]
+        .into_iter()
+        .find_map(|name| headers.get(name).map(|v| v.as_str()))
+}
