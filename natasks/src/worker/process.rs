@@ -296,21 +296,11 @@ async fn follow(
         Settle::Cancelled { .. } => StepEnd::Ended { state: "cancelled", error: None },
         Settle::Retry(..) => return settle,
     };
-    let mut last = None;
-    for pause in [0, 100, 500] {
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        match crate::workflow::advance(tracker, step, end).await {
-            Ok(()) => return settle,
-            Err(err) => last = Some(err),
-        }
+    match crate::workflow::advance_retrying(tracker, step, end).await {
+        Ok(()) => settle,
+        Err(error) => Settle::Retry(Some(crate::workflow::FOLLOW_RETRY), error),
     }
-    let error = last.map(|err| err.to_string()).unwrap_or_default();
-    tracing::warn!(workflow = %step.workflow, %error, "could not dispatch what follows the step; handing it back");
-    Settle::Retry(Some(FOLLOW_RETRY), format!("workflow {}: {error}", step.workflow))
 }
-
-/// How soon a step whose follower could not be dispatched comes back.
-const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 
 /// A delivery as the worker read it.
 pub(super) struct Received<'a> {

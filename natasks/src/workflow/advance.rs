@@ -14,6 +14,8 @@
 
 use std::collections::btree_map::Entry;
 
+use std::time::Duration;
+
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -91,6 +93,29 @@ pub(crate) async fn advance(
     }
 }
 
+/// How soon a step whose follower could not be dispatched comes back.
+pub(crate) const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+
+/// [`advance`], tried three times over half a second; the error to hand the step back
+/// with if it still fails (the step then comes back and tries again).
+pub(crate) async fn advance_retrying(
+    tracker: &Tracker,
+    step: &StepRef,
+    end: StepEnd<'_>,
+) -> Result<(), String> {
+    let mut last = None;
+    for pause in [0, 100, 500] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        match advance(tracker, step, end).await {
+            Ok(()) => return Ok(()),
+            Err(err) => last = Some(err),
+        }
+    }
+    let error = last.map(|err| err.to_string()).unwrap_or_default();
+    tracing::warn!(workflow = %step.workflow, %error, "could not dispatch what follows the step; handing it back");
+    Err(format!("workflow {}: {error}", step.workflow))
+}
+
 /// Records a member's end in the group's record, then publishes the callback if every
 /// member has ended.
 async fn member_ended(
@@ -134,7 +159,7 @@ async fn member_ended(
                         &std::collections::hash_map::RandomState::new(),
                         index,
                     ) % 4_000;
-                    tokio::time::sleep(std::time::Duration::from_micros(500 + jitter)).await;
+                    tokio::time::sleep(Duration::from_micros(500 + jitter)).await;
                     continue;
                 }
                 Written::TooLarge if ended.result.is_some() => {

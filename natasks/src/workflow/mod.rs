@@ -54,7 +54,7 @@ pub use status::{
     WorkflowStatus,
 };
 
-pub(crate) use advance::{advance, StepEnd, StepRef};
+pub(crate) use advance::{advance_retrying, StepEnd, StepRef, FOLLOW_RETRY};
 
 use crate::task::Task;
 
