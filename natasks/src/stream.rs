@@ -193,6 +193,7 @@ impl StreamSettings {
                 format!("stream {:?} exists without work-queue retention", self.name),
             ));
         }
+        let original = config.clone();
         let mut missing = Vec::new();
         if features.schedules {
             if !config.subjects.contains(&schedules) {
@@ -204,6 +205,9 @@ impl StreamSettings {
                 missing.push("message schedules");
             }
         }
+        // What only unique tasks, throttles and batches need: a stream without it still
+        // serves everything else, so a user who may not update the stream can use it.
+        let required = missing.len();
         if features.atomic {
             if !config.subjects.contains(&markers) {
                 config.subjects.push(markers);
@@ -223,19 +227,26 @@ impl StreamSettings {
         }
         let missing = missing.join(", ");
         tracing::debug!(stream = %self.name, %missing, "adding to the stream");
-        let info = js.update_stream(config).await.map_err(|err| {
-            let message = if err.kind() == CreateStreamErrorKind::TimedOut {
-                format!(
-                    "stream {name:?} lacks {missing} and adding them got no answer; that needs \
-                     permission to publish to `$JS.API.STREAM.UPDATE.{name}`: have an \
-                     administrator start a natasks client or worker once to add them",
-                    name = self.name
-                )
-            } else {
-                format!("add {missing} to stream {:?}", self.name)
-            };
-            SetupError::jetstream(message, err)
-        })?;
+        let info = match js.update_stream(config).await {
+            Ok(info) => info,
+            Err(err) if required == 0 => {
+                tracing::debug!(stream = %self.name, %missing, error = %err, "could not add them; unique tasks, throttles and batches are unavailable");
+                return Ok(self.state(&original, stream));
+            }
+            Err(err) => {
+                let message = if err.kind() == CreateStreamErrorKind::TimedOut {
+                    format!(
+                        "stream {name:?} lacks {missing} and adding them got no answer; that \
+                         needs permission to publish to `$JS.API.STREAM.UPDATE.{name}`: have \
+                         an administrator start a natasks client or worker once to add them",
+                        name = self.name
+                    )
+                } else {
+                    format!("add {missing} to stream {:?}", self.name)
+                };
+                return Err(SetupError::jetstream(message, err));
+            }
+        };
         Ok(self.state(&info.config, stream))
     }
 }
@@ -255,7 +266,10 @@ impl Features {
         Self {
             schedules: schedule_support(version) != Support::Unsupported,
             atomic: atomic_support(version) != Support::Unsupported,
-            ttl: ttl_support(version) != Support::Unsupported,
+            // Only guards use TTLs, and they need atomic batches too: an older server's
+            // stream is left alone.
+            ttl: ttl_support(version) != Support::Unsupported
+                && atomic_support(version) != Support::Unsupported,
         }
     }
 }
@@ -354,7 +368,10 @@ mod tests {
             Features::of("2.9.10"),
             Features { schedules: false, atomic: false, ttl: false }
         );
-        assert_eq!(Features::of("2.11.4"), Features { schedules: false, atomic: false, ttl: true });
+        assert_eq!(
+            Features::of("2.11.4"),
+            Features { schedules: false, atomic: false, ttl: false }
+        );
         assert_eq!(Features::of("2.12.0"), Features { schedules: true, atomic: true, ttl: true });
         assert_eq!(Features::of("v?"), Features { schedules: true, atomic: true, ttl: true });
     }

@@ -127,3 +127,21 @@ async fn a_server_without_atomic_batches_gets_an_error_naming_its_version() {
     assert!(err.to_string().contains("2.11"), "{err}");
     assert_eq!(stream_messages(&js).await, 0);
 }
+
+#[tokio::test]
+async fn a_held_unique_key_refuses_the_whole_batch() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    client.dispatch(Task::new("a", "0").unique("k", hour), "q").await.unwrap();
+
+    let mut batch = Batch::new();
+    batch.add(Task::new("a", "1"), "q");
+    batch.add(Task::new("a", "2").unique("other", hour), "q");
+    batch.add(Task::new("a", "3").unique("k", hour), "q");
+    let err = client.dispatch_batch(batch).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    // The earlier task and its lock only.
+    assert_eq!(stream_messages(&js).await, 2);
+}

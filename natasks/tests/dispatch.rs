@@ -84,13 +84,19 @@ async fn client_creates_the_expected_stream() {
     let config = &s.info().await.unwrap().config;
     assert_eq!(
         config.subjects,
-        vec!["natasks.*".to_owned(), "natasks.__natasks_schedule.>".to_owned()]
+        vec![
+            "natasks.*".to_owned(),
+            "natasks.__natasks_schedule.>".to_owned(),
+            "natasks.__natasks_mark.>".to_owned()
+        ]
     );
     assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
     assert_eq!(config.storage, stream::StorageType::File);
     assert_eq!(config.discard, stream::DiscardPolicy::Old);
     assert_eq!(config.duplicate_window, Duration::from_secs(30));
     assert!(config.allow_message_schedules);
+    assert!(config.allow_atomic_publish);
+    assert!(config.allow_message_ttl);
 }
 
 #[tokio::test]
@@ -113,6 +119,9 @@ async fn client_adopts_a_stream_made_by_the_go_library() {
     let mut s = js.get_stream("NATASKS").await.unwrap();
     let info = s.info().await.unwrap();
     assert!(info.config.subjects.contains(&"natasks.__natasks_schedule.>".to_owned()));
+    // Unique tasks, throttles and batches need the markers and atomic batches too.
+    assert!(info.config.subjects.contains(&"natasks.__natasks_mark.>".to_owned()));
+    assert!(info.config.allow_atomic_publish && info.config.allow_message_ttl);
     assert_eq!(info.state.messages, 2, "the existing message is kept");
 }
 

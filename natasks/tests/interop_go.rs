@@ -263,6 +263,45 @@ async fn rust_dispatch_dispatch_in_and_dispatch_at_reach_a_go_worker() {
         .is_some_and(|s| s.starts_with("natasks.__natasks_schedule.")));
 }
 
+/// Unique, batched and debounced tasks stay on `natasks.<queue>`: a Go worker processes
+/// them. Go does not release a unique key; the next Rust dispatch with the key finds the
+/// task gone and takes the key over.
+#[tokio::test]
+async fn unique_batched_and_debounced_tasks_reach_a_go_worker() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut worker = start_go_worker(&url, "guarded", &["--handle", "t=ok"]).await;
+    let hour = Duration::from_secs(3600);
+
+    client
+        .dispatch(Task::new("t", "unique").unique("ann@example.com", hour), "guarded")
+        .await
+        .unwrap();
+    let batch: natasks::Batch =
+        ["b1", "b2"].into_iter().map(|p| (Task::new("t", p), "guarded")).collect();
+    client.dispatch_batch(batch).await.unwrap();
+    for edit in ["d1", "d2", "d3"] {
+        let task = Task::new("t", edit).debounce("doc");
+        client.dispatch_in(task, "guarded", Duration::from_millis(500)).await.unwrap();
+    }
+    let events = worker.take(4, GO_DEADLINE, is_processed).await;
+    let mut payloads: Vec<String> = events.iter().map(payload_text).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["b1", "b2", "d3", "unique"]);
+    let unique = events.iter().find(|e| payload_text(e) == "unique").unwrap();
+    assert_eq!(go_header(unique, "Natasks-Unique-Key"), Some("ann@example.com"));
+
+    eventually(GO_DEADLINE, "the key is free again", || async {
+        let task = Task::new("t", "again").unique("ann@example.com", hour);
+        client.dispatch(task, "guarded").await.is_ok()
+    })
+    .await;
+    worker.take(1, GO_DEADLINE, is_processed).await;
+    worker.stop(GO_DEADLINE).await;
+}
+
 /// Periodic tasks are fired by the server as ordinary tasks on `natasks.<queue>`: a Go
 /// worker processes them like any other.
 #[tokio::test]
@@ -563,7 +602,11 @@ async fn rust_delays_work_on_a_stream_go_created() {
 
     let client = Client::new(js.clone()).await.unwrap();
     let subjects = stream_config(&js).await.subjects;
-    assert_eq!(subjects, ["natasks.*", "natasks.__natasks_schedule.>"], "Rust adds its subject");
+    assert_eq!(
+        subjects,
+        ["natasks.*", "natasks.__natasks_schedule.>", "natasks.__natasks_mark.>"],
+        "Rust adds its subjects"
+    );
     let mut worker = start_go_worker(&url, "adopted", &["--handle", "t=ok"]).await;
     for i in 0..3 {
         let task = Task::new("t", format!("rust-{i}"));

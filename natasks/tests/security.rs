@@ -355,3 +355,34 @@ async fn missing_schedules_name_the_update_permission() {
     assert_eq!(seen.recv().await.payload().as_ref(), b"later");
     running.stop().await.unwrap();
 }
+
+/// A stream made before unique tasks existed (schedules, no markers) serves a dispatcher and
+/// a worker that may not update it; only guarded dispatches are refused, saying what to do.
+#[tokio::test]
+async fn least_privilege_uses_a_stream_without_markers_and_guards_say_why_not() {
+    let server = NatsServer::builder().config_file(LEAST_PRIVILEGE).start().await;
+    let admin = user(&server, "admin").await;
+    admin
+        .create_stream(stream::Config {
+            name: "NATASKS".into(),
+            subjects: vec!["natasks.*".into(), "natasks.__natasks_schedule.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            allow_message_schedules: true,
+            ..Default::default()
+        })
+        .await
+        .expect("admin creates the stream");
+    let client = Client::new(user(&server, "dispatcher").await).await.expect("dispatcher starts");
+    client.dispatch(Task::new("jobs.ok", "plain"), "jobs").await.expect("plain dispatch");
+    let unique = Task::new("jobs.ok", "unique").unique("k", Duration::from_secs(60));
+    let err = client.dispatch(unique, "jobs").await.unwrap_err();
+    assert_eq!(err.kind(), natasks::DispatchErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("STREAM.UPDATE"), "{err}");
+    let config = admin.get_stream("NATASKS").await.unwrap().cached_info().config.clone();
+    assert!(!config.allow_atomic_publish, "nothing was changed");
+
+    // A client allowed to update the stream adds them when it starts.
+    let admin_client = Client::new(admin.clone()).await.expect("admin adds markers");
+    let unique = Task::new("jobs.ok", "unique").unique("k", Duration::from_secs(60));
+    admin_client.dispatch(unique, "jobs").await.expect("unique dispatch");
+}

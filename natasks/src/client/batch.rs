@@ -10,6 +10,7 @@ use crate::batch::{self, Outgoing, MAX_BATCH};
 use crate::error::{DispatchError, DispatchErrorKind};
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
+use crate::stream::Support;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
 
@@ -101,8 +102,9 @@ impl Client {
     /// checked before anything is sent: an empty batch, one over the limit, an invalid task
     /// or a server without atomic batches fails the whole batch, naming the task, and
     /// nothing is published (there is no fallback to dispatching one by one). A unique or
-    /// throttle key that is held refuses the whole batch
-    /// ([`DispatchErrorKind::Duplicate`], [`DispatchErrorKind::Throttled`]).
+    /// throttle key that is held refuses the whole batch with
+    /// [`DispatchErrorKind::Duplicate`] (without naming the holder, and without taking over
+    /// the lock of a unique task that is gone, as a single dispatch does).
     ///
     /// Dispatch middleware does not run for batched tasks; the propagator and observers
     /// do. Tracked tasks are recorded as [`dispatch`](Self::dispatch) records them.
@@ -133,14 +135,19 @@ impl Client {
             return Err(too_large(messages));
         }
         if !publisher.atomic {
-            return Err(DispatchError::new(
-                DispatchErrorKind::Unsupported,
+            let version = publisher.js.client().server_info().version;
+            let message = if crate::stream::atomic_support(&version) == Support::Supported {
+                "a batch needs atomic batches, which the stream does not allow: a natasks \
+                 client or worker allowed to update the stream \
+                 (`$JS.API.STREAM.UPDATE.<stream>`) adds them when it starts"
+                    .to_owned()
+            } else {
                 format!(
                     "a batch needs atomic batches (nats-server 2.12 or newer); the connected \
-                     server is {}",
-                    publisher.js.client().server_info().version
-                ),
-            ));
+                     server is {version}"
+                )
+            };
+            return Err(DispatchError::new(DispatchErrorKind::Unsupported, message));
         }
         let mut outgoing = Vec::with_capacity(messages);
         let mut tracked = Vec::new();

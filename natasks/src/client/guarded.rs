@@ -106,6 +106,10 @@ impl Publisher {
                      newer; the connected server is {version})"
                 ),
             ),
+            BatchPublishError::Refused { code: batch::WRONG_LAST_SEQUENCE, .. } => (
+                DispatchErrorKind::Duplicate,
+                "was refused: a unique or throttle key it holds is held by another task".to_owned(),
+            ),
             _ => (DispatchErrorKind::Rejected, "was refused".to_owned()),
         };
         DispatchError::with_source(kind, format!("{what} {problem}"), err)

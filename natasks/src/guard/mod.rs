@@ -136,14 +136,22 @@ impl Guard {
         if self.key.contains(['\r', '\n']) {
             return Err(invalid(format!("{:?} must not contain CR or LF", self.key)));
         }
+        let server_has_it =
+            crate::stream::atomic_support(version) == crate::stream::Support::Supported;
         let unsupported = |what: &str, needs: &str| {
-            DispatchError::new(
-                DispatchErrorKind::Unsupported,
+            let message = if server_has_it {
+                format!(
+                    "a {word} task needs {what}, which the stream lacks: a natasks client or \
+                     worker allowed to update the stream (`$JS.API.STREAM.UPDATE.<stream>`) \
+                     adds them when it starts"
+                )
+            } else {
                 format!(
                     "a {word} task needs {what} ({needs} or newer); the connected server is \
                      {version}"
-                ),
-            )
+                )
+            };
+            DispatchError::new(DispatchErrorKind::Unsupported, message)
         };
         let ttl = match self.kind {
             GuardKind::Unique { ttl } => Some(("unique-key TTL", ttl)),
