@@ -315,3 +315,19 @@ async fn bad_workflows_are_refused_with_nothing_published() {
     let err = client.workflow_status("").await.unwrap_err();
     assert_eq!(err.kind(), WorkflowErrorKind::InvalidId);
 }
+
+#[tokio::test]
+async fn a_server_without_atomic_batches_gets_an_error_naming_its_version() {
+    let Some(binary) = old_server_binary() else {
+        eprintln!("skipped: the old nats-server is not installed (scripts/install-nats-server)");
+        return;
+    };
+    let server = NatsServer::builder().binary(binary).start().await;
+    let js = server.jetstream().await;
+    let client = client(&js).await;
+    let chain = Chain::new("old").then(Task::json("add", &[1u64]).unwrap(), QUEUE);
+    let err = client.dispatch_workflow(chain).await.unwrap_err();
+    assert_eq!(err.kind(), WorkflowErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("2.11"), "{err}");
+    assert_eq!(stream_messages(&js).await, 0);
+}
