@@ -185,7 +185,7 @@ pub(crate) enum Begin {
 
 /// The longest error text and progress detail a record keeps: a record must fit in one
 /// message whatever the handler reports.
-const MAX_ERROR: usize = 4096;
+pub(crate) const MAX_ERROR: usize = 4096;
 const MAX_DETAIL: usize = 16 * 1024;
 
 impl Attempt<'_> {
@@ -443,7 +443,7 @@ fn bounded(mut report: ProgressReport) -> ProgressReport {
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn clip(text: &str, max: usize) -> String {
+pub(crate) fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

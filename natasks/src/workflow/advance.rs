@@ -25,6 +25,7 @@ use super::status::{GroupResults, MemberOutcome};
 use super::{WorkflowError, WorkflowErrorKind, HEADER_WORKFLOW, HEADER_WORKFLOW_STEP};
 use crate::batch::{self, publish_atomic};
 use crate::track::client::TrackedDispatch;
+use crate::track::worker::{clip, MAX_ERROR};
 use crate::track::Tracker;
 
 /// Which step of which workflow a received task is, from its headers.
@@ -124,22 +125,7 @@ async fn member_ended(
     index: usize,
     end: StepEnd<'_>,
 ) -> Result<(), WorkflowError> {
-    let mut ended = match end {
-        StepEnd::Succeeded(result) => Ended {
-            state: "succeeded".to_owned(),
-            error: None,
-            result: result
-                .and_then(|json| std::str::from_utf8(json).ok())
-                .and_then(|json| RawValue::from_string(json.to_owned()).ok()),
-            result_omitted: false,
-        },
-        StepEnd::Ended { state, error } => Ended {
-            state: state.to_owned(),
-            error: error.map(str::to_owned),
-            result: None,
-            result_omitted: false,
-        },
-    };
+    let mut shed = false;
     // Members end at once by the hundred: a lost race rereads and tries again.
     for _ in 0..1000 {
         let Some((mut plan, revision)) = plan::read(tracker, &step.workflow).await? else {
@@ -148,8 +134,12 @@ async fn member_ended(
         if index >= plan.steps.len() || plan.kind != Kind::Group {
             return Ok(());
         }
+        let budget = member_budget(tracker, plan.steps.len());
         if let Entry::Vacant(slot) = plan.ended.entry(index) {
-            slot.insert(ended.clone());
+            slot.insert(member_end(end, budget));
+            if shed {
+                shed_results(&mut plan);
+            }
             match plan::write(tracker, &step.workflow, &plan, revision).await? {
                 Written::Yes => {}
                 // Another member ended at the same moment: back off a little, at random,
@@ -162,9 +152,10 @@ async fn member_ended(
                     tokio::time::sleep(Duration::from_micros(500 + jitter)).await;
                     continue;
                 }
-                Written::TooLarge if ended.result.is_some() => {
-                    ended.result = None;
-                    ended.result_omitted = true;
+                // Left over from records written before results had a budget, or a
+                // plan that takes most of the room: keep every end, no result.
+                Written::TooLarge if !shed => {
+                    shed = true;
                     continue;
                 }
                 Written::TooLarge => {
@@ -197,6 +188,49 @@ async fn member_ended(
         WorkflowErrorKind::Broker,
         format!("the record of workflow {:?} kept changing; not recorded", step.workflow),
     ))
+}
+
+/// The room a member's result (or error) may take in its group's record: an even share of
+/// half the server's max_payload, so that the record of every member's end always fits.
+fn member_budget(tracker: &Tracker, members: usize) -> usize {
+    let max_payload = tracker.js().client().server_info().max_payload;
+    max_payload / 2 / members.max(1)
+}
+
+/// How a member ended, as its group's record keeps it: its result only if it fits in the
+/// member's `budget`, its error clipped as the member's own record clips it.
+fn member_end(end: StepEnd<'_>, budget: usize) -> Ended {
+    match end {
+        // A result over the member's share of the record is left out: the callback reads
+        // it from the member's own record.
+        StepEnd::Succeeded(result) => {
+            let fits = result.is_none_or(|json| json.len() <= budget);
+            Ended {
+                state: "succeeded".to_owned(),
+                error: None,
+                result: result
+                    .filter(|_| fits)
+                    .and_then(|json| std::str::from_utf8(json).ok())
+                    .and_then(|json| RawValue::from_string(json.to_owned()).ok()),
+                result_omitted: !fits,
+            }
+        }
+        StepEnd::Ended { state, error } => Ended {
+            state: state.to_owned(),
+            error: error.map(|error| clip(error, budget.min(MAX_ERROR))),
+            result: None,
+            result_omitted: false,
+        },
+    }
+}
+
+/// Leaves every result out of a group's record (each marked omitted).
+fn shed_results(plan: &mut Plan) {
+    for ended in plan.ended.values_mut() {
+        if ended.result.take().is_some() {
+            ended.result_omitted = true;
+        }
+    }
 }
 
 /// The callback's payload: every member's outcome, with its result unless `with_results`

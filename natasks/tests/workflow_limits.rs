@@ -1,0 +1,64 @@
+//! Workflows at the edges: records and messages near the server's max_payload, cancelled
+//! steps, plans that outlive retention, steps delivered again after their end was recorded.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use natasks::workflow::{Group, GroupResults};
+use natasks::{no_retry, Client, HandlerError, Json, Task, Worker};
+
+const QUEUE: &str = "wfl";
+
+async fn small_server() -> NatsServer {
+    NatsServer::builder().config_file("max_payload: 65536\n").start().await
+}
+
+/// A member whose result nearly fills a message and one whose error is larger than any
+/// record keeps: the group's record still takes both ends and the callback runs.
+#[tokio::test]
+async fn a_group_record_near_max_payload_still_takes_every_end() {
+    let server = small_server().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let big = |Json(n): Json<usize>| async move { Ok::<_, HandlerError>("r".repeat(n)) };
+    let fail = |Json(n): Json<usize>| async move { Err::<(), _>(no_retry("e".repeat(n))) };
+    let seen = Arc::new(AtomicU64::new(0));
+    let runs = seen.clone();
+    let collect = move |Json(results): Json<GroupResults>| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let states: Vec<String> = results.members.iter().map(|m| m.state.clone()).collect();
+            let omitted: Vec<bool> = results.members.iter().map(|m| m.result_omitted).collect();
+            let error = results.members[1].error.clone().unwrap_or_default();
+            Ok::<_, HandlerError>((states, omitted, error.len()))
+        }
+    };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .handle("big", big)
+        .handle("fail", fail)
+        .handle("collect", collect)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let group = Group::new("near-full")
+        .add(Task::json("big", &60_000usize).unwrap(), QUEUE)
+        .add(Task::json("fail", &10_000usize).unwrap(), QUEUE)
+        .then(Task::new("collect", ""), QUEUE);
+    let receipt = client.dispatch_workflow(group).await.unwrap();
+    let callback = receipt.steps.last().unwrap();
+    let (states, omitted, error_len): (Vec<String>, Vec<bool>, usize) =
+        client.wait(callback, Duration::from_secs(10)).await.expect("the callback ran");
+    assert_eq!(states, ["succeeded", "failed"]);
+    assert_eq!(omitted, [true, false], "the large result is read from the member's record");
+    assert!(error_len <= 4100, "the error is clipped as in the member's record: {error_len}");
+    let result: String = client.result(&receipt.steps[0]).await.unwrap();
+    assert_eq!(result.len(), 60_000);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    running.stop().await.unwrap();
+}
