@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use natasks::workflow::{Group, GroupResults};
+use natasks::workflow::{Chain, Group, GroupResults, WorkflowState};
 use natasks::{no_retry, Client, HandlerError, Json, Task, Worker};
 
 const QUEUE: &str = "wfl";
@@ -61,4 +61,55 @@ async fn a_group_record_near_max_payload_still_takes_every_end() {
     assert_eq!(result.len(), 60_000);
     assert_eq!(seen.load(Ordering::SeqCst), 1);
     running.stop().await.unwrap();
+}
+
+/// A member cancelled while it waits in its queue still counts as ended: the callback
+/// runs once, with the member cancelled.
+#[tokio::test]
+async fn a_cancelled_member_still_lets_the_callback_run() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let group = Group::new("cancel-one")
+        .add(Task::json("square", &2u64).unwrap(), QUEUE)
+        .add(Task::json("square", &3u64).unwrap(), QUEUE)
+        .then(Task::new("collect", ""), QUEUE);
+    let receipt = client.dispatch_workflow(group).await.unwrap();
+    let cancelled = client.cancel(&receipt.steps[0]).await.unwrap();
+    assert!(matches!(cancelled, natasks::CancelOutcome::Cancelled { .. }), "{cancelled:?}");
+
+    let square = |Json(n): Json<u64>| async move { Ok::<_, HandlerError>(n * n) };
+    let collect = |Json(results): Json<GroupResults>| async move {
+        let states: Vec<String> = results.members.iter().map(|m| m.state.clone()).collect();
+        Ok::<_, HandlerError>(states)
+    };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .handle("square", square)
+        .handle("collect", collect)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let states: Vec<String> =
+        client.wait(receipt.steps.last().unwrap(), DEADLINE).await.expect("the callback ran");
+    assert_eq!(states, ["cancelled", "succeeded"]);
+    running.stop().await.unwrap();
+}
+
+/// A chain whose waiting step is cancelled stops there, and its status says so.
+#[tokio::test]
+async fn a_cancelled_chain_step_stops_the_chain_as_cancelled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let chain = Chain::new("cancel-first")
+        .then(Task::json("square", &2u64).unwrap(), QUEUE)
+        .then(Task::new("square", ""), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    client.cancel(&receipt.steps[0]).await.unwrap();
+    let status = client.workflow_status(&receipt.id).await.unwrap();
+    match status.state {
+        WorkflowState::Failed { step: 0, state, .. } => assert_eq!(state, "cancelled"),
+        other => panic!("the chain is not shown cancelled at step 0: {other:?}"),
+    }
 }

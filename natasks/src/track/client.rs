@@ -315,6 +315,16 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     if let Some(sequence) = record.sequence.filter(|_| record.state == Tag::Pending) {
         if let Ok(task) = stream.get_raw_message(sequence).await {
             unique_key = header(&task.headers, wire::HEADER_UNIQUE_KEY);
+            // No worker will see this step end: what follows it is dispatched here, before
+            // the task is removed (should this fail, the worker that gets the task finds
+            // it cancelled and does it).
+            if let Some(step) = crate::workflow::StepRef::from_headers(&task.headers) {
+                let end = crate::workflow::StepEnd::Ended { state: "cancelled", error: None };
+                if let Err(err) = crate::workflow::advance_retrying(tracker, &step, end).await {
+                    tracing::warn!(%err, "a cancelled step is left to a worker to end");
+                    return;
+                }
+            }
         }
         if let Err(err) = stream.delete_message(sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task");
