@@ -113,3 +113,59 @@ async fn a_cancelled_chain_step_stops_the_chain_as_cancelled() {
         other => panic!("the chain is not shown cancelled at step 0: {other:?}"),
     }
 }
+
+/// Sets the task stream's largest message: a small one makes the broker refuse what
+/// follows a step (its marker and message), as a broker refusing publishes would.
+async fn max_message(js: &async_nats::jetstream::Context, size: i32) {
+    let mut stream = js.get_stream("NATASKS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = size;
+    js.update_stream(config).await.unwrap();
+}
+
+/// A step whose end is recorded but whose follower could not be dispatched comes back;
+/// it is not run again (a second run could end otherwise), what follows is dispatched.
+#[tokio::test]
+async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let mut shrunk = Seen::new();
+    let first = {
+        let (runs, js, shrunk) = (runs.clone(), js.clone(), shrunk.tx.clone());
+        move |Json(n): Json<u64>| {
+            let (runs, js, shrunk) = (runs.clone(), js.clone(), shrunk.clone());
+            async move {
+                if runs.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return Err(no_retry("a second run ends otherwise"));
+                }
+                max_message(&js, 16).await;
+                shrunk.send(()).unwrap();
+                Ok::<_, HandlerError>(n + 1)
+            }
+        }
+    };
+    let second = |Json(n): Json<u64>| async move { Ok::<_, HandlerError>(n * 10) };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .handle("first", first)
+        .handle("second", second)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let chain = Chain::new("again")
+        .then(Task::json("first", &1u64).unwrap(), QUEUE)
+        .then(Task::new("second", ""), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    shrunk.recv().await;
+    // Long enough for every try of the first delivery to fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    max_message(&js, -1).await;
+    let last: u64 = client.wait(&receipt.steps[1], DEADLINE).await.expect("the next step ran");
+    assert_eq!(last, 20);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the first step ran again");
+    let status = client.workflow_status(&receipt.id).await.unwrap();
+    assert_eq!(status.state, WorkflowState::Succeeded);
+    running.stop().await.unwrap();
+}

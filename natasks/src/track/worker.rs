@@ -181,6 +181,18 @@ pub(crate) enum Begin {
     Cancelled {
         announce: bool,
     },
+    /// A workflow step whose end is already recorded (its follower could not be
+    /// dispatched then): it is not run again; what follows it is dispatched from the record.
+    Ended(Box<RecordedEnd>),
+}
+
+/// How a step ended, as its record says.
+pub(crate) struct RecordedEnd {
+    /// The final state's label (`succeeded`, `failed`, `dead_lettered`).
+    pub(crate) state: &'static str,
+    pub(crate) error: Option<String>,
+    /// The result (JSON), on success.
+    pub(crate) result: Option<Vec<u8>>,
 }
 
 /// The longest error text and progress detail a record keeps: a record must fit in one
@@ -223,6 +235,13 @@ impl Attempt<'_> {
         match self.read().await {
             Some(record) if record.state == Tag::Cancelled && self.is_ours(&record) => {
                 Begin::Cancelled { announce: !record.cancel_announced }
+            }
+            Some(record) if record.is_final() && self.step.is_some() && self.is_ours(&record) => {
+                Begin::Ended(Box::new(RecordedEnd {
+                    state: record.status(&self.id).state.as_str(),
+                    error: record.error,
+                    result: record.result.map(|raw| raw.get().as_bytes().to_vec()),
+                }))
             }
             _ => Begin::Run,
         }
