@@ -169,3 +169,27 @@ async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
     assert_eq!(status.state, WorkflowState::Succeeded);
     running.stop().await.unwrap();
 }
+
+/// A chain that runs longer than its retention keeps its plan while it runs: each step
+/// finds it and dispatches the next.
+#[tokio::test]
+async fn a_chain_running_longer_than_its_retention_completes() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let slow = |Json(n): Json<u64>| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok::<_, HandlerError>(n + 1)
+    };
+    let worker = Worker::builder(js.clone(), QUEUE).handle("slow", slow).build().await.unwrap();
+    let running = spawn(worker);
+    let retention = Duration::from_secs(2);
+    let chain = Chain::new("long")
+        .then(Task::json("slow", &0u64).unwrap().tracked_for(retention), QUEUE)
+        .then(Task::new("slow", "").tracked_for(retention), QUEUE)
+        .then(Task::new("slow", "").tracked_for(retention), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    let last: u64 = client.wait(&receipt.steps[2], DEADLINE).await.expect("the last step ran");
+    assert_eq!(last, 3);
+    running.stop().await.unwrap();
+}

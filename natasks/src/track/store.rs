@@ -176,6 +176,20 @@ impl Store {
             .map(|entry| (entry.value, entry.revision)))
     }
 
+    /// The value, revision and write time under `key`, if a value is there.
+    pub(crate) async fn get_raw_dated(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Bytes, u64, time::OffsetDateTime)>, async_nats::jetstream::kv::EntryError>
+    {
+        Ok(self
+            .kv
+            .entry(key)
+            .await?
+            .filter(|entry| entry.operation == Operation::Put)
+            .map(|entry| (entry.value, entry.revision, entry.created)))
+    }
+
     /// Writes `value` under `key`, kept for `ttl`; with `expect`, only if the key's last
     /// revision is that one (0: only if the key holds nothing). The new revision.
     pub(crate) async fn put_raw(

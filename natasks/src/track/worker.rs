@@ -287,7 +287,15 @@ impl Attempt<'_> {
             return Begin::Cancelled { announce: true };
         }
         self.event(EventKind::Started).publish(&self.tracking.tracker).await;
+        self.keep_plan().await;
         Begin::Run
+    }
+
+    /// A workflow's plan lives as long as the records of its steps.
+    async fn keep_plan(&self) {
+        if let Some(step) = &self.step {
+            crate::workflow::keep_plan(&self.tracking.tracker, &step.workflow).await;
+        }
     }
 
     /// The worker renewed the lease: the record shows the new end.
@@ -295,6 +303,7 @@ impl Attempt<'_> {
         let mut record = self.record(Tag::Running);
         record.lease_until = Some(lease_until);
         self.write(&mut record, false).await;
+        self.keep_plan().await;
     }
 
     /// The last progress the handler reported before it returned, kept in the final

@@ -55,6 +55,7 @@ pub use status::{
 };
 
 pub(crate) use advance::{advance_retrying, StepEnd, StepRef, FOLLOW_RETRY};
+pub(crate) use plan::touch as keep_plan;
 
 use crate::task::Task;
 

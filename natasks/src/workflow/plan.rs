@@ -163,3 +163,29 @@ pub(crate) async fn write(
         )),
     }
 }
+
+/// Keeps the plan of workflow `id` for another retention from now, once a third of it has
+/// passed since the plan was last written: called as a step starts and as its lease is
+/// renewed, so that the plan lives as long as the records of its steps, however long the
+/// workflow runs. Best effort: a plan changed meanwhile was kept anew by that change.
+pub(crate) async fn touch(tracker: &Tracker, id: &str) {
+    #[derive(Deserialize)]
+    struct Retention {
+        retention: u64,
+    }
+    let Ok(store) = tracker.store().await else { return };
+    let Ok(Some((value, revision, written))) = store.get_raw_dated(&key(id)).await else {
+        return;
+    };
+    let Ok(Retention { retention }) = serde_json::from_slice(&value) else { return };
+    let age = OffsetDateTime::now_utc() - written;
+    if age < time::Duration::seconds(i64::try_from(retention / 3).unwrap_or(i64::MAX)) {
+        return;
+    }
+    let ttl = Duration::from_secs(retention.max(1));
+    if let Err(err) = store.put_raw(&key(id), value, ttl, Some(revision)).await {
+        if !crate::track::is_conflict(&err) {
+            tracing::debug!(workflow = id, error = %err, "could not keep the workflow's plan");
+        }
+    }
+}
