@@ -193,3 +193,62 @@ async fn a_chain_running_longer_than_its_retention_completes() {
     assert_eq!(last, 3);
     running.stop().await.unwrap();
 }
+
+/// A step's task dispatched again by its handler is a plain task, not a second copy of
+/// the step; a task claiming a step it is not (a forged or overflowing step number) ends
+/// like any task and dispatches nothing.
+#[tokio::test]
+async fn only_the_planned_tasks_are_steps() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut seen = Seen::new();
+    let calls = Arc::new(AtomicU64::new(0));
+    let again = {
+        let (client, seen) = (client.clone(), seen.tx.clone());
+        move |task: Task| {
+            let (client, seen, calls) = (client.clone(), seen.clone(), calls.clone());
+            async move {
+                let workflow = task.header("Natasks-Workflow").map(str::to_owned);
+                let copy = calls.fetch_add(1, Ordering::SeqCst) > 0;
+                seen.send((copy, workflow)).unwrap();
+                if !copy {
+                    client.dispatch(task, QUEUE).await.map_err(HandlerError::msg)?;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let plain = |_: Task| async move { Ok::<_, HandlerError>(()) };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .handle("again", again)
+        .handle("plain", plain)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let chain = Chain::new("copied")
+        .then(Task::new("again", "0"), QUEUE)
+        .then(Task::new("plain", ""), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    let (first, copy) = (seen.recv().await, seen.recv().await);
+    assert_eq!(first, (false, Some(receipt.id.clone())));
+    assert_eq!(copy, (true, None), "the copy still claims to be a step");
+    client.wait::<()>(&receipt.steps[1], DEADLINE).await.unwrap();
+
+    for step in ["18446744073709551615", "0", "m0"] {
+        let forged = Task::new("plain", "")
+            .with_header("Natasks-Workflow", receipt.id.as_str())
+            .with_header("Natasks-Workflow-Step", step)
+            .tracked();
+        let receipt = client.dispatch(forged, QUEUE).await.unwrap();
+        let id = receipt.id.clone();
+        client.wait::<()>(&id, DEADLINE).await.expect("a forged step ends like any task");
+    }
+    let subject = format!("natasks.{QUEUE}");
+    eventually(DEADLINE, "every forged step acknowledged", || async {
+        stored(&js, &subject).await == 0
+    })
+    .await;
+    running.stop().await.unwrap();
+}

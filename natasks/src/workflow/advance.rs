@@ -27,11 +27,14 @@ use crate::batch::{self, publish_atomic};
 use crate::track::client::TrackedDispatch;
 use crate::track::worker::{clip, MAX_ERROR};
 use crate::track::Tracker;
+use crate::wire;
 
 /// Which step of which workflow a received task is, from its headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StepRef {
     pub(crate) workflow: String,
+    /// The task's id: a step is only the task the plan names for it.
+    id: String,
     role: Role,
 }
 
@@ -46,6 +49,11 @@ impl StepRef {
     /// The step a task is, if its headers name a workflow and a step.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
         let workflow = headers.get(HEADER_WORKFLOW)?.as_str().to_owned();
+        let id = [wire::HEADER_ID, wire::HEADER_MESSAGE_ID, wire::NATS_MSG_ID]
+            .into_iter()
+            .find_map(|name| headers.get(name))?
+            .as_str()
+            .to_owned();
         let step = headers.get(HEADER_WORKFLOW_STEP)?.as_str();
         let role = if step == "callback" {
             Role::Callback
@@ -54,7 +62,14 @@ impl StepRef {
         } else {
             Role::Chain(step.parse().ok()?)
         };
-        Some(Self { workflow, role })
+        Some(Self { workflow, id, role })
+    }
+}
+
+impl StepRef {
+    /// Whether this task is `planned`, the step its headers name.
+    fn is_planned(&self, planned: Option<&StepPlan>) -> bool {
+        planned.is_some_and(|planned| planned.id == self.id)
     }
 }
 
@@ -82,11 +97,16 @@ pub(crate) async fn advance(
             let Some((plan, _)) = plan::read(tracker, &step.workflow).await? else {
                 return gone(step);
             };
-            let Some(next) = plan.steps.get(index + 1).filter(|_| plan.kind == Kind::Chain) else {
+            if plan.kind != Kind::Chain || !step.is_planned(plan.steps.get(index)) {
+                return not_planned(step);
+            }
+            let Some((next_index, next)) =
+                index.checked_add(1).and_then(|next| Some((next, plan.steps.get(next)?)))
+            else {
                 return Ok(());
             };
             let payload = Bytes::copy_from_slice(result.unwrap_or(b"null"));
-            let mark = (index + 1).to_string();
+            let mark = next_index.to_string();
             dispatch_guarded(tracker, &step.workflow, &plan, next, &mark, payload).await
         }
         Role::Member(index) => member_ended(tracker, step, index, end).await,
@@ -131,8 +151,8 @@ async fn member_ended(
         let Some((mut plan, revision)) = plan::read(tracker, &step.workflow).await? else {
             return gone(step);
         };
-        if index >= plan.steps.len() || plan.kind != Kind::Group {
-            return Ok(());
+        if plan.kind != Kind::Group || !step.is_planned(plan.steps.get(index)) {
+            return not_planned(step);
         }
         let budget = member_budget(tracker, plan.steps.len());
         if let Entry::Vacant(slot) = plan.ended.entry(index) {
@@ -301,6 +321,13 @@ async fn dispatch_guarded(
     }
 }
 
+/// A task that names a workflow and a step the plan gives another task (a forged or
+/// stale header): nothing follows it.
+fn not_planned(step: &StepRef) -> Result<(), WorkflowError> {
+    tracing::warn!(workflow = %step.workflow, id = %step.id, "the task is not the workflow's step it names; nothing follows it");
+    Ok(())
+}
+
 /// The plan is gone (expired, or never stored because its dispatch failed): nothing can
 /// follow.
 fn gone(step: &StepRef) -> Result<(), WorkflowError> {
@@ -318,6 +345,8 @@ mod tests {
         assert_eq!(StepRef::from_headers(&headers), None);
         headers.insert(HEADER_WORKFLOW, "w1");
         headers.insert(HEADER_WORKFLOW_STEP, "2");
+        assert_eq!(StepRef::from_headers(&headers), None, "a step has an id");
+        headers.insert(wire::HEADER_ID, "w1.2");
         assert_eq!(StepRef::from_headers(&headers).unwrap().role, Role::Chain(2));
         headers.insert(HEADER_WORKFLOW_STEP, "m17");
         assert_eq!(StepRef::from_headers(&headers).unwrap().role, Role::Member(17));
