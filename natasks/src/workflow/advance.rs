@@ -316,7 +316,7 @@ async fn dispatch_guarded(
         // The marker is there: this step was dispatched already.
         Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => Ok(()),
         Err(err) => {
-            Err(super::dispatch::batch_error(format!("step {mark} of workflow {id:?}"), err))
+            Err(super::dispatch::batch_error(id, format!("step {mark} of workflow {id:?}"), err))
         }
     }
 }

@@ -92,7 +92,7 @@ impl Client {
         let announced = tracked.iter().map(|(_, step)| announce(tracker, step, &id));
         futures_util::future::join_all(announced).await;
         let ack = publish_atomic(js, batch).await.map_err(|err| {
-            batch_error(format!("the first tasks of workflow {:?}", plan.name), err)
+            batch_error(&id, format!("the first tasks of workflow {:?}", plan.name), err)
         })?;
         // The batch holds consecutive sequences. The records are written side by side: a
         // group's members are many.
@@ -262,8 +262,15 @@ fn no_guard(ready: &Ready, name: &str) -> Result<(), WorkflowError> {
 const MESSAGE_TOO_LARGE: u64 = 10054;
 
 /// The error of a batch the server did not store. `what` names what it held.
-pub(super) fn batch_error(what: String, err: BatchPublishError) -> WorkflowError {
+pub(super) fn batch_error(id: &str, what: String, err: BatchPublishError) -> WorkflowError {
     let (kind, problem) = match &err {
+        BatchPublishError::Timeout(_) => (
+            WorkflowErrorKind::Timeout,
+            format!(
+                "may have been stored: the server did not confirm them in time; see the \
+                 status of workflow {id:?} before dispatching it again"
+            ),
+        ),
         BatchPublishError::Empty | BatchPublishError::TooLarge(_) => {
             (WorkflowErrorKind::InvalidWorkflow, "do not fit in one atomic batch".to_owned())
         }
@@ -277,9 +284,34 @@ pub(super) fn batch_error(what: String, err: BatchPublishError) -> WorkflowError
         }
         _ => (WorkflowErrorKind::Broker, "were not stored".to_owned()),
     };
-    WorkflowError::with_source(kind, format!("{what} {problem}"), err)
+    let error = WorkflowError::with_source(kind, format!("{what} {problem}"), err);
+    match kind {
+        WorkflowErrorKind::Timeout => error.for_workflow(id),
+        _ => error,
+    }
 }
 
 fn invalid(message: String) -> WorkflowError {
     WorkflowError::new(WorkflowErrorKind::InvalidWorkflow, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unconfirmed commit may have stored the workflow: the error says so, apart from
+    /// a refusal, and names the workflow so that the caller can look at its status
+    /// instead of dispatching a second copy.
+    #[test]
+    fn an_unconfirmed_batch_may_be_stored() {
+        let timeout = BatchPublishError::Timeout("no reply".into());
+        let err = batch_error("w1", "the first tasks of workflow \"nightly\"".to_owned(), timeout);
+        assert_eq!(err.kind(), WorkflowErrorKind::Timeout);
+        assert_eq!(err.workflow(), Some("w1"));
+        assert!(err.to_string().contains("may have been stored"), "{err}");
+        let sent = BatchPublishError::Send("no connection".into());
+        let err = batch_error("w1", "the first tasks".to_owned(), sent);
+        assert_eq!(err.kind(), WorkflowErrorKind::Broker);
+        assert_eq!(err.workflow(), None, "nothing of it was stored");
+    }
 }

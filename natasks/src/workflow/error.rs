@@ -8,6 +8,7 @@ use crate::BoxError;
 pub struct WorkflowError {
     kind: WorkflowErrorKind,
     message: String,
+    workflow: Option<String>,
     #[source]
     source: Option<BoxError>,
 }
@@ -33,13 +34,17 @@ pub enum WorkflowErrorKind {
     /// The server cannot run workflows (they need atomic batches and per-message TTL:
     /// nats-server 2.12 or newer, with a stream that allows both).
     Unsupported,
+    /// The server did not confirm what was published in time: it may have been stored.
+    /// [`WorkflowError::workflow`] names the workflow; look at its status before
+    /// dispatching again, which would run a second copy.
+    Timeout,
     /// The server could not be reached or refused a request.
     Broker,
 }
 
 impl WorkflowError {
     pub(crate) fn new(kind: WorkflowErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self { kind, message: message.into(), workflow: None, source: None }
     }
 
     pub(crate) fn with_source(
@@ -47,11 +52,22 @@ impl WorkflowError {
         message: impl Into<String>,
         source: impl Into<BoxError>,
     ) -> Self {
-        Self { kind, message: message.into(), source: Some(source.into()) }
+        Self { kind, message: message.into(), workflow: None, source: Some(source.into()) }
     }
 
     /// What went wrong.
     pub fn kind(&self) -> WorkflowErrorKind {
         self.kind
+    }
+
+    /// The id of the workflow the error is about, when it may exist on the server (a
+    /// [`Timeout`](WorkflowErrorKind::Timeout) while dispatching it).
+    pub fn workflow(&self) -> Option<&str> {
+        self.workflow.as_deref()
+    }
+
+    pub(crate) fn for_workflow(mut self, id: &str) -> Self {
+        self.workflow = Some(id.to_owned());
+        self
     }
 }
