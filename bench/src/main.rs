@@ -551,7 +551,7 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
         println!("  dispatch_batch_64: \"natasks\" stores the tasks in atomic batches of 64 (dispatch_batch, one batch at a time); the natasks run of the same round dispatching them one by one with 64 in flight is in the line below (natasks_one_by_one_per_s, natasks_batch_vs_one_by_one), and a run with 8 batches in flight (natasks_batches_8_in_flight_per_s); raw publishes one by one with 64 in flight");
     }
     if rows.iter().any(|r| r.workload == "dispatch_unique_64") {
-        println!("  dispatch_unique_64: \"natasks\" dispatches unique tasks (each its own key: lock and task in one atomic batch) with 64 in flight; the plain natasks run of the same round is in the line below (natasks_plain_per_s, natasks_unique_vs_plain)");
+        println!("  dispatch_unique_64: \"natasks\" dispatches unique tasks (each its own key: lock and task in one atomic batch) with 64 in flight, at most 2,000 tasks a run; the plain natasks run of the same round is in the line below (natasks_plain_per_s, natasks_unique_vs_plain)");
     }
     if rows.iter().any(|r| r.workload == "starvation") {
         println!("  starvation: critical (weight 9) and low (weight 1), 8 slots; low flooded with 20 ms tasks, critical a trickle every 10 ms; tasks/s over both queues; critical's wait from dispatch to handler start in the line below (natasks weighted, natasks_strict_ with strict priority; raw: a raw consumer per queue sharing one semaphore, no priority)");

@@ -87,10 +87,25 @@ pub async fn run(g: &Global, args: BatchArgs) -> Result<()> {
         .await
         .context(|| format!("cannot use stream {:?}", g.stream))?;
     let count = batch.len();
-    let receipts = client
-        .dispatch_batch(batch)
-        .await
-        .context(|| format!("cannot dispatch the batch of {count} tasks (nothing was stored)"))?;
+    let receipts = match client.dispatch_batch(batch).await {
+        Ok(receipts) => receipts,
+        Err(err) => {
+            let outcome = match err.kind() {
+                natasks::DispatchErrorKind::Timeout => {
+                    "it may have been stored: check the queue before sending it again; sent \
+                     again with the same message ids, it is refused if it was"
+                }
+                natasks::DispatchErrorKind::AlreadyStored => {
+                    "nothing new was stored: the batch, or a task of it, already was"
+                }
+                _ => "nothing was stored",
+            };
+            return Err(crate::Error(format!(
+                "cannot dispatch the batch of {count} tasks ({outcome}): {}",
+                crate::one_line(&err)
+            )));
+        }
+    };
     if g.json {
         let tasks: Vec<_> = receipts
             .iter()

@@ -245,14 +245,17 @@ async fn show(g: &Global, dlq: &DeadLetters, seq: u64) -> Result<()> {
 }
 
 /// The task to put back: the dead letter's payload and task headers, without the failure
-/// headers and server headers, addressed to `target`, with an id derived from the dead
+/// headers, server headers and unique key, addressed to `target`, with an id derived from the dead
 /// letter's sequence.
 fn requeued(stream: &str, message: &StreamMessage, target: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, values) in message.headers.iter() {
         let name: &str = name.as_ref();
+        // A unique task's lock was released when it was dead-lettered: the copy comes back
+        // as an ordinary task, without a key it does not hold.
         let drop = FAILURE_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name))
             || name.eq_ignore_ascii_case(natasks::wire::HEADER_QUEUE)
+            || name.eq_ignore_ascii_case(natasks::wire::HEADER_UNIQUE_KEY)
             || name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-");
         if drop {
             continue;

@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// The error of a command: one line for the operator, exit code 1.
 #[derive(Debug)]
-pub struct Error(String);
+pub struct Error(pub String);
 
 impl Error {
     /// An error with this message.

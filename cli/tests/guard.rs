@@ -100,3 +100,51 @@ async fn a_batch_file_is_stored_all_or_none() {
     // The good batch: a task, and a delayed unique task's schedule and lock.
     assert_eq!(stream_messages(&js).await, 3);
 }
+
+#[tokio::test]
+async fn a_batch_file_sent_again_says_it_was_already_stored() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"queue": "payments", "task": "charge", "message_id": "order-1/charge"}"#,
+            "\n",
+            r#"{"queue": "emails", "task": "receipt", "message_id": "order-1/receipt"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    natasks(&url, &["batch", file.to_str().unwrap()]).await.ok();
+    let again = natasks(&url, &["batch", file.to_str().unwrap()]).await.failed("already was");
+    assert!(!again.stderr.contains("(nothing was stored)"), "{again:?}");
+    let js = jetstream::new(async_nats::connect(&url).await.unwrap());
+    assert_eq!(stream_messages(&js).await, 2);
+}
+
+#[tokio::test]
+async fn a_requeued_unique_task_comes_back_as_an_ordinary_task() {
+    // Its lock went with the task: the copy carries no key it could claim to hold.
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    natasks::Client::new(js.clone()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "render");
+    headers.insert("Natasks-Queue", "reports-dlq");
+    headers.insert("Natasks-Original-Queue", "reports");
+    headers.insert("Natasks-Dead-Letter-Reason", "retries-exhausted");
+    headers.insert("Natasks-Unique-Key", "r-1");
+    js.publish_with_headers("natasks.reports-dlq", headers, "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    natasks(&url, &["dlq", "requeue", "reports", "--all"]).await.ok();
+    let stream = js.get_stream("NATASKS").await.unwrap();
+    let task = stream.get_last_raw_message_by_subject("natasks.reports").await.unwrap();
+    assert_eq!(task.headers.get("Natasks-Task").map(|v| v.as_str()), Some("render"));
+    assert!(task.headers.get("Natasks-Unique-Key").is_none(), "{:?}", task.headers);
+}

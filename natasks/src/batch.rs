@@ -60,6 +60,21 @@ pub(crate) enum BatchPublishError {
     /// The batch holds more than [`MAX_BATCH`] messages.
     #[error("an atomic batch holds at most {MAX_BATCH} messages, this one {0}")]
     TooLarge(usize),
+    /// A message is larger than the server's `max_payload` (headers and payload, as the
+    /// client counts them): the client would refuse to send it, after earlier messages had
+    /// opened the batch on the server.
+    #[error(
+        "message {index} of the batch is {size} bytes with its headers, more than the \
+         server's max_payload of {max_payload}"
+    )]
+    MessageTooLarge {
+        /// Its index in the batch, from 0.
+        index: usize,
+        /// Its size: headers and payload.
+        size: usize,
+        /// The server's `max_payload`.
+        max_payload: usize,
+    },
     /// The server refused the batch.
     #[error("the server refused the batch (error {code}): {description}")]
     Refused {
@@ -80,6 +95,9 @@ pub(crate) enum BatchPublishError {
 pub(crate) const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// The stream does not allow atomic batches.
 pub(crate) const ATOMIC_DISABLED: u64 = 10174;
+/// A message of the batch has a `Nats-Msg-Id` the stream already stored (or that another
+/// message of the batch carries).
+pub(crate) const DUPLICATE_MESSAGE_ID: u64 = 10201;
 /// The stream has as many batches in flight as the server allows.
 pub(crate) const TOO_MANY_IN_FLIGHT: u64 = 10210;
 
@@ -119,9 +137,10 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const BUSY_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Stores all `messages` or none. They must all be captured by one stream (the task stream);
-/// at most [`MAX_BATCH`]. Checked before anything is sent: an empty or oversized batch
-/// publishes nothing. When the stream has as many batches in flight as the server allows,
-/// the batch (refused whole, nothing stored) is sent again after a short pause, for up to
+/// at most [`MAX_BATCH`]. Checked before anything is sent: an empty or oversized batch,
+/// or one holding a message over the server's `max_payload`, publishes nothing. When the
+/// stream has as many batches in flight as the server allows, the batch (refused whole,
+/// nothing stored) is sent again after a short pause, for up to
 /// 5 s.
 pub(crate) async fn publish_atomic(
     js: &jetstream::Context,
@@ -158,14 +177,28 @@ async fn publish_once(
     let total = messages.len();
     let client = js.client();
     let batch_id = nuid::next().to_string();
+    let mut ready = Vec::with_capacity(total);
     for (index, message) in messages.iter().enumerate() {
-        let (subject, payload) = (message.subject.clone(), message.payload.clone());
         let mut headers = message.headers.clone();
         let position = index + 1;
         headers.insert(wire::NATS_BATCH_ID, batch_id.as_str());
         headers.insert(wire::NATS_BATCH_SEQUENCE, position.to_string().as_str());
         if position == total {
             headers.insert(wire::NATS_BATCH_COMMIT, "1");
+        }
+        // Checked before the first message opens the batch: the client refuses to send a
+        // message over max_payload, and a batch opened but never committed holds one of
+        // the stream's 50 batch slots for 10 s.
+        let size = wire_len(&headers) + message.payload.len();
+        let max_payload = client.server_info().max_payload;
+        if size > max_payload {
+            return Err(BatchPublishError::MessageTooLarge { index, size, max_payload });
+        }
+        ready.push((message.subject.clone(), headers, message.payload.clone()));
+    }
+    for (index, (subject, headers, payload)) in ready.into_iter().enumerate() {
+        let position = index + 1;
+        if position == total {
             let request = async_nats::Request::new()
                 .payload(payload)
                 .headers(headers)
@@ -201,6 +234,21 @@ async fn publish_once(
         }
     }
     unreachable!("the last message of a non-empty batch returns")
+}
+
+/// The size of `headers` on the wire, as async-nats counts it against `max_payload`:
+/// `NATS/1.0\r\n`, a `name: value\r\n` line per value, and `\r\n`.
+fn wire_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|value| AsRef::<[u8]>::as_ref(name).len() + 2 + value.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    b"NATS/1.0\r\n".len() + lines + 2
 }
 
 fn parse(payload: &[u8]) -> Result<Reply, BatchPublishError> {

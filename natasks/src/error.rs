@@ -104,13 +104,19 @@ pub enum DispatchErrorKind {
     /// dispatched to the queue within the window; [`DispatchError::existing_id`] names it and
     /// [`DispatchError::retry_at`] says when the window ends. Nothing was stored.
     Throttled,
-    /// A batch ([`Client::dispatch_batch`](crate::Client::dispatch_batch)) is empty or holds
-    /// more messages than the server stores in one atomic batch. Nothing was stored.
+    /// A batch ([`Client::dispatch_batch`](crate::Client::dispatch_batch)) is empty, holds
+    /// more messages than the server stores in one atomic batch, or holds a key or message
+    /// id twice. Nothing was stored.
     InvalidBatch,
     /// The task needs a feature the stream or server lacks: atomic batches (batches, unique
     /// and throttled tasks need nats-server 2.12 or newer) or per-message TTLs (2.11). The
     /// message names the server's version. Nothing was stored.
     Unsupported,
+    /// A task of the batch carries a message id the stream already stored within its
+    /// duplicate window (`duplicate_window`, 2 minutes by default): typically a batch sent
+    /// again after a [`Timeout`](Self::Timeout), which had in fact been stored. The server
+    /// refused the whole batch; nothing new was stored.
+    AlreadyStored,
 }
 
 /// Dispatching a task failed. Nothing was stored unless the kind is
@@ -145,6 +151,12 @@ impl DispatchError {
         source: impl Into<BoxError>,
     ) -> Self {
         Self { kind, message: message.into(), source: Some(source.into()), conflict: None }
+    }
+
+    /// The same error, its message preceded by `prefix` (which task of a batch).
+    pub(crate) fn prefixed(mut self, prefix: &str) -> Self {
+        self.message = format!("{prefix}{}", self.message);
+        self
     }
 
     pub(crate) fn conflict(

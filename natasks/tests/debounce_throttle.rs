@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use natasks::{Client, DispatchErrorKind, Task, Worker};
+use natasks::{Client, DispatchErrorKind, Status, Task, TaskState, Worker};
 
 #[tokio::test]
 async fn ten_rapid_debounced_dispatches_run_once_with_the_last_payload() {
@@ -106,4 +106,82 @@ async fn throttle_can_coalesce_into_the_accepted_task() {
     }
     assert_eq!(stored(&js, "natasks.mail").await, 1);
     assert_eq!(first_on(&js, "natasks.mail").await.payload.as_ref(), b"1");
+}
+
+#[tokio::test]
+async fn cancelling_a_replaced_debounced_task_keeps_the_one_that_replaced_it() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let delay = Duration::from_secs(2);
+    let first = client
+        .dispatch_in(Task::new("index.rebuild", "a").debounce("k").tracked(), "search", delay)
+        .await
+        .unwrap();
+    let second = client
+        .dispatch_in(Task::new("index.rebuild", "b").debounce("k").tracked(), "search", delay)
+        .await
+        .unwrap();
+    // The first task was already replaced: cancelling it must not remove the second.
+    client.cancel(&first.id).await.unwrap();
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "search")
+        .handle("index.rebuild", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let ran = seen.recv().await;
+    assert_eq!(ran.payload().as_ref(), b"b");
+    assert!(seen.recv_within(delay).await.is_none(), "the debounced task ran twice");
+    eventually(DEADLINE, "the second task to succeed", || async {
+        matches!(
+            client.status(&second.id).await.unwrap(),
+            Status::Known(s) if s.state == TaskState::Succeeded
+        )
+    })
+    .await;
+    let Status::Known(status) = client.status(&first.id).await.unwrap() else {
+        panic!("the first task has a record");
+    };
+    assert!(!matches!(status.state, TaskState::Scheduled { .. }), "{status:?}");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replaced_debounced_task_is_not_reported_scheduled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    let first =
+        client.dispatch_in(Task::new("t", "a").debounce("k").tracked(), "q", hour).await.unwrap();
+    let second =
+        client.dispatch_in(Task::new("t", "b").debounce("k").tracked(), "q", hour).await.unwrap();
+    let state = |id: String| {
+        let client = client.clone();
+        async move {
+            match client.status(&id).await.unwrap() {
+                Status::Known(s) => s.state,
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+    };
+    assert!(matches!(state(second.id.clone()).await, TaskState::Scheduled { .. }));
+    let replaced = state(first.id.clone()).await;
+    assert!(!matches!(replaced, TaskState::Scheduled { .. }), "{replaced:?}");
+}
+
+#[tokio::test]
+async fn a_debounced_task_with_a_message_id_is_refused() {
+    // The server would drop every later schedule with the same message id as a duplicate
+    // within its duplicate window: the first dispatch would run, not the last.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let task = Task::new("t", "a").debounce("k").with_message_id("m");
+    let err = client.dispatch_in(task, "q", Duration::from_secs(60)).await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::InvalidTask, "{err}");
+    assert!(err.to_string().contains("message id"), "{err}");
+    assert_eq!(stream_messages(&js).await, 0);
 }

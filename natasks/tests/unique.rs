@@ -258,3 +258,136 @@ async fn more_unique_dispatches_at_once_than_the_server_has_batch_slots_all_succ
     }
     assert_eq!(stored(&js, "natasks.jobs").await, 200);
 }
+
+#[tokio::test]
+async fn a_key_with_leading_or_trailing_whitespace_is_refused_before_anything_is_stored() {
+    // Received header values are trimmed by the client library: a worker would read a key
+    // other than the one the lock was taken for, and never release it.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    for key in ["k ", " k", "k\t", "k\u{a0}", "\u{2003}k"] {
+        let err = client
+            .dispatch(Task::new("reports.render", "x").unique(key, HOUR), "reports")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), DispatchErrorKind::InvalidTask, "{key:?}: {err}");
+        assert!(err.to_string().contains("whitespace"), "{err}");
+    }
+    assert_eq!(stream_messages(&js).await, 0);
+    // Whitespace inside a key is fine, and the worker releases it.
+    let mut seen = Seen::new();
+    let worker = Worker::builder(js.clone(), "reports")
+        .handle("reports.render", reporter(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    client.dispatch(Task::new("reports.render", "y").unique("a b", HOUR), "reports").await.unwrap();
+    seen.recv().await;
+    eventually(DEADLINE, "the lock to be released", || async {
+        stored(&js, &lock("reports", "a%20b")).await == 0
+    })
+    .await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delayed_unique_task_holds_its_key_past_the_ttl_until_it_is_due() {
+    // The TTL bounds how long the task may take once due; counted from the dispatch, a
+    // delay longer than it freed the key while the first task was still scheduled.
+    let server = NatsServer::start().await;
+    let client = Client::new(server.jetstream().await).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let first = client
+        .dispatch_in(Task::new("t", "1").unique("k", ttl), "q", Duration::from_secs(6))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = client
+        .dispatch(Task::new("t", "2").unique("k", ttl), "q")
+        .await
+        .expect_err("the key is held while the first task is scheduled");
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    assert_eq!(err.existing_id(), Some(first.id.as_str()));
+}
+
+#[tokio::test]
+async fn a_delayed_unique_task_that_is_gone_frees_its_key_for_the_next_dispatch() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let stream = js.get_stream("NATASKS").await.unwrap();
+
+    // Fired, then processed by a worker that does not release the lock (a Go worker, or
+    // one killed between its ack and the release).
+    let first = client
+        .dispatch_in(Task::new("t", "1").unique("k", HOUR), "q", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let produced = first_on(&js, "natasks.q").await;
+    let err = client.dispatch(Task::new("t", "2").unique("k", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "pending after it fired: {err}");
+    assert_eq!(err.existing_id(), Some(first.id.as_str()));
+    stream.delete_message(produced.sequence).await.unwrap();
+    client.dispatch(Task::new("t", "3").unique("k", HOUR), "q").await.unwrap();
+
+    // Its schedule cancelled by purging it, as `natasks schedules cancel` does.
+    client.dispatch_in(Task::new("t", "4").unique("j", HOUR), "q", HOUR).await.unwrap();
+    let err = client.dispatch(Task::new("t", "5").unique("j", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "scheduled: {err}");
+    stream.purge().filter("natasks.__natasks_schedule.>").await.unwrap();
+    client.dispatch(Task::new("t", "6").unique("j", HOUR), "q").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_reusing_an_id_does_not_release_another_tasks_lock() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    // An earlier task with the same id and key, stored without a lock (brought back from
+    // the dead-letter queue, or published by another program), comes first.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Natasks-Task", "t");
+    headers.insert("Natasks-Queue", "q");
+    headers.insert("Natasks-Id", "order-1");
+    headers.insert("Natasks-Unique-Key", "k");
+    js.publish_with_headers("natasks.q", headers, "copy".into()).await.unwrap().await.unwrap();
+    let task = Task::new("t", "task").with_message_id("order-1").unique("k", HOUR);
+    client.dispatch(task, "q").await.unwrap();
+
+    let mut seen = Seen::new();
+    let tx = seen.tx.clone();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let worker = Worker::builder(js.clone(), "q")
+        .concurrency(1)
+        .handle("t", move |task: Task| {
+            let tx = tx.clone();
+            let mut release_rx = release_rx.clone();
+            async move {
+                let payload = String::from_utf8(task.payload().to_vec()).unwrap();
+                let _ = tx.send(payload.clone());
+                if payload == "task" {
+                    let _ = release_rx.wait_for(|go| *go).await;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    assert_eq!(seen.recv().await, "copy");
+    assert_eq!(seen.recv().await, "task");
+    // The copy has been settled (the worker runs one task at a time): the lock of the
+    // task still running must be there.
+    assert_eq!(stored(&js, &lock("q", "k")).await, 1, "the copy released the task's lock");
+    let err = client.dispatch(Task::new("t", "again").unique("k", HOUR), "q").await.unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Duplicate, "{err}");
+    release_tx.send(true).unwrap();
+    eventually(DEADLINE, "the lock to be released", || async {
+        stored(&js, &lock("q", "k")).await == 0
+    })
+    .await;
+    running.stop().await.unwrap();
+}

@@ -9,7 +9,9 @@
 //! * `dispatch_unique_64`: natasks dispatches unique tasks (each its own key: a lock and
 //!   the task in one atomic batch) with 64 in flight; the plain natasks run of the round
 //!   dispatches plain tasks (`natasks_plain_per_s`, `natasks_unique_vs_plain`); raw as
-//!   `dispatch_concurrent_64`.
+//!   `dispatch_concurrent_64`. At most 2,000 tasks a run: each unique dispatch is an atomic
+//!   batch, which the server commits one after another (tens per second on a loaded
+//!   2-core machine), and a full run's 20,000 would take minutes a round.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,7 @@ pub async fn dispatch_batch(env: &Env, imp: Impl, n: usize, size: usize) -> Res<
 
 /// `dispatch_unique_64`: natasks unique tasks (with the plain run of the round), or raw.
 pub async fn dispatch_unique(env: &Env, imp: Impl, n: usize, in_flight: usize) -> Res<Sample> {
+    let n = n.min(MAX_UNIQUE_TASKS);
     match imp {
         Impl::Natasks => {
             let plain = super::dispatch_concurrent(env, Impl::Natasks, n, in_flight).await?;
@@ -61,6 +64,9 @@ pub async fn dispatch_unique(env: &Env, imp: Impl, n: usize, in_flight: usize) -
         Impl::Apalis => Err("apalis runs only in the process workloads".into()),
     }
 }
+
+/// The most tasks a `dispatch_unique_64` run dispatches.
+const MAX_UNIQUE_TASKS: usize = 2000;
 
 /// Batches in flight in the pipelined batch run.
 const BATCHES_IN_FLIGHT: usize = 8;

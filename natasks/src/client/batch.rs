@@ -1,18 +1,22 @@
 //! Dispatching many tasks at once, all or none: [`Client::dispatch_batch`].
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::prepare::About;
+use super::guarded::conflict;
+use super::prepare::{About, Prepared};
 use super::{Client, Receipt};
 use crate::batch::{self, Outgoing, MAX_BATCH};
 use crate::error::{DispatchError, DispatchErrorKind};
+use crate::guard::{Guard, GuardKind, OnConflict};
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
 use crate::stream::Support;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
+use crate::wire;
 
 /// Tasks to store together: every one or none ([`Client::dispatch_batch`]). They may go to
 /// different queues, and be immediate or delayed.
@@ -103,8 +107,10 @@ impl Client {
     /// or a server without atomic batches fails the whole batch, naming the task, and
     /// nothing is published (there is no fallback to dispatching one by one). A unique or
     /// throttle key that is held refuses the whole batch with
-    /// [`DispatchErrorKind::Duplicate`] (without naming the holder, and without taking over
-    /// the lock of a unique task that is gone, as a single dispatch does).
+    /// [`DispatchErrorKind::Duplicate`] or [`DispatchErrorKind::Throttled`], naming the
+    /// holder ([`existing_id`](DispatchError::existing_id)) and the task of the batch,
+    /// whatever [`return_existing`](Task::return_existing) says; the lock of a unique task
+    /// that is gone is taken over, as a single dispatch does.
     ///
     /// Dispatch middleware does not run for batched tasks; the propagator and observers
     /// do. Tracked tasks are recorded as [`dispatch`](Self::dispatch) records them.
@@ -130,6 +136,7 @@ impl Client {
             let ready = self.outgoing(task, &queue, due).map_err(what)?;
             prepared.push(ready);
         }
+        check_twice(&prepared)?;
         let messages = prepared.iter().map(|p| 1 + usize::from(p.marker.is_some())).sum();
         if messages > MAX_BATCH {
             return Err(too_large(messages));
@@ -153,8 +160,12 @@ impl Client {
         let mut tracked = Vec::new();
         let mut slots = Vec::with_capacity(prepared.len());
         let mut abouts = Vec::with_capacity(prepared.len());
-        for p in prepared {
+        let mut guarded = Vec::new();
+        for (index, p) in prepared.into_iter().enumerate() {
             if let Some(marker) = p.marker {
+                if let Some(guard) = p.guard {
+                    guarded.push(Guarded { task: index, marker: outgoing.len(), guard });
+                }
                 outgoing.push(marker);
             }
             slots.push((p.id, outgoing.len()));
@@ -176,7 +187,7 @@ impl Client {
                 track.announce(&publisher.tracker).await;
             }
         }
-        let stored = publish(publisher, outgoing, &abouts).await;
+        let stored = publish(publisher, outgoing, &abouts, &guarded).await;
         for about in &abouts {
             publisher.observers.dispatched(&Dispatched {
                 queue: &about.queue,
@@ -210,15 +221,111 @@ impl Client {
     }
 }
 
+/// A unique or throttled task of a batch: its index, its marker's index among the
+/// messages, and its guard.
+struct Guarded {
+    task: usize,
+    marker: usize,
+    guard: Box<Guard>,
+}
+
+/// How often a batch is sent again when a key it holds changes hands under it, or a stale
+/// lock is taken over.
+const ATTEMPTS: usize = 5;
+
+/// Publishes the batch. Refused because a marker's subject was not as expected, every
+/// guarded task's key is read: one held (by a task that is alive, or a throttle window)
+/// fails the batch naming the holder; the locks of unique tasks that are gone are taken
+/// over, as a single dispatch does, and the batch is sent again.
 async fn publish(
     publisher: &super::Publisher,
-    outgoing: Vec<Outgoing>,
+    mut outgoing: Vec<Outgoing>,
     abouts: &[About],
+    guarded: &[Guarded],
 ) -> Result<batch::BatchAck, DispatchError> {
     let count = abouts.len();
-    batch::publish_atomic(&publisher.js, outgoing)
-        .await
-        .map_err(|err| publisher.batch_error(format!("a batch of {count} tasks"), err))
+    let prefix = &publisher.stream.subject_prefix;
+    for _ in 0..ATTEMPTS {
+        match batch::publish_atomic(&publisher.js, outgoing.clone()).await {
+            Ok(ack) => return Ok(ack),
+            Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) && !guarded.is_empty() => {
+                tracing::trace!(error = %err, "a key of the batch is held or changed hands");
+            }
+            Err(batch::BatchPublishError::MessageTooLarge { index, size, max_payload }) => {
+                // The task the message belongs to: a marker precedes its task.
+                let task = guarded.iter().find(|g| g.marker == index).map_or_else(
+                    || index - guarded.iter().filter(|g| g.marker < index).count(),
+                    |g| g.task,
+                );
+                let about = &abouts[task];
+                let what = format!(
+                    "task {task} of the batch: task {:?} for queue {:?}",
+                    about.task, about.queue
+                );
+                let err = batch::BatchPublishError::MessageTooLarge { index, size, max_payload };
+                return Err(publisher.batch_error(what, err));
+            }
+            Err(err) => return Err(publisher.batch_error(format!("a batch of {count} tasks"), err)),
+        }
+        for Guarded { task, marker, guard } in guarded {
+            let about = &abouts[*task];
+            let queue_subject = wire::queue_subject(prefix, &about.queue);
+            let marker = &mut outgoing[*marker];
+            if let Some(held) = publisher.recheck(marker, guard, about, &queue_subject).await? {
+                // A batch stores all or nothing: a held key fails it, whatever the task's
+                // `return_existing`.
+                let refuse = Guard { on_conflict: OnConflict::Refuse, ..(**guard).clone() };
+                let err = match conflict(&refuse, about, held) {
+                    Err(err) => err,
+                    Ok(_) => unreachable!("a refusing guard never returns a receipt"),
+                };
+                return Err(err.prefixed(&format!("task {task} of the batch: ")));
+            }
+        }
+    }
+    Err(DispatchError::new(
+        DispatchErrorKind::Rejected,
+        format!("the keys of a batch of {count} tasks kept changing hands; try again"),
+    ))
+}
+
+/// Two tasks of one batch with the same unique, throttle or debounce key in a queue, or
+/// the same message id: the server would refuse the batch as a whole, with an error that
+/// names neither.
+fn check_twice(prepared: &[Prepared]) -> Result<(), DispatchError> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (index, p) in prepared.iter().enumerate() {
+        let queue = &p.about.queue;
+        let mut claims = Vec::new();
+        if let Some(guard) = p.guard.as_deref() {
+            // A marker's subject, or a debounced task's schedule subject, is the key's.
+            let subject = match &p.marker {
+                Some(marker) => Some(&marker.subject),
+                None => (guard.kind == GuardKind::Debounce).then_some(&p.message.subject),
+            };
+            if let Some(subject) = subject {
+                claims.push((
+                    format!("s:{subject}"),
+                    format!("{} in queue {queue:?}", guard.describe()),
+                ));
+            }
+        }
+        if let Some(id) = p.message.headers.get(wire::NATS_MSG_ID) {
+            claims.push((format!("m:{id}"), format!("message id {:?}", id.as_str())));
+        }
+        for (claim, what) in claims {
+            if let Some(earlier) = seen.insert(claim, index) {
+                return Err(DispatchError::new(
+                    DispatchErrorKind::InvalidBatch,
+                    format!(
+                        "tasks {earlier} and {index} of the batch have the same {what}: a batch \
+                         may hold each once"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn too_large(messages: usize) -> DispatchError {

@@ -31,47 +31,66 @@ impl Publisher {
         id: String,
     ) -> Result<Receipt, DispatchError> {
         let what = || format!("task {:?} for queue {:?}", about.task, about.queue);
+        let queue_subject = wire::queue_subject(&self.stream.subject_prefix, &about.queue);
         for _ in 0..ATTEMPTS {
             let batch = vec![marker.clone(), message.clone()];
-            let refused = match batch::publish_atomic(&self.js, batch).await {
+            match batch::publish_atomic(&self.js, batch).await {
                 Ok(ack) => {
                     tracing::Span::current().record("stream_sequence", ack.last);
                     return Ok(Receipt { id, sequence: Some(ack.last), duplicate: false });
                 }
-                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => err,
+                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => {
+                    tracing::trace!(error = %err, "a key is held or changed hands");
+                }
                 Err(err) => return Err(self.batch_error(what(), err)),
             };
-            let held = lock::read(&self.js, &self.stream.name, &marker.subject)
-                .await
-                .map_err(|err| self.lock_error(about, guard, err))?;
-            let expect = match held {
-                // Released or expired meanwhile: try again on an empty subject.
-                None => 0,
-                Some(held) if guard.is_unique() => {
-                    let alive = lock::task_alive(&self.js, &self.stream.name, &held)
-                        .await
-                        .map_err(|err| self.lock_error(about, guard, err))?;
-                    if alive {
-                        return conflict(guard, about, held);
-                    }
-                    tracing::debug!(key = %guard.key, stale = %held.body.id, "taking over the lock of a task that is gone");
-                    held.sequence
-                }
-                Some(held) => return conflict(guard, about, held),
-            };
-            tracing::trace!(error = %refused, expect, "the key changed hands; trying again");
-            if expect != 0 {
-                // The new lock replaces the stale one on its subject (the stream allows
-                // rollups with message schedules).
-                marker.headers.insert(wire::NATS_ROLLUP, "sub");
+            if let Some(held) = self.recheck(&mut marker, guard, about, &queue_subject).await? {
+                return conflict(guard, about, held);
             }
-            let expect = expect.to_string();
-            marker.headers.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expect.as_str());
         }
         Err(DispatchError::new(
             DispatchErrorKind::Rejected,
             format!("{} kept changing hands while it was dispatched; try again", describe(guard)),
         ))
+    }
+
+    /// After a batch holding `marker` was refused because a marker's subject was not as
+    /// expected: the marker that holds the key, if its task is alive (or it is a throttle
+    /// window). Otherwise `marker` is made to expect what is there now (released or
+    /// expired: an empty subject; the lock of a unique task that is gone: that lock, which
+    /// the new one replaces), and the batch may be sent again.
+    pub(super) async fn recheck(
+        &self,
+        marker: &mut Outgoing,
+        guard: &Guard,
+        about: &About,
+        queue_subject: &str,
+    ) -> Result<Option<Held>, DispatchError> {
+        let held = lock::read(&self.js, &self.stream.name, &marker.subject)
+            .await
+            .map_err(|err| self.lock_error(about, guard, err))?;
+        let expect = match held {
+            None => 0,
+            Some(held) if guard.is_unique() => {
+                let alive = lock::task_alive(&self.js, &self.stream.name, queue_subject, &held)
+                    .await
+                    .map_err(|err| self.lock_error(about, guard, err))?;
+                if alive {
+                    return Ok(Some(held));
+                }
+                tracing::debug!(key = %guard.key, stale = %held.body.id, "taking over the lock of a task that is gone");
+                held.sequence
+            }
+            Some(held) => return Ok(Some(held)),
+        };
+        if expect != 0 {
+            // The new lock replaces the stale one on its subject (the stream allows
+            // rollups with message schedules).
+            marker.headers.insert(wire::NATS_ROLLUP, "sub");
+        }
+        let expect = expect.to_string();
+        marker.headers.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expect.as_str());
+        Ok(None)
     }
 
     fn lock_error(&self, about: &About, guard: &Guard, err: BoxError) -> DispatchError {
@@ -95,6 +114,13 @@ impl Publisher {
             BatchPublishError::Empty | BatchPublishError::TooLarge(_) => {
                 (DispatchErrorKind::InvalidBatch, "is not a valid batch".to_owned())
             }
+            BatchPublishError::MessageTooLarge { size, max_payload, .. } => (
+                DispatchErrorKind::PayloadTooLarge,
+                format!(
+                    "is larger than the server's max_payload ({size} bytes with its headers, \
+                     at most {max_payload}); nothing was sent"
+                ),
+            ),
             BatchPublishError::Timeout(_) => (
                 DispatchErrorKind::Timeout,
                 "was not confirmed in time: it may still be stored".to_owned(),
@@ -110,6 +136,12 @@ impl Publisher {
                 DispatchErrorKind::Duplicate,
                 "was refused: a unique or throttle key it holds is held by another task".to_owned(),
             ),
+            BatchPublishError::Refused { code: batch::DUPLICATE_MESSAGE_ID, .. } => (
+                DispatchErrorKind::AlreadyStored,
+                "was refused: a task of it carries a message id the stream already stored (was \
+                 it sent before?)"
+                    .to_owned(),
+            ),
             _ => (DispatchErrorKind::Rejected, "was refused".to_owned()),
         };
         DispatchError::with_source(kind, format!("{what} {problem}"), err)
@@ -124,7 +156,7 @@ fn describe(guard: &Guard) -> String {
 
 /// The answer to a dispatch whose key `held` holds: the holder's receipt, or an error
 /// naming it.
-fn conflict(guard: &Guard, about: &About, held: Held) -> Result<Receipt, DispatchError> {
+pub(super) fn conflict(guard: &Guard, about: &About, held: Held) -> Result<Receipt, DispatchError> {
     let sequence = held.task_sequence();
     let Held { body, stored_at, .. } = held;
     if guard.on_conflict == OnConflict::ReturnExisting {

@@ -290,11 +290,17 @@ impl Publisher {
     ) -> Result<Receipt, DispatchError> {
         let (result, about) = match prepared {
             Ok(Prepared { message, marker, guard, about, id, track }) => {
+                let replaces = self.debounced_schedule(&message).await;
                 let marker = marker.zip(guard);
                 let stored = match track {
                     None => self.store(message, marker, &about, id).await,
                     Some(track) => self.store_tracked(message, marker, &about, id, track).await,
                 };
+                if let (Ok(receipt), Some(replaced)) = (&stored, replaces) {
+                    if replaced != receipt.id {
+                        crate::track::client::replaced(&self.tracker, &replaced).await;
+                    }
+                }
                 (stored, about)
             }
             Err(Rejected { error, about }) => (Err(error), about),
@@ -309,6 +315,18 @@ impl Publisher {
             });
         }
         result
+    }
+
+    /// For a debounced task, the id of the tracked task whose schedule it is about to
+    /// replace: that task never runs, and is recorded as cancelled once the new one is
+    /// stored. (Two dispatches racing on the key may both see the same predecessor; the
+    /// one replaced in between then keeps its `scheduled` record until its retention.)
+    async fn debounced_schedule(&self, message: &Outgoing) -> Option<String> {
+        message.headers.get(crate::wire::HEADER_DEBOUNCE_KEY)?;
+        let stream = self.js.get_stream_no_info(&self.stream.name).await.ok()?;
+        let previous = stream.get_last_raw_message_by_subject(&message.subject).await.ok()?;
+        previous.headers.get(crate::wire::HEADER_TRACK)?;
+        crate::guard::release::task_id(&previous.headers).map(str::to_owned)
     }
 
     /// Publishes a tracked task between its `dispatched` event and its first record.

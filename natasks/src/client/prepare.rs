@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
+use time::OffsetDateTime;
 
 use super::Publisher;
 use crate::batch::Outgoing;
 use crate::error::{DispatchError, DispatchErrorKind};
-use crate::guard::{Guard, Support};
+use crate::guard::{Guard, GuardKind, Support};
 use crate::middleware::Dispatch;
 use crate::schedule;
 use crate::track::client::TrackedDispatch;
@@ -77,9 +78,13 @@ impl Publisher {
             }
         };
         let delayed = dispatch.due.is_some();
-        let marker = guard
-            .as_ref()
-            .and_then(|g| g.marker(prefix, &queue, &id, delayed.then_some(subject.as_str())));
+        // A delayed task's key is held until it is due, then for the TTL.
+        let delay = dispatch.due.map_or(Duration::ZERO, |due| {
+            Duration::try_from(due - OffsetDateTime::now_utc()).unwrap_or_default()
+        });
+        let marker = guard.as_ref().and_then(|g| {
+            g.marker(prefix, &queue, &id, delayed.then_some(subject.as_str()), delay)
+        });
         let track = retention.map(|retention| TrackedDispatch {
             id: id.clone(),
             queue: queue.clone(),
@@ -126,6 +131,18 @@ impl Publisher {
             let support = Support { atomic: self.atomic, ttl: self.ttl, schedules: self.schedules };
             let version = &self.js.client().server_info().version;
             guard.check(dispatch.due.is_some(), support, version)?;
+            // The server drops a schedule whose message id it stored within its duplicate
+            // window: a later dispatch would never replace the first.
+            if guard.kind == GuardKind::Debounce && dispatch.task.message_id().is_some() {
+                return Err(DispatchError::new(
+                    DispatchErrorKind::InvalidTask,
+                    format!(
+                        "{} cannot be combined with a message id: the server would keep the \
+                         first dispatch as a duplicate instead of replacing it",
+                        guard.describe()
+                    ),
+                ));
+            }
         }
         let retention = crate::track::dispatch_retention(&dispatch.task, dispatch.id())?;
         Ok((dispatch.due.map(schedule::at_expression).transpose()?, retention))

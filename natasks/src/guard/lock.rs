@@ -63,27 +63,50 @@ pub(crate) async fn read(
     }
 }
 
+/// How many messages of the queue a liveness check reads, at most, looking for the task
+/// a delayed unique task's schedule produced; past it the task counts as alive.
+const SCAN_LIMIT: usize = 256;
+
 /// Whether the task a unique lock was stored with may still be pending, scheduled or
 /// running. The task (or a delayed task's schedule) was stored at the sequence after the
 /// lock; a work-queue stream removes it when it is acked, terminated or cancelled, and
-/// sequences are never reused, so a message there is that task. A delayed task's schedule
-/// that is gone has fired (or was cancelled): where the task it produced is cannot be
-/// read cheaply, so it counts as alive until the worker releases the lock or the lock's
-/// TTL ends.
+/// sequences are never reused, so a message there is that task.
+///
+/// A delayed task is alive while its schedule is on its subject. Once the schedule is
+/// gone it fired (or was cancelled): the task it produced is then looked for on
+/// `queue_subject`, after the lock, by its id; when more than [`SCAN_LIMIT`] other tasks
+/// wait there it counts as alive (the worker's release or the lock's TTL then frees it).
 pub(crate) async fn task_alive(
     js: &jetstream::Context,
     stream: &str,
+    queue_subject: &str,
     held: &Held,
 ) -> Result<bool, BoxError> {
-    if held.body.schedule.is_some() {
-        return Ok(true);
-    }
     let stream = js.get_stream_no_info(stream).await?;
-    match stream.get_raw_message(held.task_sequence()).await {
-        Ok(_) => Ok(true),
-        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-        Err(err) => Err(err.into()),
+    let Some(schedule) = held.body.schedule.as_deref() else {
+        return match stream.get_raw_message(held.task_sequence()).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(err) => Err(err.into()),
+        };
+    };
+    let is_task = |headers: &HeaderMap| super::release::task_id(headers) == Some(&held.body.id);
+    match stream.get_last_raw_message_by_subject(schedule).await {
+        Ok(message) if is_task(&message.headers) => return Ok(true),
+        Ok(_) => {}
+        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+        Err(err) => return Err(err.into()),
     }
+    let mut from = held.sequence + 1;
+    for _ in 0..SCAN_LIMIT {
+        match stream.get_first_raw_message_by_subject(queue_subject, from).await {
+            Ok(message) if is_task(&message.headers) => return Ok(true),
+            Ok(message) => from = message.sequence + 1,
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(true)
 }
 
 /// Deletes the marker at `sequence`; a marker already gone (released, expired) is fine.

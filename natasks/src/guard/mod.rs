@@ -136,6 +136,15 @@ impl Guard {
         if self.key.contains(['\r', '\n']) {
             return Err(invalid(format!("{:?} must not contain CR or LF", self.key)));
         }
+        // Received header values are trimmed (async-nats, like other clients): a worker
+        // would read another key than the one its lock was taken for.
+        if self.key.starts_with(char::is_whitespace) || self.key.ends_with(char::is_whitespace) {
+            return Err(invalid(format!(
+                "{:?} must not start or end with whitespace (header values are trimmed on \
+                 receipt)",
+                self.key
+            )));
+        }
         let server_has_it =
             crate::stream::atomic_support(version) == crate::stream::Support::Supported;
         let unsupported = |what: &str, needs: &str| {
@@ -194,6 +203,11 @@ impl Guard {
         Ok(())
     }
 
+    /// `unique key "k"`, `throttle key "k"` or `debounce key "k"`.
+    pub(crate) fn describe(&self) -> String {
+        format!("{} key {:?}", self.kind.word(), self.key)
+    }
+
     /// Writes the guard's header on the task.
     pub(crate) fn mark_task(&self, headers: &mut async_nats::HeaderMap) {
         headers.insert(self.kind.header(), self.key.as_str());
@@ -204,16 +218,18 @@ impl Guard {
         (self.kind == GuardKind::Debounce).then(|| wire::debounce_subject(prefix, queue, &self.key))
     }
 
-    /// The marker stored in the task's batch, for a unique or throttled task.
+    /// The marker stored in the task's batch, for a unique or throttled task. A unique
+    /// task due after `delay` holds its key until then, and for its TTL after that.
     pub(crate) fn marker(
         &self,
         prefix: &str,
         queue: &str,
         id: &str,
         schedule: Option<&str>,
+        delay: Duration,
     ) -> Option<crate::batch::Outgoing> {
         let ttl = match self.kind {
-            GuardKind::Unique { ttl } => ttl,
+            GuardKind::Unique { ttl } => ttl.saturating_add(delay),
             GuardKind::Throttle { window } => window,
             GuardKind::Debounce => return None,
         };
@@ -264,6 +280,8 @@ mod tests {
             (unique("", hour), "is empty"),
             (unique(&"k".repeat(1025), hour), "longer than 1024"),
             (unique("a\nb", hour), "CR or LF"),
+            (unique(" k", hour), "whitespace"),
+            (unique("k\u{a0}", hour), "whitespace"),
             (unique("k", Duration::from_millis(999)), "outside 1 s"),
             (unique("k", MAX_GUARD_TTL + Duration::from_secs(1)), "outside 1 s"),
         ] {

@@ -15,10 +15,12 @@ impl Task {
     ///
     /// The key is released when the task ends: success, failure without retry, dead letter
     /// or cancel. `ttl` is the safety net should no worker ever end it (the fleet is gone):
-    /// after it the key is free whatever happened. Whole seconds, 1 s to 10 years.
+    /// after it the key is free whatever happened (for a delayed task, counted from when it
+    /// is due). Whole seconds, 1 s to 10 years.
     ///
     /// Any string is a key (e-mail addresses, spaces, dots, any Unicode), up to 1,024
-    /// bytes, without CR or LF. The server enforces uniqueness (an atomic batch stores the
+    /// bytes, without CR or LF and not starting or ending with whitespace (received header
+    /// values are trimmed). The server enforces uniqueness (an atomic batch stores the
     /// key's lock and the task, or neither), so racing dispatchers in many processes store
     /// one task. Needs nats-server 2.12 or newer. The task's subject is its queue's as
     /// always, so Go workers process unique tasks too (without releasing the key: it is
@@ -62,7 +64,9 @@ impl Task {
     /// same key and restarts the delay, so after a burst of dispatches exactly one task
     /// runs, with the last payload, once the key has been quiet for the delay. The server
     /// does it: each queue and key has one schedule subject, and a schedule replaces the
-    /// one there. Needs nats-server 2.12 or newer.
+    /// one there. Needs nats-server 2.12 or newer. A debounced task cannot carry a message
+    /// id ([`with_message_id`](Self::with_message_id)): the server would keep the first
+    /// dispatch as a duplicate of the next ones.
     #[must_use]
     pub fn debounce(self, key: impl Into<String>) -> Self {
         self.guarded(GuardKind::Debounce, key.into())

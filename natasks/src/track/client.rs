@@ -12,6 +12,7 @@ use super::record::{Record, Tag};
 use super::store::{is_conflict, Lookup, Tracker};
 use super::{validate_id, Status, TaskState, TrackError, TrackErrorKind, DEFAULT_RETENTION};
 use crate::client::Client;
+use crate::guard::release::Stored;
 use crate::wire;
 
 /// What [`Client::cancel`] did.
@@ -216,55 +217,7 @@ impl Client {
     /// nothing and says so.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, TrackError> {
         validate_id(id)?;
-        let tracker = self.tracker();
-        let store = tracker.store().await?;
-        // Retried when a worker changes the record between our read and our write.
-        for _ in 0..10 {
-            let (record, revision) = match store.get(id).await? {
-                Lookup::Found { record, revision } => (record, revision),
-                Lookup::Expired { .. } => return Ok(CancelOutcome::Expired),
-                Lookup::Unknown { .. } => return Ok(CancelOutcome::Unknown),
-            };
-            if record.state == Tag::Cancelled {
-                return Ok(CancelOutcome::AlreadyCancelled);
-            }
-            let was = record.status(id).state;
-            if record.is_final() {
-                return Ok(CancelOutcome::AlreadyFinished(was));
-            }
-            let mut cancelled = record.clone();
-            cancelled.state = Tag::Cancelled;
-            cancelled.at = OffsetDateTime::now_utc();
-            cancelled.lease_until = None;
-            cancelled.next_at = None;
-            // A running task's worker announces the end; the others are announced here.
-            cancelled.cancel_announced = record.state != Tag::Running;
-            match store.put(id, &cancelled, Some(revision)).await {
-                Ok(_) => {}
-                Err(err) if is_conflict(&err) => continue,
-                Err(err) => {
-                    return Err(TrackError::broker(
-                        format!("record the cancel of task {id:?}"),
-                        err,
-                    ))
-                }
-            }
-            remove_waiting(tracker, id, &record).await;
-            // Every worker of the queue hears it; the one running the task signals it.
-            let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
-            tracker.announce(subject, id.as_bytes().to_vec()).await;
-            if record.state == Tag::Running {
-                return Ok(CancelOutcome::Signalled);
-            }
-            let event =
-                Event::new(EventKind::Cancelled, id, &record.queue, &record.task, record.attempt);
-            event.publish(tracker).await;
-            return Ok(CancelOutcome::Cancelled { was });
-        }
-        Err(TrackError::new(
-            TrackErrorKind::Broker,
-            format!("task {id:?} kept changing while it was being cancelled; try again"),
-        ))
+        cancel_record(self.tracker(), id, true).await
     }
 
     /// A live stream of the lifecycle events of tracked tasks in `queue` (`None`: every
@@ -290,6 +243,71 @@ impl Client {
     }
 }
 
+/// Records tracked debounced task `id` as cancelled: a later dispatch with its key replaced
+/// its schedule, so it never runs. Best effort, like every record a dispatch writes.
+pub(crate) async fn replaced(tracker: &Tracker, id: &str) {
+    match cancel_record(tracker, id, false).await {
+        Ok(outcome) => tracing::debug!(id, ?outcome, "replaced debounced task recorded"),
+        Err(err) => tracing::debug!(id, error = %err, "could not record a replaced debounced task"),
+    }
+}
+
+/// Records tracked task `id` as cancelled, and with `remove` removes it from its queue or
+/// its schedule.
+async fn cancel_record(
+    tracker: &Tracker,
+    id: &str,
+    remove: bool,
+) -> Result<CancelOutcome, TrackError> {
+    let store = tracker.store().await?;
+    // Retried when a worker changes the record between our read and our write.
+    for _ in 0..10 {
+        let (record, revision) = match store.get(id).await? {
+            Lookup::Found { record, revision } => (record, revision),
+            Lookup::Expired { .. } => return Ok(CancelOutcome::Expired),
+            Lookup::Unknown { .. } => return Ok(CancelOutcome::Unknown),
+        };
+        if record.state == Tag::Cancelled {
+            return Ok(CancelOutcome::AlreadyCancelled);
+        }
+        let was = record.status(id).state;
+        if record.is_final() {
+            return Ok(CancelOutcome::AlreadyFinished(was));
+        }
+        let mut cancelled = record.clone();
+        cancelled.state = Tag::Cancelled;
+        cancelled.at = OffsetDateTime::now_utc();
+        cancelled.lease_until = None;
+        cancelled.next_at = None;
+        // A running task's worker announces the end; the others are announced here.
+        cancelled.cancel_announced = record.state != Tag::Running;
+        match store.put(id, &cancelled, Some(revision)).await {
+            Ok(_) => {}
+            Err(err) if is_conflict(&err) => continue,
+            Err(err) => {
+                return Err(TrackError::broker(format!("record the cancel of task {id:?}"), err))
+            }
+        }
+        if remove {
+            remove_waiting(tracker, id, &record).await;
+        }
+        // Every worker of the queue hears it; the one running the task signals it.
+        let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
+        tracker.announce(subject, id.as_bytes().to_vec()).await;
+        if record.state == Tag::Running {
+            return Ok(CancelOutcome::Signalled);
+        }
+        let event =
+            Event::new(EventKind::Cancelled, id, &record.queue, &record.task, record.attempt);
+        event.publish(tracker).await;
+        return Ok(CancelOutcome::Cancelled { was });
+    }
+    Err(TrackError::new(
+        TrackErrorKind::Broker,
+        format!("task {id:?} kept changing while it was being cancelled; try again"),
+    ))
+}
+
 /// Removes a task that waits in its queue or as a schedule, so that it never runs. Best
 /// effort: a worker that already holds it finds the record cancelled, or hears the signal.
 async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
@@ -303,11 +321,21 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     };
     // A unique task's key is released once its message is gone.
     let mut unique_key = None;
+    let mut stored = None;
     if let Some(subject) = record.schedule.as_deref().filter(|_| record.state == Tag::Scheduled) {
-        if let Ok(schedule) = stream.get_last_raw_message_by_subject(subject).await {
-            unique_key = header(&schedule.headers, wire::HEADER_UNIQUE_KEY);
+        // The schedule on the subject may be another task's: a debounced task's subject
+        // is shared by its key, and a later dispatch replaced it. Only this task's own
+        // schedule is removed, by its sequence.
+        let Ok(schedule) = stream.get_last_raw_message_by_subject(subject).await else {
+            return;
+        };
+        let owner = crate::guard::release::task_id(&schedule.headers);
+        if owner.is_some_and(|owner| owner != id) {
+            return;
         }
-        if let Err(err) = stream.purge().filter(subject).await {
+        unique_key = header(&schedule.headers, wire::HEADER_UNIQUE_KEY);
+        stored = Some(Stored::Schedule(subject));
+        if let Err(err) = stream.delete_message(schedule.sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task's schedule");
             return;
         }
@@ -315,6 +343,7 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
     if let Some(sequence) = record.sequence.filter(|_| record.state == Tag::Pending) {
         if let Ok(task) = stream.get_raw_message(sequence).await {
             unique_key = header(&task.headers, wire::HEADER_UNIQUE_KEY);
+            stored = Some(Stored::Sequence(sequence));
             // No worker will see this step end: what follows it is dispatched here, before
             // the task is removed (should this fail, the worker that gets the task finds
             // it cancelled and does it).
@@ -331,9 +360,10 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
             return;
         }
     }
-    if let Some(key) = unique_key {
+    if let (Some(key), Some(stored)) = (unique_key, stored) {
         let released =
-            crate::guard::release::release(tracker.js(), settings, &record.queue, &key, id).await;
+            crate::guard::release::release(tracker.js(), settings, &record.queue, &key, id, stored)
+                .await;
         if let Err(err) = released {
             tracing::debug!(error = %err, "could not release a cancelled task's unique key");
         }

@@ -162,7 +162,8 @@ async fn process_parts(
             match headers.get(wire::UNIQUE_KEY_NAME).filter(|_| ends(&kind)) {
                 // Boxed: rare, and the processing future of every task stays small.
                 Some(key) => {
-                    Box::pin(release_after(&inner, reply, kind, key.as_str(), &headers)).await
+                    Box::pin(release_after(&inner, reply, kind, key.as_str(), &headers, sequence))
+                        .await
                 }
                 None => settle_with(client, reply, kind).await,
             }
@@ -738,9 +739,10 @@ async fn release_after(
     kind: AckKind,
     key: &str,
     headers: &HeaderMap,
+    sequence: u64,
 ) {
-    crate::guard::release::settle(&inner.js, &inner.stream, &inner.queue, reply, kind, key, headers)
-        .await
+    let (js, stream, queue) = (&inner.js, &inner.stream, &inner.queue);
+    crate::guard::release::settle(js, stream, queue, reply, kind, key, headers, sequence).await
 }
 
 /// Settles the delivery: its one final ack (`Ack`, `Nak` or `Term`).
