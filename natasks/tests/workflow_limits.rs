@@ -252,3 +252,61 @@ async fn only_the_planned_tasks_are_steps() {
     .await;
     running.stop().await.unwrap();
 }
+
+/// A chain step whose next message cannot fit the server's max_payload (its headers and
+/// the result it carries) ends the chain as failed at that next step, saying why, instead
+/// of handing the step back forever; and it leaves no batch open on the stream, so other
+/// atomic publishes (a unique task) still work.
+#[tokio::test]
+async fn a_next_step_over_max_payload_fails_the_chain_visibly() {
+    let server = NatsServer::builder().config_file("max_payload: 8192\n").start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let big = |Json(n): Json<usize>| async move { Ok::<_, HandlerError>("r".repeat(n)) };
+    let plain = |_: Task| async move { Ok::<_, HandlerError>(()) };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .handle("big", big)
+        .handle("plain", plain)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let chain = Chain::new("too-big")
+            .then(Task::json("big", &5_000usize).unwrap(), QUEUE)
+            .then(Task::new("plain", "").with_header("X-Large", "h".repeat(4_000)), QUEUE);
+        ids.push(client.dispatch_workflow(chain).await.unwrap().id);
+    }
+    for id in &ids {
+        let status = settled(&client, id, Duration::from_secs(10)).await;
+        match status.state {
+            WorkflowState::Failed { step: 1, error: Some(error), .. } => {
+                assert!(error.contains("max_payload"), "{error}")
+            }
+            other => panic!("not failed at step 1 with why: {other:?}"),
+        }
+    }
+    let unique = Task::new("plain", "").unique("only-one", Duration::from_secs(60));
+    tokio::time::timeout(Duration::from_secs(5), client.dispatch(unique, QUEUE))
+        .await
+        .expect("a unique dispatch in time")
+        .expect("a unique dispatch");
+    running.stop().await.unwrap();
+}
+
+/// Waits until the workflow is no longer running, and returns its status.
+async fn settled(client: &Client, id: &str, limit: Duration) -> natasks::workflow::WorkflowStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = client.workflow_status(id).await.expect("workflow status");
+        if status.state != WorkflowState::Running {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workflow {id} still running after {limit:?}: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -74,6 +74,25 @@ impl TrackedDispatch {
     /// used again after the duplicate window) is replaced once that task has ended. A
     /// failure is logged: the task is stored, and a dispatch error would make the caller
     /// store it again.
+    /// Records that step `self` of workflow `workflow` can never be stored (its message
+    /// does not fit the server): failed, with `error`, so that its status and its
+    /// workflow's say why; and announces it.
+    pub(crate) async fn never_stored(&self, tracker: &Tracker, workflow: &str, error: &str) {
+        let mut record = Record::new(Tag::Failed, &self.queue, &self.task, 0, self.retention);
+        record.error = Some(crate::track::worker::clip(error, crate::track::worker::MAX_ERROR));
+        let written = match tracker.store().await {
+            Ok(store) => store.put(&self.id, &record, Some(0)).await.map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = written {
+            tracing::warn!(id = %self.id, error = %err, "could not record the refused task");
+        }
+        let mut event = Event::new(EventKind::Failed, &self.id, &self.queue, &self.task, 0);
+        event.error = record.error;
+        event.workflow = Some(workflow.to_owned());
+        event.publish(tracker).await;
+    }
+
     pub(crate) async fn stored(&self, tracker: &Tracker, sequence: u64, duplicate: bool) {
         if duplicate {
             return;

@@ -107,7 +107,8 @@ pub(crate) async fn advance(
             };
             let payload = Bytes::copy_from_slice(result.unwrap_or(b"null"));
             let mark = next_index.to_string();
-            dispatch_guarded(tracker, &step.workflow, &plan, next, &mark, payload).await
+            let sent = dispatch_guarded(tracker, &step.workflow, &plan, next, &mark, payload).await;
+            never_fits(tracker, &step.workflow, &plan, next, sent).await
         }
         Role::Member(index) => member_ended(tracker, step, index, end).await,
         Role::Callback => Ok(()),
@@ -194,7 +195,7 @@ async fn member_ended(
         let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
         let sent =
             dispatch_guarded(tracker, &step.workflow, &plan, callback, "callback", payload).await;
-        return match sent {
+        let sent = match sent {
             Err(err) if err.kind() == WorkflowErrorKind::TooLarge => {
                 let results = group_results(&step.workflow, &plan, false);
                 let payload = Bytes::from(serde_json::to_vec(&results).unwrap_or_default());
@@ -203,6 +204,7 @@ async fn member_ended(
             }
             sent => sent,
         };
+        return never_fits(tracker, &step.workflow, &plan, callback, sent).await;
     }
     Err(WorkflowError::new(
         WorkflowErrorKind::Broker,
@@ -298,15 +300,7 @@ async fn dispatch_guarded(
     };
     let prefix = &tracker.settings().subject_prefix;
     let marker = plan::marker(prefix, id, mark, plan.retention);
-    let tracked = TrackedDispatch {
-        id: next.id.clone(),
-        queue: next.queue.clone(),
-        task: next.task.clone(),
-        retention: plan.retention,
-        due: None,
-        schedule: None,
-        unique_key: None,
-    };
+    let tracked = tracked(plan, next);
     super::dispatch::announce(tracker, &tracked, id).await;
     match publish_atomic(tracker.js(), vec![marker, outgoing]).await {
         Ok(ack) => {
@@ -318,6 +312,40 @@ async fn dispatch_guarded(
         Err(err) => {
             Err(super::dispatch::batch_error(id, format!("step {mark} of workflow {id:?}"), err))
         }
+    }
+}
+
+/// What follows a step cannot be dispatched ever when its message does not fit the
+/// server: it is recorded failed, saying why (the workflow's status then shows it failed
+/// there), and the step that ended is done. Handing the step back would loop.
+async fn never_fits(
+    tracker: &Tracker,
+    id: &str,
+    plan: &Plan,
+    next: &StepPlan,
+    sent: Result<(), WorkflowError>,
+) -> Result<(), WorkflowError> {
+    match sent {
+        Err(err) if err.kind() == WorkflowErrorKind::TooLarge => {
+            let error = err.to_string();
+            tracing::error!(id = %next.id, %error, "a workflow step can never be dispatched");
+            tracked(plan, next).never_stored(tracker, id, &error).await;
+            Ok(())
+        }
+        sent => sent,
+    }
+}
+
+/// What the record of step `next` is written from.
+fn tracked(plan: &Plan, next: &StepPlan) -> TrackedDispatch {
+    TrackedDispatch {
+        id: next.id.clone(),
+        queue: next.queue.clone(),
+        task: next.task.clone(),
+        retention: plan.retention,
+        due: None,
+        schedule: None,
+        unique_key: None,
     }
 }
 

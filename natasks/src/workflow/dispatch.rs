@@ -279,7 +279,8 @@ pub(super) fn batch_error(id: &str, what: String, err: BatchPublishError) -> Wor
             "need atomic batches, which the stream does not allow (nats-server 2.12 or newer)"
                 .to_owned(),
         ),
-        BatchPublishError::Refused { code: MESSAGE_TOO_LARGE, .. } => {
+        BatchPublishError::Refused { code: MESSAGE_TOO_LARGE, .. }
+        | BatchPublishError::MessageTooLarge { .. } => {
             (WorkflowErrorKind::TooLarge, "are larger than the server's max_payload".to_owned())
         }
         _ => (WorkflowErrorKind::Broker, "were not stored".to_owned()),
