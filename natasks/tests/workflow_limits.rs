@@ -114,13 +114,21 @@ async fn a_cancelled_chain_step_stops_the_chain_as_cancelled() {
     }
 }
 
-/// Sets the task stream's largest message: a small one makes the broker refuse what
-/// follows a step (its marker and message), as a broker refusing publishes would.
-async fn max_message(js: &async_nats::jetstream::Context, size: i32) {
+/// Takes the markers' subjects out of the task stream (`Some`: puts these back): what
+/// follows a step (guarded by a marker) cannot be stored meanwhile, as if the broker
+/// refused it.
+async fn markers(js: &async_nats::jetstream::Context, back: Option<String>) -> Option<String> {
     let mut stream = js.get_stream("NATASKS").await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
-    config.max_message_size = size;
+    let taken = match back {
+        Some(subject) => {
+            config.subjects.push(subject);
+            None
+        }
+        None => Some(config.subjects.pop().expect("the markers' subjects")),
+    };
     js.update_stream(config).await.unwrap();
+    taken
 }
 
 /// A step whose end is recorded but whose follower could not be dispatched comes back;
@@ -140,8 +148,7 @@ async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
                 if runs.fetch_add(1, Ordering::SeqCst) > 0 {
                     return Err(no_retry("a second run ends otherwise"));
                 }
-                max_message(&js, 16).await;
-                shrunk.send(()).unwrap();
+                shrunk.send(markers(&js, None).await.unwrap()).unwrap();
                 Ok::<_, HandlerError>(n + 1)
             }
         }
@@ -158,10 +165,11 @@ async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
         .then(Task::json("first", &1u64).unwrap(), QUEUE)
         .then(Task::new("second", ""), QUEUE);
     let receipt = client.dispatch_workflow(chain).await.unwrap();
-    shrunk.recv().await;
+    let taken = shrunk.recv().await;
+    assert!(taken.contains(".>"), "{taken}");
     // Long enough for every try of the first delivery to fail.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    max_message(&js, -1).await;
+    markers(&js, Some(taken)).await;
     let last: u64 = client.wait(&receipt.steps[1], DEADLINE).await.expect("the next step ran");
     assert_eq!(last, 20);
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the first step ran again");
