@@ -1,6 +1,7 @@
 //! A group's callback runs once even when the workers of its members are killed with
 //! SIGKILL mid-way and its members fail and retry at random: 200 members, three worker
-//! processes, two of them killed and restarted while the members run.
+//! processes, two of them killed and restarted while the members run. A chain whose
+//! worker is killed while a step runs completes, each step's effect once.
 //!
 //! The worker processes are this test binary itself: the ignored test
 //! `workflow_worker_process` is the child program. It needs `NATASKS_WF_URL` and fails
@@ -17,9 +18,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt as _;
-use natasks::workflow::{Group, GroupResults, WorkflowState};
+use natasks::workflow::{Chain, Group, GroupResults, WorkflowState};
 use natasks::{Attempt, Client, HandlerError, Json, Task, Worker};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
@@ -31,6 +33,10 @@ const QUEUE: &str = "wfproc";
 const MEMBERS: u64 = 200;
 /// Where every run of the callback is recorded, one message per run (stream `RUNS`).
 const RUNS_SUBJECT: &str = "runs.callback";
+/// Where each chain step records its effect: `runs.effect.<step>` (stream `RUNS`).
+const EFFECT_SUBJECT: &str = "runs.effect";
+/// How long a chain step works before its effect.
+const STEP_WORK: Duration = Duration::from_millis(1500);
 /// Lease of the child workers: the tasks of a killed worker come back after it.
 const ACK_WAIT: Duration = Duration::from_secs(2);
 /// Longest life of a child, should its parent never stop it.
@@ -95,6 +101,18 @@ async fn workflow_worker_process() {
                 Ok::<_, HandlerError>(())
             }
         };
+    let effects = js.clone();
+    // A chain's step: says it started, works a while, then has its effect (a message in
+    // stream `RUNS`) and passes its number on, plus one.
+    let chain_step = move |Json(n): Json<u64>| {
+        let js = effects.clone();
+        async move {
+            emit(&format!("step {n} started"));
+            tokio::time::sleep(STEP_WORK).await;
+            js.publish(format!("{EFFECT_SUBJECT}.{n}"), Bytes::new()).await?.await?;
+            Ok::<_, HandlerError>(n + 1)
+        }
+    };
     let worker = Worker::builder(js, QUEUE)
         .ack_wait(ACK_WAIT)
         .concurrency(8)
@@ -102,6 +120,7 @@ async fn workflow_worker_process() {
         .retry_backoff([Duration::from_millis(20)])
         .handle("member", member)
         .handle("collect", collect)
+        .handle("chain_step", chain_step)
         .build()
         .await
         .expect("child worker builds");
@@ -234,4 +253,51 @@ async fn a_group_of_200_calls_back_once_through_retries_and_killed_workers() {
     let attempts: BTreeSet<u64> = runs.iter().map(|r| r.attempt).collect();
     assert_eq!(attempts.len(), runs.len(), "two runs of one attempt: {runs:?}");
     eprintln!("callback runs: {runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_completes_once_when_its_worker_is_killed_mid_step() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    js.create_stream(stream::Config {
+        name: "RUNS".into(),
+        subjects: vec!["runs.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("runs stream");
+    let client = Client::new(js.clone()).await.expect("client");
+    let chain = Chain::new("killed")
+        .then(Task::json("chain_step", &0u64).unwrap(), QUEUE)
+        .then(Task::new("chain_step", ""), QUEUE)
+        .then(Task::new("chain_step", ""), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+
+    let mut worker = Proc::start(&url).await;
+    let started = |line: Option<String>| line.expect("the worker reports its steps");
+    assert_eq!(started(worker.lines.recv().await), "step 0 started");
+    assert_eq!(started(worker.lines.recv().await), "step 1 started");
+    // The second step works: its worker dies before its effect; the step comes back to
+    // another worker after the lease.
+    worker.kill().await;
+    let mut worker = Proc::start(&url).await;
+    let last: u64 = client.wait(&receipt.steps[2], SCENARIO).await.expect("the chain completes");
+    assert_eq!(last, 3);
+    let status = client.workflow_status(&receipt.id).await.unwrap();
+    assert_eq!(status.state, WorkflowState::Succeeded, "{status:#?}");
+    worker.kill().await;
+
+    let mut runs = js.get_stream("RUNS").await.unwrap();
+    for step in 0..3 {
+        let subject = format!("{EFFECT_SUBJECT}.{step}");
+        let info = runs.info_with_subjects(subject.clone()).await.unwrap();
+        let effects: Vec<u64> = futures_util::TryStreamExt::try_collect::<Vec<_>>(info)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, count)| count as u64)
+            .collect();
+        assert_eq!(effects, [1], "the effects of step {step}");
+    }
 }
