@@ -318,3 +318,40 @@ async fn settled(client: &Client, id: &str, limit: Duration) -> natasks::workflo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Events name the workflow when a step is cancelled, and a workflow whose first tasks
+/// are refused announces their failure after their dispatch.
+#[tokio::test]
+async fn events_follow_cancelled_and_refused_steps() {
+    let server = NatsServer::builder().config_file("max_payload: 8192\n").start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let mut events = client.events(Some(QUEUE)).await.unwrap();
+
+    let chain = Chain::new("cancelled").then(Task::new("plain", ""), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    assert_eq!(next(&mut events).await.kind, natasks::EventKind::Dispatched);
+    client.cancel(&receipt.steps[0]).await.unwrap();
+    let cancelled = next(&mut events).await;
+    assert_eq!(cancelled.kind, natasks::EventKind::Cancelled);
+    assert_eq!(cancelled.workflow.as_deref(), Some(receipt.id.as_str()), "{cancelled:?}");
+
+    let group = Group::new("refused")
+        .add(Task::new("plain", ""), QUEUE)
+        .add(Task::new("plain", "p".repeat(9_000)), QUEUE);
+    let err = client.dispatch_workflow(group).await.unwrap_err();
+    assert_eq!(err.kind(), natasks::workflow::WorkflowErrorKind::TooLarge, "{err}");
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
+        let event = next(&mut events).await;
+        assert!(event.workflow.is_some(), "{event:?}");
+        kinds.push(event.kind);
+    }
+    let failed = kinds.iter().filter(|k| **k == natasks::EventKind::Failed).count();
+    assert_eq!(failed, 2, "{kinds:?}");
+}
+
+async fn next(events: &mut natasks::Events) -> natasks::Event {
+    use futures_util::StreamExt as _;
+    tokio::time::timeout(DEADLINE, events.next()).await.expect("an event").expect("open")
+}

@@ -307,8 +307,10 @@ async fn cancel_record(
                 return Err(TrackError::broker(format!("record the cancel of task {id:?}"), err))
             }
         }
+        // The workflow the task is a step of, found on the way.
+        let mut workflow = None;
         if remove {
-            remove_waiting(tracker, id, &record).await;
+            remove_waiting(tracker, id, &record, &mut workflow).await;
         }
         // Every worker of the queue hears it; the one running the task signals it.
         let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
@@ -316,8 +318,9 @@ async fn cancel_record(
         if record.state == Tag::Running {
             return Ok(CancelOutcome::Signalled);
         }
-        let event =
+        let mut event =
             Event::new(EventKind::Cancelled, id, &record.queue, &record.task, record.attempt);
+        event.workflow = workflow;
         event.publish(tracker).await;
         return Ok(CancelOutcome::Cancelled { was });
     }
@@ -329,7 +332,13 @@ async fn cancel_record(
 
 /// Removes a task that waits in its queue or as a schedule, so that it never runs. Best
 /// effort: a worker that already holds it finds the record cancelled, or hears the signal.
-async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
+/// `workflow` is set to the workflow the task is a step of, if it is one.
+async fn remove_waiting(
+    tracker: &Tracker,
+    id: &str,
+    record: &Record,
+    workflow: &mut Option<String>,
+) {
     let settings = tracker.settings();
     let stream = match tracker.js().get_stream(&settings.name).await {
         Ok(stream) => stream,
@@ -367,6 +376,7 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
             // the task is removed (should this fail, the worker that gets the task finds
             // it cancelled and does it).
             if let Some(step) = crate::workflow::StepRef::from_headers(&task.headers) {
+                *workflow = Some(step.workflow.clone());
                 let end = crate::workflow::StepEnd::Ended { state: "cancelled", error: None };
                 if let Err(err) = crate::workflow::advance_retrying(tracker, &step, end).await {
                     tracing::warn!(%err, "a cancelled step is left to a worker to end");

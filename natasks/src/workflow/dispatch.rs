@@ -91,9 +91,20 @@ impl Client {
         }
         let announced = tracked.iter().map(|(_, step)| announce(tracker, step, &id));
         futures_util::future::join_all(announced).await;
-        let ack = publish_atomic(js, batch).await.map_err(|err| {
-            batch_error(&id, format!("the first tasks of workflow {:?}", plan.name), err)
-        })?;
+        let ack = match publish_atomic(js, batch).await {
+            Ok(ack) => ack,
+            Err(err) => {
+                let what = format!("the first tasks of workflow {:?}", plan.name);
+                let err = batch_error(&id, what, err);
+                // Announced as dispatched, and not stored: their end is announced too
+                // (unless they may have been stored).
+                if err.kind() != WorkflowErrorKind::Timeout {
+                    let failed = tracked.iter().map(|(_, step)| refused(tracker, step, &id, &err));
+                    futures_util::future::join_all(failed).await;
+                }
+                return Err(err);
+            }
+        };
         // The batch holds consecutive sequences. The records are written side by side: a
         // group's members are many.
         let records =
@@ -242,6 +253,19 @@ impl Client {
 pub(super) async fn announce(tracker: &crate::track::Tracker, step: &TrackedDispatch, id: &str) {
     let mut event = Event::new(EventKind::Dispatched, &step.id, &step.queue, &step.task, 0);
     event.workflow = Some(id.to_owned());
+    event.publish(tracker).await;
+}
+
+/// Announces that step `step` of workflow `id`, announced as dispatched, was not stored.
+async fn refused(
+    tracker: &crate::track::Tracker,
+    step: &TrackedDispatch,
+    id: &str,
+    error: &WorkflowError,
+) {
+    let mut event = Event::new(EventKind::Failed, &step.id, &step.queue, &step.task, 0);
+    event.workflow = Some(id.to_owned());
+    event.error = Some(error.to_string());
     event.publish(tracker).await;
 }
 
