@@ -288,7 +288,7 @@ async fn a_chain_completes_once_when_its_worker_is_killed_mid_step() {
     assert_eq!(status.state, WorkflowState::Succeeded, "{status:#?}");
     worker.kill().await;
 
-    let mut runs = js.get_stream("RUNS").await.unwrap();
+    let runs = js.get_stream("RUNS").await.unwrap();
     for step in 0..3 {
         let subject = format!("{EFFECT_SUBJECT}.{step}");
         let info = runs.info_with_subjects(subject.clone()).await.unwrap();
