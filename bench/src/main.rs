@@ -41,6 +41,7 @@ const WORKLOADS: &[&str] = &[
     "e2e_c8",
     "e2e_c64",
     "e2e_tracked_c64",
+    "group_64",
     "e2e_c64_observed",
     "e2e_c64_observed_all",
     "e2e_c64_observed_lean",
@@ -224,6 +225,17 @@ async fn main() -> ExitCode {
     }
 }
 
+/// An error and its sources on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// One workload's results over all rounds.
 struct Row {
     workload: String,
@@ -282,9 +294,9 @@ async fn run(options: Options) -> Result<(), BoxError> {
         }
         for round in 1..=options.rounds {
             for &imp in &implementations {
-                let sample = run_one(&env, &options, workload, imp)
-                    .await
-                    .map_err(|err| format!("{workload} ({}) round {round}: {err}", imp.name()))?;
+                let sample = run_one(&env, &options, workload, imp).await.map_err(|err| {
+                    format!("{workload} ({}) round {round}: {}", imp.name(), chain(&*err))
+                })?;
                 let mut line = format!(
                     "round {round}/{} {workload} {}: {}/s",
                     options.rounds,
@@ -389,6 +401,8 @@ async fn run_one(
         "dispatch_batch_64" => workloads::dispatch_batch(env, imp, n, 64).await,
         "dispatch_unique_64" => workloads::dispatch_unique(env, imp, n, 64).await,
         "e2e_tracked_c64" => workloads::e2e_tracked(env, imp, n, 64).await,
+        // One group of 64 (or 64 plain tasks) after another: a tenth of the tasks.
+        "group_64" => workloads::group(env, imp, (n / 640).max(1), 64).await,
         // Both columns run natasks: "natasks" with metrics and OpenTelemetry, "raw" without.
         "e2e_c64_observed" | "e2e_c64_observed_all" | "e2e_c64_observed_lean" => {
             let setup = match workload {
@@ -540,6 +554,9 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
     if rows.iter().any(|r| r.workload.contains("tracked")) {
         println!("  *_tracked_*: \"natasks\" dispatches tracked tasks (Task::tracked); the untracked natasks run of the same round is in the line below (untracked_per_s, tracked_vs_untracked); e2e_tracked_c64's handler returns a small result, stored for tracked tasks");
+    }
+    if rows.iter().any(|r| r.workload == "group_64") {
+        println!("  group_64: one group of 64 tracked members and a callback after another, member tasks/s from dispatch to callback; natasks_plain_per_s / natasks_tracked_per_s: 64 plain / tracked natasks tasks at a time in the same round; raw publishes 64 and its consumer publishes the callback at the 64th (no record, no marker)");
     }
     if rows.iter().any(|r| r.workload == "dispatch_batch_64") {
         println!("  dispatch_batch_64: \"natasks\" stores the tasks in atomic batches of 64 (dispatch_batch, one batch at a time); the natasks run of the same round dispatching them one by one with 64 in flight is in the line below (natasks_one_by_one_per_s, natasks_batch_vs_one_by_one), and a run with 8 batches in flight (natasks_batches_8_in_flight_per_s); raw publishes one by one with 64 in flight");

@@ -32,6 +32,7 @@ mod process;
 mod queues;
 mod search;
 mod tracking;
+mod workflow;
 pub use dashboard::dashboard_overview;
 pub use guarded::{dispatch_batch, dispatch_unique};
 pub use observed::{e2e_observed, e2e_traceparent, Setup};
@@ -41,6 +42,7 @@ pub use process::{locate_apalis, Shape};
 pub use queues::{many_queues, rate_limit_overhead, starvation, Starvation};
 pub use search::search_dead;
 pub use tracking::{dispatch_tracked, e2e_tracked};
+pub use workflow::group;
 
 type Res<T> = Result<T, BoxError>;
 

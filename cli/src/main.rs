@@ -2,7 +2,7 @@
 //!
 //! See queue depths, dispatch tasks, inspect and requeue dead letters, declare and remove
 //! periodic schedules, list and cancel delayed tasks, follow tracked tasks (status, result,
-//! cancel, live events). Every command talks to NATS directly; nothing runs in the
+//! cancel, live events), show a workflow's steps. Every command talks to NATS directly; nothing runs in the
 //! background.
 
 mod batch;
@@ -19,6 +19,7 @@ mod search;
 mod task;
 mod tasks;
 mod ui;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -169,8 +170,11 @@ enum Command {
     /// one JSON object, per event). Shows what happens while it runs, nothing earlier.
     Events(events::EventsArgs),
     /// Serve the web dashboard: queues with live counts, tasks, dead letters, schedules,
-    /// search, and actions (loopback only unless authenticated or --read-only).
+    /// search, and actions (beyond loopback only with authentication).
     Ui(ui::UiArgs),
+    /// The steps of a workflow (a chain or a group with its callback), by its id.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -187,6 +191,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Task(cmd) => task::run(g, cmd).await,
         Command::Events(args) => events::run(g, args).await,
         Command::Ui(args) => ui::run(g, args).await,
+        Command::Workflow(cmd) => workflow::run(g, cmd).await,
     }
 }
 

@@ -83,6 +83,7 @@ mod task;
 pub mod track;
 pub mod wire;
 mod worker;
+pub mod workflow;
 
 pub use client::{Batch, Client, ClientBuilder, Receipt};
 pub use error::{

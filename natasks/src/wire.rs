@@ -315,8 +315,9 @@ pub(crate) fn is_header_name(name: &str) -> bool {
 
 /// Whether header `name` describes one stored message rather than the task: the server's
 /// `Nats-*` headers (message id, schedule, expectations), natasks' `Natasks-Message-Id`,
-/// the `Natasks-Periodic*` headers of a periodic tick and the guard keys (a task dispatched
-/// again holds no lock). A received task dispatched again
+/// the `Natasks-Periodic*` headers of a periodic tick, the guard keys (a task dispatched
+/// again holds no lock) and the workflow step a task is (a copy is no step). A received
+/// task dispatched again
 /// leaves the ones it arrived with behind.
 pub(crate) fn is_message_header(name: &str) -> bool {
     is_server_header(name)
@@ -328,6 +329,8 @@ pub(crate) fn is_message_header(name: &str) -> bool {
         || name.eq_ignore_ascii_case(HEADER_UNIQUE_KEY)
         || name.eq_ignore_ascii_case(HEADER_THROTTLE_KEY)
         || name.eq_ignore_ascii_case(HEADER_DEBOUNCE_KEY)
+        || name.eq_ignore_ascii_case(crate::workflow::HEADER_WORKFLOW)
+        || name.eq_ignore_ascii_case(crate::workflow::HEADER_WORKFLOW_STEP)
 }
 
 /// Whether header `name` is one of the server's (`Nats-*`, in any case).
@@ -430,6 +433,8 @@ mod tests {
             "Natasks-Periodic",
             "natasks-periodic-schedule",
             "Natasks-Periodic-Digest",
+            "Natasks-Workflow",
+            "natasks-workflow-step",
         ] {
             assert!(is_message_header(name), "{name}");
         }

@@ -167,7 +167,7 @@ async fn check_records(env: &Env, layout: &Layout, n: usize) -> Res<()> {
 }
 
 /// Runs `body` with a fresh stream, deleting the stream and its record bucket afterwards.
-async fn with_bucket<F, Fut, T>(env: &Env, body: F) -> Res<T>
+pub(super) async fn with_bucket<F, Fut, T>(env: &Env, body: F) -> Res<T>
 where
     F: FnOnce(Layout, Client) -> Fut,
     Fut: Future<Output = Res<T>>,

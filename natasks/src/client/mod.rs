@@ -162,6 +162,11 @@ impl Client {
         (&self.inner.publisher.js, &self.inner.publisher.stream)
     }
 
+    /// Whether the stream stores atomic batches and markers: what workflows need.
+    pub(crate) fn atomic(&self) -> bool {
+        self.inner.publisher.atomic
+    }
+
     /// Turns `task` into the message(s) [`dispatch`](Self::dispatch) (or, with `due`,
     /// [`dispatch_at`](Self::dispatch_at)) would publish, with every header it would
     /// write (id, tracking, propagated context, queue and name, schedule), for a caller that

@@ -74,6 +74,25 @@ impl TrackedDispatch {
     /// used again after the duplicate window) is replaced once that task has ended. A
     /// failure is logged: the task is stored, and a dispatch error would make the caller
     /// store it again.
+    /// Records that step `self` of workflow `workflow` can never be stored (its message
+    /// does not fit the server): failed, with `error`, so that its status and its
+    /// workflow's say why; and announces it.
+    pub(crate) async fn never_stored(&self, tracker: &Tracker, workflow: &str, error: &str) {
+        let mut record = Record::new(Tag::Failed, &self.queue, &self.task, 0, self.retention);
+        record.error = Some(crate::track::worker::clip(error, crate::track::worker::MAX_ERROR));
+        let written = match tracker.store().await {
+            Ok(store) => store.put(&self.id, &record, Some(0)).await.map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = written {
+            tracing::warn!(id = %self.id, error = %err, "could not record the refused task");
+        }
+        let mut event = Event::new(EventKind::Failed, &self.id, &self.queue, &self.task, 0);
+        event.error = record.error;
+        event.workflow = Some(workflow.to_owned());
+        event.publish(tracker).await;
+    }
+
     pub(crate) async fn stored(&self, tracker: &Tracker, sequence: u64, duplicate: bool) {
         if duplicate {
             return;
@@ -288,8 +307,10 @@ async fn cancel_record(
                 return Err(TrackError::broker(format!("record the cancel of task {id:?}"), err))
             }
         }
+        // The workflow the task is a step of, found on the way.
+        let mut workflow = None;
         if remove {
-            remove_waiting(tracker, id, &record).await;
+            remove_waiting(tracker, id, &record, &mut workflow).await;
         }
         // Every worker of the queue hears it; the one running the task signals it.
         let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
@@ -297,8 +318,9 @@ async fn cancel_record(
         if record.state == Tag::Running {
             return Ok(CancelOutcome::Signalled);
         }
-        let event =
+        let mut event =
             Event::new(EventKind::Cancelled, id, &record.queue, &record.task, record.attempt);
+        event.workflow = workflow;
         event.publish(tracker).await;
         return Ok(CancelOutcome::Cancelled { was });
     }
@@ -310,7 +332,13 @@ async fn cancel_record(
 
 /// Removes a task that waits in its queue or as a schedule, so that it never runs. Best
 /// effort: a worker that already holds it finds the record cancelled, or hears the signal.
-async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
+/// `workflow` is set to the workflow the task is a step of, if it is one.
+async fn remove_waiting(
+    tracker: &Tracker,
+    id: &str,
+    record: &Record,
+    workflow: &mut Option<String>,
+) {
     let settings = tracker.settings();
     let stream = match tracker.js().get_stream(&settings.name).await {
         Ok(stream) => stream,
@@ -344,6 +372,17 @@ async fn remove_waiting(tracker: &Tracker, id: &str, record: &Record) {
         if let Ok(task) = stream.get_raw_message(sequence).await {
             unique_key = header(&task.headers, wire::HEADER_UNIQUE_KEY);
             stored = Some(Stored::Sequence(sequence));
+            // No worker will see this step end: what follows it is dispatched here, before
+            // the task is removed (should this fail, the worker that gets the task finds
+            // it cancelled and does it).
+            if let Some(step) = crate::workflow::StepRef::from_headers(&task.headers) {
+                *workflow = Some(step.workflow.clone());
+                let end = crate::workflow::StepEnd::Ended { state: "cancelled", error: None };
+                if let Err(err) = crate::workflow::advance_retrying(tracker, &step, end).await {
+                    tracing::warn!(%err, "a cancelled step is left to a worker to end");
+                    return;
+                }
+            }
         }
         if let Err(err) = stream.delete_message(sequence).await {
             tracing::debug!(error = %err, "could not remove a cancelled task");

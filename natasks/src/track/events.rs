@@ -46,6 +46,9 @@ pub struct Event {
     /// Why, on `dead_lettered`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The workflow the task is a step of ([`workflow`](crate::workflow)), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
 }
 
 /// The kinds of [`Event`].
@@ -110,6 +113,7 @@ impl Event {
             progress: None,
             next_at: None,
             reason: None,
+            workflow: None,
         }
     }
 

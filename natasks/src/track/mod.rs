@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 
 pub use client::CancelOutcome;
 pub use events::{Event, EventKind, Events};
-pub(crate) use store::Tracker;
+pub(crate) use store::{is_conflict, is_too_large, Tracker};
 
 use crate::extract::ProgressReport;
 

@@ -162,6 +162,52 @@ impl Store {
         Ok(ack.sequence)
     }
 
+    /// The value and revision under `key` (a key of another kind of record, such as a
+    /// workflow's plan), if a value is there.
+    pub(crate) async fn get_raw(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Bytes, u64)>, async_nats::jetstream::kv::EntryError> {
+        Ok(self
+            .kv
+            .entry(key)
+            .await?
+            .filter(|entry| entry.operation == Operation::Put)
+            .map(|entry| (entry.value, entry.revision)))
+    }
+
+    /// The value, revision and write time under `key`, if a value is there.
+    pub(crate) async fn get_raw_dated(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Bytes, u64, time::OffsetDateTime)>, async_nats::jetstream::kv::EntryError>
+    {
+        Ok(self
+            .kv
+            .entry(key)
+            .await?
+            .filter(|entry| entry.operation == Operation::Put)
+            .map(|entry| (entry.value, entry.revision, entry.created)))
+    }
+
+    /// Writes `value` under `key`, kept for `ttl`; with `expect`, only if the key's last
+    /// revision is that one (0: only if the key holds nothing). The new revision.
+    pub(crate) async fn put_raw(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        expect: Option<u64>,
+    ) -> Result<u64, PublishError> {
+        let mut message = PublishMessage::build().payload(value).ttl(ttl);
+        if let Some(revision) = expect {
+            message = message.expected_last_subject_sequence(revision);
+        }
+        let subject = format!("{}{key}", self.subject_prefix);
+        let ack = self.js.send_publish(subject, message).await?.await?;
+        Ok(ack.sequence)
+    }
+
     /// Every change of task `id`'s record from now on, starting with the current one.
     pub(crate) async fn watch(&self, id: &str) -> Result<kv::Watch, TrackError> {
         self.kv

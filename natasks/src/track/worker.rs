@@ -18,6 +18,7 @@ use super::store::{is_conflict, is_too_large, Lookup, Tracker};
 use super::DEFAULT_RETENTION;
 use crate::extract::{Live, ProgressReport};
 use crate::wire;
+use crate::workflow::StepRef;
 
 /// A worker's tracking: the bucket, its default retention, and the cancel tokens of the
 /// tracked tasks it runs.
@@ -85,6 +86,7 @@ impl WorkerTracking {
             .or_else(|| headers.get(wire::NATS_MSG_ID))
             .map_or_else(|| format!("seq-{sequence}"), |v| v.as_str().to_owned());
         let scheduler = headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str().to_owned());
+        let step = StepRef::from_headers(headers);
         Some(Attempt {
             tracking: self,
             id,
@@ -101,6 +103,7 @@ impl WorkerTracking {
             last_progress: None,
             revision: 0,
             stale: false,
+            step,
         })
     }
 
@@ -166,6 +169,8 @@ pub(crate) struct Attempt<'a> {
     revision: u64,
     /// A newer attempt owns the record: this one writes nothing more.
     stale: bool,
+    /// The workflow step the task is, if any.
+    step: Option<StepRef>,
 }
 
 /// Whether a tracked attempt may run.
@@ -176,11 +181,23 @@ pub(crate) enum Begin {
     Cancelled {
         announce: bool,
     },
+    /// A workflow step whose end is already recorded (its follower could not be
+    /// dispatched then): it is not run again; what follows it is dispatched from the record.
+    Ended(Box<RecordedEnd>),
+}
+
+/// How a step ended, as its record says.
+pub(crate) struct RecordedEnd {
+    /// The final state's label (`succeeded`, `failed`, `dead_lettered`).
+    pub(crate) state: &'static str,
+    pub(crate) error: Option<String>,
+    /// The result (JSON), on success.
+    pub(crate) result: Option<Vec<u8>>,
 }
 
 /// The longest error text and progress detail a record keeps: a record must fit in one
 /// message whatever the handler reports.
-const MAX_ERROR: usize = 4096;
+pub(crate) const MAX_ERROR: usize = 4096;
 const MAX_DETAIL: usize = 16 * 1024;
 
 impl Attempt<'_> {
@@ -218,6 +235,13 @@ impl Attempt<'_> {
         match self.read().await {
             Some(record) if record.state == Tag::Cancelled && self.is_ours(&record) => {
                 Begin::Cancelled { announce: !record.cancel_announced }
+            }
+            Some(record) if record.is_final() && self.step.is_some() && self.is_ours(&record) => {
+                Begin::Ended(Box::new(RecordedEnd {
+                    state: record.status(&self.id).state.as_str(),
+                    error: record.error,
+                    result: record.result.map(|raw| raw.get().as_bytes().to_vec()),
+                }))
             }
             _ => Begin::Run,
         }
@@ -263,7 +287,15 @@ impl Attempt<'_> {
             return Begin::Cancelled { announce: true };
         }
         self.event(EventKind::Started).publish(&self.tracking.tracker).await;
+        self.keep_plan().await;
         Begin::Run
+    }
+
+    /// A workflow's plan lives as long as the records of its steps.
+    async fn keep_plan(&self) {
+        if let Some(step) = &self.step {
+            crate::workflow::keep_plan(&self.tracking.tracker, &step.workflow).await;
+        }
     }
 
     /// The worker renewed the lease: the record shows the new end.
@@ -271,6 +303,7 @@ impl Attempt<'_> {
         let mut record = self.record(Tag::Running);
         record.lease_until = Some(lease_until);
         self.write(&mut record, false).await;
+        self.keep_plan().await;
     }
 
     /// The last progress the handler reported before it returned, kept in the final
@@ -349,7 +382,19 @@ impl Attempt<'_> {
     }
 
     fn event(&self, kind: EventKind) -> Event {
-        Event::new(kind, &self.id, self.queue, self.task, self.attempt)
+        let mut event = Event::new(kind, &self.id, self.queue, self.task, self.attempt);
+        event.workflow = self.step.as_ref().map(|step| step.workflow.clone());
+        event
+    }
+
+    /// The workflow step the task is, if any.
+    pub(crate) fn step(&self) -> Option<&StepRef> {
+        self.step.as_ref()
+    }
+
+    /// The bucket and connection, for what follows a workflow step.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracking.tracker
     }
 
     /// Writes `record` if the record is still as this attempt last saw it. When it is not:
@@ -426,7 +471,7 @@ fn bounded(mut report: ProgressReport) -> ProgressReport {
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn clip(text: &str, max: usize) -> String {
+pub(crate) fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

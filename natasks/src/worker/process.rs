@@ -25,8 +25,9 @@ use crate::handler::BoxHandler;
 use crate::middleware::Next;
 use crate::observe::{Finished, Outcome, Started};
 use crate::task::{DecodeError, Delivery, Task};
-use crate::track::worker::{Attempt, Begin, Ended, Unrecorded};
+use crate::track::worker::{Attempt, Begin, Ended, RecordedEnd, Unrecorded};
 use crate::wire;
+use crate::workflow::{StepEnd, StepRef};
 
 /// What happens to a delivery.
 #[derive(Debug)]
@@ -143,6 +144,7 @@ async fn process_parts(
                     .attempt(&headers, &inner.queue, name, attempt, sequence)
                     .map(Box::new),
                 result: None,
+                recorded: None,
             };
             let decided =
                 decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
@@ -242,6 +244,9 @@ struct Tracked<'a> {
     /// every task.
     attempt: Option<Box<Attempt<'a>>>,
     result: Option<Vec<u8>>,
+    /// The end of a workflow step recorded by an earlier delivery: nothing is recorded
+    /// again, what follows is dispatched from it.
+    recorded: Option<Box<RecordedEnd>>,
 }
 
 impl Tracked<'_> {
@@ -249,6 +254,15 @@ impl Tracked<'_> {
     /// store turns a success into a dead letter saying so.
     async fn record(&mut self, settle: Settle) -> Settle {
         let Some(attempt) = &mut self.attempt else { return settle };
+        if let (Some(end), Some(step)) = (self.recorded.take(), attempt.step()) {
+            let step_end = match end.state {
+                "succeeded" => StepEnd::Succeeded(end.result.as_deref()),
+                state => StepEnd::Ended { state, error: end.error.as_deref() },
+            };
+            return Box::pin(handed_back(attempt.tracker(), step, step_end))
+                .await
+                .unwrap_or(settle);
+        }
         let ended = match &settle {
             Settle::Ack => Ended::Succeeded,
             Settle::GiveUp(error) | Settle::Discard(error) => Ended::Failed { error },
@@ -259,7 +273,9 @@ impl Tracked<'_> {
             Settle::Cancelled { announce } => Ended::Cancelled { announce: *announce },
         };
         let result = if matches!(settle, Settle::Ack) { self.result.take() } else { None };
-        match attempt.finish(ended, result).await {
+        // A workflow step needs its result after it is recorded.
+        let kept = attempt.step().and(result.clone());
+        let settle = match attempt.finish(ended, result).await {
             Ok(()) => settle,
             Err(Unrecorded::ResultTooLarge(error)) => {
                 let reason = DeadLetterReason::Rejected;
@@ -267,8 +283,48 @@ impl Tracked<'_> {
                 let _ = attempt.finish(ended, None).await;
                 Settle::DeadLetter(reason, error)
             }
+        };
+        match attempt.step() {
+            Some(step) => Box::pin(follow(attempt.tracker(), step, settle, kept)).await,
+            None => settle,
         }
     }
+}
+
+/// What follows a workflow step that ended, dispatched before the step is acknowledged
+/// (see `crate::workflow`). Should that fail, the step is handed back to come here again.
+async fn follow(
+    tracker: &crate::track::Tracker,
+    step: &StepRef,
+    settle: Settle,
+    result: Option<Vec<u8>>,
+) -> Settle {
+    let end = match &settle {
+        Settle::Ack => StepEnd::Succeeded(result.as_deref()),
+        Settle::GiveUp(error) | Settle::Discard(error) => {
+            StepEnd::Ended { state: "failed", error: Some(error) }
+        }
+        Settle::DeadLetter(_, error) => {
+            StepEnd::Ended { state: "dead_lettered", error: Some(error) }
+        }
+        Settle::Cancelled { .. } => StepEnd::Ended { state: "cancelled", error: None },
+        Settle::Retry(..) => return settle,
+    };
+    match handed_back(tracker, step, end).await {
+        Some(retry) => retry,
+        None => settle,
+    }
+}
+
+/// Dispatches what follows a step that ended with `end`; the step's new settlement if
+/// that failed (it is handed back to come here again).
+async fn handed_back(
+    tracker: &crate::track::Tracker,
+    step: &StepRef,
+    end: StepEnd<'_>,
+) -> Option<Settle> {
+    let error = crate::workflow::advance_retrying(tracker, step, end).await.err()?;
+    Some(Settle::Retry(Some(crate::workflow::FOLLOW_RETRY), error))
 }
 
 /// A delivery as the worker read it.
@@ -300,8 +356,17 @@ async fn decide(
     if let Some(tracking) = tracked.attempt.as_mut() {
         let (channel, reports) = Live::new(true);
         // Boxed, as every tracking step: the processing future of untracked tasks stays small.
-        if let Begin::Cancelled { announce } = Box::pin(tracking.check(&channel)).await {
-            return Some(Settle::Cancelled { announce });
+        match Box::pin(tracking.check(&channel)).await {
+            Begin::Cancelled { announce } => return Some(Settle::Cancelled { announce }),
+            Begin::Ended(end) => {
+                let settle = match end.state {
+                    "succeeded" => Settle::Ack,
+                    _ => Settle::GiveUp(end.error.clone().unwrap_or_default()),
+                };
+                tracked.recorded = Some(end);
+                return Some(settle);
+            }
+            Begin::Run => {}
         }
         live = Some((channel, reports));
     }
