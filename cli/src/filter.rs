@@ -2,7 +2,7 @@
 //! `tasks delete`.
 
 use clap::Args;
-use natasks::admin::Filter;
+use natasks::admin::{Filter, TaskState};
 
 use crate::{Error, Result};
 
@@ -58,4 +58,9 @@ impl FilterArgs {
         filter.validate().map_err(|err| Error::msg(err.to_string()))?;
         Ok(filter)
     }
+}
+
+/// Parses `--state` (pending, in-flight, scheduled, dead) for clap.
+pub fn parse_state(text: &str) -> Result<TaskState, String> {
+    text.parse().map_err(|err: natasks::admin::AdminError| err.to_string())
 }

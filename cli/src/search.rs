@@ -9,7 +9,7 @@ use clap::Args;
 use natasks::admin::{SearchOptions, SearchProgress, TaskState, TaskSummary};
 use serde_json::json;
 
-use crate::filter::FilterArgs;
+use crate::filter::{parse_state, FilterArgs};
 use crate::{conn, output, Global, Result};
 
 /// Above this many messages to read, a search reports its progress on stderr.
@@ -32,10 +32,6 @@ pub struct SearchArgs {
     /// Read at most this many messages.
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     max_scan: u64,
-}
-
-fn parse_state(text: &str) -> Result<TaskState, String> {
-    text.parse().map_err(|err: natasks::admin::AdminError| err.to_string())
 }
 
 pub async fn run(g: &Global, args: SearchArgs) -> Result<()> {

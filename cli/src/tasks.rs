@@ -6,7 +6,7 @@ use natasks::admin::{Selection, TaskState};
 use serde_json::json;
 
 use crate::dlq::{finish, print_detail, run_bulk, Bulk};
-use crate::filter::FilterArgs;
+use crate::filter::{parse_state, FilterArgs};
 use crate::search::{summary_json, summary_row};
 use crate::{conn, output, Global, Result};
 
@@ -51,10 +51,6 @@ pub enum TasksCommand {
         #[command(flatten)]
         filter: FilterArgs,
     },
-}
-
-fn parse_state(text: &str) -> Result<TaskState, String> {
-    text.parse().map_err(|err: natasks::admin::AdminError| err.to_string())
 }
 
 pub async fn run(g: &Global, cmd: TasksCommand) -> Result<()> {

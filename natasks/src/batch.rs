@@ -177,6 +177,7 @@ async fn publish_once(
     let total = messages.len();
     let client = js.client();
     let batch_id = nuid::next().to_string();
+    let max_payload = client.server_info().max_payload;
     let mut ready = Vec::with_capacity(total);
     for (index, message) in messages.iter().enumerate() {
         let mut headers = message.headers.clone();
@@ -190,7 +191,6 @@ async fn publish_once(
         // message over max_payload, and a batch opened but never committed holds one of
         // the stream's 50 batch slots for 10 s.
         let size = wire_len(&headers) + message.payload.len();
-        let max_payload = client.server_info().max_payload;
         if size > max_payload {
             return Err(BatchPublishError::MessageTooLarge { index, size, max_payload });
         }
