@@ -103,16 +103,6 @@ fn periodic_schedules(g: &Global, js: &async_nats::jetstream::Context) -> natask
 }
 
 /// A client on the stream the global flags name (creating or updating the stream).
-async fn client(g: &Global) -> Result<natasks::Client> {
-    let js = conn::connect(g).await?;
-    natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))
-}
-
 async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
     if let Some(queue) = queue {
         conn::valid_queue(queue)?;
@@ -192,7 +182,7 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
     let task =
         dispatch::with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
 
-    let client = client(g).await?;
+    let client = crate::task::client(g).await?;
     let declared = client
         .schedule(&args.id, every.clone(), task, &args.queue)
         .await
