@@ -808,7 +808,9 @@ async fn the_login_cookie_is_a_session_not_the_token() {
     let set = login.header("set-cookie").unwrap_or_default().to_owned();
     assert!(set.starts_with("natasks_auth=") && set.contains("; Secure"), "{set}");
     let session = b.cookies.get("natasks_auth").cloned().unwrap();
-    assert!(!session.contains("ab") && session.len() == 64, "the cookie holds {session:?}");
+    // A session id: 64 hex digits, not the token nor the part of it before its `;`.
+    let is_session_id = session.len() == 64 && session.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(is_session_id, "the cookie holds {session:?}");
     b.get("/").await.expect(200).contains("Log out");
     // Logging out ends the session on the server, not only in this browser.
     b.post("/logout", &[]).await.expect(303);
