@@ -187,9 +187,51 @@ impl Client {
         &self.inner.publisher.tracker
     }
 
-    async fn run(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+    /// Dispatches through the middleware and the observers.
+    ///
+    /// The futures of the paths most dispatches never take (OpenTelemetry, middleware,
+    /// guards, tracking) are boxed, so that a plain dispatch's future stays small: callers
+    /// keep many in flight (`join_all`, `buffer_unordered`), and every one of them is moved
+    /// into place whole.
+    fn run(
+        &self,
+        dispatch: Dispatch,
+    ) -> impl Future<Output = Result<Receipt, DispatchError>> + Send + '_ {
+        use futures_util::future::Either;
         #[cfg(feature = "opentelemetry")]
-        if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {
+        let otel = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()).is_some();
+        #[cfg(not(feature = "opentelemetry"))]
+        let otel = false;
+        if otel || !self.inner.layers.is_empty() {
+            return Either::Left(Box::pin(self.run_layered(dispatch)));
+        }
+        // Prepared in the span, as it would be under middleware (a propagator may read it).
+        let span = dispatch_span(&dispatch);
+        let publisher = &self.inner.publisher;
+        let started = publisher.clock();
+        let prepared = span.in_scope(|| publisher.prepare(dispatch));
+        // `map`, not an `async` block awaiting it: that would hold the future twice.
+        Either::Right(publisher.send(prepared, started).map(note_failure).instrument(span))
+    }
+
+    /// [`run`](Self::run) with middleware or the OpenTelemetry propagator.
+    async fn run_layered(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+        #[cfg(feature = "opentelemetry")]
+        if self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
+            return self.run_otel(dispatch).await;
+        }
+        let span = dispatch_span(&dispatch);
+        self.run_in(dispatch).instrument(span).await
+    }
+
+    /// [`run`](Self::run) with the OpenTelemetry propagator: a producer span per dispatch.
+    #[cfg(feature = "opentelemetry")]
+    async fn run_otel(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+        {
+            let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel())
+            else {
+                unreachable!("run_otel is called with an OpenTelemetry propagator")
+            };
             // The tracing span is a child of the OpenTelemetry span, should a
             // tracing-opentelemetry layer see it.
             let cx = otel.start_dispatch(&dispatch.queue, &dispatch.task, dispatch.due.is_some());
@@ -220,24 +262,27 @@ impl Client {
                 self.run_in(dispatch).with_context(cx.clone()).instrument(span).await
             };
             crate::otel::end_dispatch(&cx, result.as_ref().err());
-            return result;
+            result
         }
-        let span = dispatch_span(&dispatch);
-        self.run_in(dispatch).instrument(span).await
     }
 
-    async fn run_in(&self, mut dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+    async fn run_in(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
         note_failure(if self.inner.layers.is_empty() {
             self.inner.publisher.publish(dispatch).await
         } else {
-            // The end of the chain leaves the receipt here; middleware sees only `()`.
-            let slot = Arc::new(OnceLock::new());
-            let id = dispatch.id().to_owned();
-            dispatch.receipt = Some(slot.clone());
-            let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
-            next.run(dispatch).await.map(|()| {
-                slot.get().cloned().unwrap_or(Receipt { id, sequence: None, duplicate: false })
-            })
+            self.run_layers(dispatch).await
+        })
+    }
+
+    /// Dispatches through the middleware chain.
+    async fn run_layers(&self, mut dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+        // The end of the chain leaves the receipt here; middleware sees only `()`.
+        let slot = Arc::new(OnceLock::new());
+        let id = dispatch.id().to_owned();
+        dispatch.receipt = Some(slot.clone());
+        let next = DispatchNext::new(self.inner.layers.clone(), self.inner.publish.clone());
+        next.run(dispatch).await.map(|()| {
+            slot.get().cloned().unwrap_or(Receipt { id, sequence: None, duplicate: false })
         })
     }
 }
@@ -283,28 +328,51 @@ impl Publisher {
 
     /// Publishes a prepared dispatch and tells the observers how it went, timed from
     /// `started` (taken before it was prepared).
-    async fn send(
+    ///
+    /// A plain task (no guard, not tracked) is stored by a future that holds only its
+    /// message; the others' futures are boxed (see [`Client::run`]).
+    fn send(
         &self,
         prepared: Result<Prepared, Rejected>,
         started: Option<Instant>,
-    ) -> Result<Receipt, DispatchError> {
-        let (result, about) = match prepared {
-            Ok(Prepared { message, marker, guard, about, id, track }) => {
-                let replaces = self.debounced_schedule(&message).await;
-                let marker = marker.zip(guard);
-                let stored = match track {
-                    None => self.store(message, marker, &about, id).await,
-                    Some(track) => self.store_tracked(message, marker, &about, id, track).await,
-                };
-                if let (Ok(receipt), Some(replaced)) = (&stored, replaces) {
-                    if replaced != receipt.id {
-                        crate::track::client::replaced(&self.tracker, &replaced).await;
-                    }
-                }
-                (stored, about)
+    ) -> impl Future<Output = Result<Receipt, DispatchError>> + Send + '_ {
+        enum Route<'a> {
+            Plain(Outgoing, About, String),
+            Special(futures_util::future::BoxFuture<'a, (Result<Receipt, DispatchError>, About)>),
+            Refused(DispatchError, About),
+        }
+        let route = match prepared {
+            Ok(Prepared { message, marker: None, guard: None, about, id, track: None }) => {
+                Route::Plain(message, about, id)
             }
-            Err(Rejected { error, about }) => (Err(error), about),
+            Ok(Prepared { message, marker, guard, about, id, track }) => {
+                Route::Special(Box::pin(async move {
+                    let marker = marker.zip(guard);
+                    (self.store_special(message, marker, &about, id, track).await, about)
+                }))
+            }
+            Err(Rejected { error, about }) => Route::Refused(error, about),
         };
+        async move {
+            let (result, about) = match route {
+                Route::Plain(message, about, id) => {
+                    (self.store_plain(message, &about, id).await, about)
+                }
+                Route::Special(storing) => storing.await,
+                Route::Refused(error, about) => (Err(error), about),
+            };
+            self.observe(started, &about, &result);
+            result
+        }
+    }
+
+    /// Tells the observers how a dispatch went, if they want to know.
+    fn observe(
+        &self,
+        started: Option<Instant>,
+        about: &About,
+        result: &Result<Receipt, DispatchError>,
+    ) {
         if let Some(started) = started {
             self.observers.dispatched(&Dispatched {
                 queue: &about.queue,
@@ -314,7 +382,30 @@ impl Publisher {
                 error: result.as_ref().err(),
             });
         }
-        result
+    }
+
+    /// Stores a task with a guard or a tracking record (see [`store`](Self::store) and
+    /// [`store_tracked`](Self::store_tracked)); a debounced task records the tracked task it
+    /// replaced as cancelled.
+    async fn store_special(
+        &self,
+        message: Outgoing,
+        marker: Option<(Outgoing, Box<Guard>)>,
+        about: &About,
+        id: String,
+        track: Option<TrackedDispatch>,
+    ) -> Result<Receipt, DispatchError> {
+        let replaces = self.debounced_schedule(&message).await;
+        let stored = match track {
+            None => self.store(message, marker, about, id).await,
+            Some(track) => self.store_tracked(message, marker, about, id, track).await,
+        };
+        if let (Ok(receipt), Some(replaced)) = (&stored, replaces) {
+            if replaced != receipt.id {
+                crate::track::client::replaced(&self.tracker, &replaced).await;
+            }
+        }
+        stored
     }
 
     /// For a debounced task, the id of the tracked task whose schedule it is about to
@@ -370,9 +461,19 @@ impl Publisher {
         about: &About,
         id: String,
     ) -> Result<Receipt, DispatchError> {
-        if let Some((marker, guard)) = marker {
-            return self.store_guarded(marker, message, &guard, about, id).await;
+        match marker {
+            Some((marker, guard)) => self.store_guarded(marker, message, &guard, about, id).await,
+            None => self.store_plain(message, about, id).await,
         }
+    }
+
+    /// Stores a task alone, by a plain publish awaiting the server's ack.
+    async fn store_plain(
+        &self,
+        message: Outgoing,
+        about: &About,
+        id: String,
+    ) -> Result<Receipt, DispatchError> {
         let Outgoing { subject, headers, payload } = message;
         let message = PublishMessage::build().payload(payload).headers(headers);
         let ack = self
@@ -482,5 +583,53 @@ impl ClientBuilder {
             .boxed()
         });
         Ok(Client { inner: Arc::new(Inner { layers: self.layers.into(), publisher, publish }) })
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client whose connection never comes up: enough to build futures, not to send.
+    async fn offline_client() -> (Client, jetstream::Context) {
+        let connection = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("a client that retries in the background");
+        let js = jetstream::new(connection);
+        let stream = StreamSettings::default();
+        let publisher = Arc::new(Publisher {
+            js: js.clone(),
+            stream: stream.clone(),
+            schedules: true,
+            atomic: true,
+            ttl: true,
+            propagator: None,
+            observers: Observers::default(),
+            tracker: Arc::new(Tracker::new(js.clone(), stream)),
+        });
+        let end = publisher.clone();
+        let publish: DispatchFinal = Arc::new(move |dispatch: Dispatch| {
+            let publisher = end.clone();
+            async move { publisher.publish(dispatch).await.map(drop) }.boxed()
+        });
+        let inner = Inner { layers: Arc::from(Vec::new()), publisher, publish };
+        (Client { inner: Arc::new(inner) }, js)
+    }
+
+    /// A plain dispatch's future is moved whole wherever callers keep it (`join_all`,
+    /// `buffer_unordered`, a spawned task): it must stay near the size of async-nats' own
+    /// publish future, not carry the state of the guarded, tracked and middleware paths.
+    #[tokio::test]
+    async fn a_dispatch_future_stays_small() {
+        let (client, js) = offline_client().await;
+        let publish = js.publish("natasks.default", bytes::Bytes::new());
+        let dispatch = client.dispatch(Task::new("t", "x"), "q");
+        let (publish, dispatch) =
+            (std::mem::size_of_val(&publish), std::mem::size_of_val(&dispatch));
+        assert!(
+            dispatch <= 2 * publish,
+            "a dispatch future takes {dispatch} bytes, async-nats' publish future {publish}"
+        );
     }
 }
