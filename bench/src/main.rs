@@ -248,7 +248,7 @@ struct Row {
 }
 
 async fn run(options: Options) -> Result<(), BoxError> {
-    let (_server, url) = match std::env::var("NATS_URL") {
+    let (server, url) = match std::env::var("NATS_URL") {
         Ok(url) if !url.is_empty() => (None, url),
         _ => {
             let server = NatsServer::start().await;
@@ -256,7 +256,7 @@ async fn run(options: Options) -> Result<(), BoxError> {
             (Some(server), url)
         }
     };
-    let env = Env::connect(&url).await?;
+    let env = Env::connect(&url, server.as_ref().and_then(NatsServer::pid)).await?;
     eprintln!(
         "natasks-bench: server {} at {url}; {} round(s), {} tasks per run, {} CPU(s), load average {}",
         env.server_version(),
@@ -514,17 +514,7 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
                     " {label}_p50_ms={p50:.0} {label}_p99_ms={p99:.0} {label}_max_ms={max:.0}"
                 ));
             }
-            let mut keys: Vec<&str> = Vec::new();
-            for (key, _) in samples.iter().flat_map(|s| &s.extra) {
-                if !keys.contains(&key.as_str()) {
-                    keys.push(key);
-                }
-            }
-            for key in keys {
-                let values = samples.iter().flat_map(|s| &s.extra).filter(|(k, _)| k == key);
-                let value = median(values.map(|(_, v)| *v));
-                line.push_str(&format!(" {label}_{key}={}", decimals(value)));
-            }
+            line.push_str(&extra_fields(label, samples));
             let allocs: Vec<_> = samples.iter().filter_map(|s| s.allocs.as_ref()).collect();
             if !allocs.is_empty() {
                 line.push_str(&format!(
@@ -612,6 +602,27 @@ fn print_report(rows: &[Row], memory: Option<&workloads::MemoryReport>) {
     }
 }
 
+/// The samples' extra figures, each as ` <label>_<key>=<median>`, in first-seen order.
+fn extra_fields(label: &str, samples: &[Sample]) -> String {
+    let mut keys: Vec<&str> = Vec::new();
+    for (key, _) in samples.iter().flat_map(|s| &s.extra) {
+        if !keys.contains(&key.as_str()) {
+            keys.push(key);
+        }
+    }
+    let mut fields = String::new();
+    for key in keys {
+        fields.push_str(&format!(" {label}_{key}={}", decimals(extra_median(samples, key))));
+    }
+    fields
+}
+
+/// The median of the samples' extra figure `key` (0 when none has it).
+fn extra_median(samples: &[Sample], key: &str) -> f64 {
+    let values = samples.iter().flat_map(|s| &s.extra).filter(|(k, _)| k == key);
+    median(values.map(|(_, v)| *v))
+}
+
 /// The `workload=` line of a process workload, and its `peer=` line if the peer ran.
 fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
     let cpu = |samples: &[Sample]| median(samples.iter().filter_map(|s| s.cpu_us_per_task));
@@ -632,13 +643,16 @@ fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
     if let Ok(batch) = std::env::var("RAW_FETCH_BATCH") {
         line.push_str(&format!(" raw_fetch_batch={batch}"));
     }
+    line.push_str(&extra_fields("natasks", &row.natasks));
+    line.push_str(&extra_fields("raw", &row.raw));
     let mut lines = vec![line];
     if !row.apalis.is_empty() {
         lines.push(format!(
-            "peer=apalis workload={} per_s={:.0} cpu_us_per_task={:.2}",
+            "peer=apalis workload={} per_s={:.0} cpu_us_per_task={:.2}{}",
             row.workload,
             median(row.apalis.iter().map(|s| s.per_s)),
-            cpu(&row.apalis)
+            cpu(&row.apalis),
+            extra_fields("apalis", &row.apalis)
         ));
     }
     lines
@@ -677,6 +691,7 @@ fn print_process_table(rows: &[Row]) {
         Err(_) => "max(2N, 64), natasks' fetch_batch".to_owned(),
     };
     println!("  CPU = the worker process's threads (user+system), over the measured interval; raw = async-nats messages() + for_each_concurrent(N) in one task, pull batches of {batch}");
+    print_system_costs(&rows);
     if rows.iter().all(|r| r.apalis.is_empty()) {
         return;
     }
@@ -702,6 +717,43 @@ fn print_process_table(rows: &[Row]) {
     println!("  apalis 1.0 with apalis-nats 0.1 (async-nats 0.50), its own process: typed handler, .concurrency(N), reading the same stream and subject through its Config,");
     println!("  consumer settings as natasks'; it pulls batches of 200 (async-nats' messages() default; apalis-nats exposes no batch setting)");
     println!("  tasks reach it by raw publishes awaiting each ack: apalis-nats' own push does not await the broker's ack (and publishes to a subject named after the stream)");
+}
+
+/// Where the CPU of a process workload went, per task: the worker process, the
+/// dispatching process (e2e) and the server (when this process started it). On a machine
+/// whose cores they share, their sum is what bounds the throughput.
+fn print_system_costs(rows: &[&Row]) {
+    let server = "server_cpu_us_per_task";
+    let dispatcher = "dispatcher_cpu_us_per_task";
+    if !rows.iter().any(|r| r.natasks.iter().any(|s| s.extra.iter().any(|(k, _)| k == server))) {
+        return;
+    }
+    println!();
+    println!(
+        "{:<24} {:<8} {:>8} {:>11} {:>8} {:>8}",
+        "CPU µs per task", "", "worker", "dispatcher", "server", "total"
+    );
+    println!("{}", "-".repeat(72));
+    for row in rows {
+        for (label, samples) in
+            [("natasks", &row.natasks), ("raw", &row.raw), ("apalis", &row.apalis)]
+        {
+            if samples.is_empty() {
+                continue;
+            }
+            let worker = median(samples.iter().filter_map(|s| s.cpu_us_per_task));
+            let (d, s) = (extra_median(samples, dispatcher), extra_median(samples, server));
+            let shown = |v: f64| if v > 0.0 { format!("{v:.2}") } else { "-".to_owned() };
+            println!(
+                "{:<24} {label:<8} {worker:>8.2} {:>11} {:>8} {:>8.2}",
+                row.workload,
+                shown(d),
+                shown(s),
+                worker + d + s
+            );
+        }
+    }
+    println!("  dispatcher = this process while it dispatches (e2e_process_*: natasks Client, raw and apalis raw publishes); server = nats-server's threads");
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

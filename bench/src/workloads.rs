@@ -120,6 +120,8 @@ pub struct Env {
     url: String,
     next: AtomicU64,
     run_id: String,
+    /// The server's process, when this process started it (its CPU time is read).
+    server_pid: Option<u32>,
 }
 
 /// The stream and subjects of one run.
@@ -131,12 +133,21 @@ struct Layout {
 }
 
 impl Env {
-    pub async fn connect(url: &str) -> Res<Self> {
+    /// Connects to the server at `url`; `server_pid` is its process when this process
+    /// started it, for the server's CPU time per task in the process workloads.
+    pub async fn connect(url: &str, server_pid: Option<u32>) -> Res<Self> {
         let publish = jetstream::new(async_nats::connect(url).await?);
         let consume = jetstream::new(async_nats::connect(url).await?);
         let run_id =
             format!("{}_{}", std::process::id(), nuid::next().as_str().get(..6).unwrap_or("x"));
-        Ok(Self { publish, consume, url: url.to_owned(), next: AtomicU64::new(0), run_id })
+        Ok(Self {
+            publish,
+            consume,
+            url: url.to_owned(),
+            next: AtomicU64::new(0),
+            run_id,
+            server_pid,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -214,15 +225,28 @@ impl Dispatcher {
 
     /// Publishes one task (due at `due` if given) and waits for the server's ack.
     async fn one(&self, due: Option<SystemTime>) -> Res<()> {
+        match self.imp {
+            Impl::Natasks => self.natasks(due).await,
+            Impl::Raw => self.raw(due).await,
+            Impl::Apalis => Err("apalis dispatches only in its own process".into()),
+        }
+    }
+
+    /// One task with the natasks `Client`.
+    async fn natasks(&self, due: Option<SystemTime>) -> Res<()> {
+        let task = Task::new(TASK_NAME, Bytes::from_static(PAYLOAD));
+        match due {
+            None => self.client.dispatch(task, QUEUE).await?,
+            Some(at) => self.client.dispatch_at(task, QUEUE, at).await?,
+        };
+        Ok(())
+    }
+
+    /// One task by a raw JetStream publish.
+    async fn raw(&self, due: Option<SystemTime>) -> Res<()> {
         let payload = Bytes::from_static(PAYLOAD);
-        match (self.imp, due) {
-            (Impl::Natasks, None) => {
-                self.client.dispatch(Task::new(TASK_NAME, payload), QUEUE).await?;
-            }
-            (Impl::Natasks, Some(at)) => {
-                self.client.dispatch_at(Task::new(TASK_NAME, payload), QUEUE, at).await?;
-            }
-            (Impl::Raw, None) => {
+        match due {
+            None => {
                 self.js
                     .publish_with_headers(
                         self.layout.subject.clone(),
@@ -232,7 +256,7 @@ impl Dispatcher {
                     .await?
                     .await?;
             }
-            (Impl::Raw, Some(at)) => {
+            Some(at) => {
                 let mut headers = self.headers.clone();
                 let at = OffsetDateTime::from(at).format(&Rfc3339)?;
                 headers.insert("Nats-Schedule", format!("@at {at}").as_str());
@@ -245,20 +269,32 @@ impl Dispatcher {
                 );
                 self.js.publish_with_headers(subject, headers, payload).await?.await?;
             }
-            (Impl::Apalis, _) => return Err("apalis dispatches only in its own process".into()),
         }
         Ok(())
     }
 
-    /// Publishes `n` tasks with `in_flight` publishes outstanding.
+    /// Publishes `n` tasks with `in_flight` publishes outstanding. Each implementation's
+    /// publishes are futures of their own type and size: `buffer_unordered` moves every
+    /// one into place, and neither should pay for the size of the other's.
     async fn many(&self, n: usize, in_flight: usize, due: Option<SystemTime>) -> Res<()> {
-        let mut results =
-            futures_util::stream::iter(0..n).map(|_| self.one(due)).buffer_unordered(in_flight);
-        while let Some(result) = results.next().await {
-            result?;
+        let tasks = futures_util::stream::iter(0..n);
+        match self.imp {
+            Impl::Natasks => {
+                settle(tasks.map(|_| self.natasks(due)).buffer_unordered(in_flight)).await
+            }
+            Impl::Raw => settle(tasks.map(|_| self.raw(due)).buffer_unordered(in_flight)).await,
+            Impl::Apalis => Err("apalis dispatches only in its own process".into()),
         }
-        Ok(())
     }
+}
+
+/// Awaits every publish of `results`, stopping at the first error.
+async fn settle(results: impl futures_util::Stream<Item = Res<()>>) -> Res<()> {
+    let mut results = std::pin::pin!(results);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
 }
 
 /// Counts processed tasks and wakes the waiter at the target.

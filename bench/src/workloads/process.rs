@@ -120,9 +120,14 @@ pub async fn drain(
         let mut worker = WorkerProcess::spawn(env, imp, apalis, &layout, shape, job)?;
         worker.expect("ready", SETUP_LIMIT).await?;
         let cpu = ChildCpu::now(worker.pid)?;
+        let server = env.server_pid.map(ChildCpu::now).transpose()?;
         worker.send("go").await?;
         let done = worker.expect("done", limit_for(n)).await?;
         let cpu_us_per_task = cpu.us_per_task(n)?;
+        let mut extra = Vec::new();
+        if let Some(server) = server {
+            extra.push(("server_cpu_us_per_task".to_owned(), server.us_per_task(n)?));
+        }
         worker.all_acked(env, &layout).await?;
         worker.stop().await?;
 
@@ -140,6 +145,7 @@ pub async fn drain(
             per_s: n as f64 / (elapsed_ns / 1e9),
             cpu_us_per_task: Some(cpu_us_per_task),
             allocs,
+            extra,
             ..Default::default()
         })
     })
@@ -165,23 +171,32 @@ pub async fn e2e(
         worker.expect("ready", SETUP_LIMIT + limit_for(warmup)).await?;
 
         let cpu = ChildCpu::now(worker.pid)?;
+        let dispatching = ChildCpu::now(std::process::id())?;
+        let server = env.server_pid.map(ChildCpu::now).transpose()?;
         let start = Instant::now();
         let publishing =
             tokio::spawn(async move { dispatcher.many(n, DISPATCH_IN_FLIGHT, None).await });
         let done = worker.expect("done", limit_for(n)).await;
         let elapsed = start.elapsed();
         let cpu_us_per_task = cpu.us_per_task(n);
+        let dispatch_cpu = dispatching.us_per_task(n);
+        let server_cpu = server.map(|server| server.us_per_task(n)).transpose();
         if done.is_err() {
             publishing.abort();
         }
         done?;
         publishing.await??;
         let cpu_us_per_task = cpu_us_per_task?;
+        let mut extra = vec![("dispatcher_cpu_us_per_task".to_owned(), dispatch_cpu?)];
+        if let Some(server_cpu) = server_cpu? {
+            extra.push(("server_cpu_us_per_task".to_owned(), server_cpu));
+        }
         worker.all_acked(env, &layout).await?;
         worker.stop().await?;
         Ok(Sample {
             per_s: n as f64 / elapsed.as_secs_f64(),
             cpu_us_per_task: Some(cpu_us_per_task),
+            extra,
             ..Default::default()
         })
     })
