@@ -161,14 +161,22 @@ async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
         .await
         .unwrap();
     let running = spawn(worker);
+    let mut acks = js.client().subscribe("$JS.ACK.>").await.unwrap();
     let chain = Chain::new("again")
         .then(Task::json("first", &1u64).unwrap(), QUEUE)
         .then(Task::new("second", ""), QUEUE);
     let receipt = client.dispatch_workflow(chain).await.unwrap();
     let taken = shrunk.recv().await;
     assert!(taken.contains(".>"), "{taken}");
-    // Long enough for every try of the first delivery to fail.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every try of the first delivery fails: it hands the step back to come again.
+    let handed_back = tokio::time::timeout(DEADLINE, async {
+        while let Some(ack) = futures_util::StreamExt::next(&mut acks).await {
+            if ack.payload.starts_with(b"-NAK") {
+                return;
+            }
+        }
+    });
+    handed_back.await.expect("the first delivery was not handed back");
     markers(&js, Some(taken)).await;
     let last: u64 = client.wait(&receipt.steps[1], DEADLINE).await.expect("the next step ran");
     assert_eq!(last, 20);
