@@ -413,3 +413,53 @@ async fn weighted_shares_hold_with_handlers_that_finish_at_once() {
         );
     }
 }
+
+/// A graceful stop of an idle worker serving several queues waits for the pull requests it
+/// already sent to end; meanwhile it wakes for what the server sends (heartbeats, the
+/// requests' end) and for the requests' expiry, not on a timer of its own. The worker runs
+/// on a runtime of one thread whose parks count its wakeups.
+#[tokio::test]
+async fn an_idle_stop_waits_for_its_requests_without_polling() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    Client::new(js.clone()).await.unwrap();
+    let mut requests = js.client().subscribe("$JS.API.CONSUMER.MSG.NEXT.>").await.unwrap();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let url = server.url();
+    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+    let run = runtime.spawn(async move {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let worker = Worker::builder(js, "high")
+            .queue("low", 1)
+            .fetch_timeout(Duration::from_secs(4))
+            .handle("job", |_: Task| async { Ok::<_, HandlerError>(()) })
+            .build()
+            .await
+            .unwrap();
+        handle_tx.send(worker.shutdown_handle()).unwrap();
+        worker.run().await
+    });
+    let handle = tokio::time::timeout(DEADLINE, handle_rx).await.unwrap().unwrap();
+    // Stopped as soon as both queues' first requests are out: the stop lasts about as
+    // long as a request (4 s).
+    let mut asked = std::collections::HashSet::new();
+    while asked.len() < 2 {
+        let request = tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut requests))
+            .await
+            .expect("a pull request from each queue")
+            .unwrap();
+        asked.insert(request.subject.to_string());
+    }
+    let parks = || runtime.metrics().worker_park_count(0);
+    let (before, stopping) = (parks(), Instant::now());
+    handle.shutdown();
+    tokio::time::timeout(DEADLINE, run).await.expect("stopped in time").unwrap().unwrap();
+    let (wakeups, took) = (parks() - before, stopping.elapsed());
+    runtime.shutdown_background();
+    println!("idle stop: {wakeups} wakeups in {took:?}");
+    assert!(took > Duration::from_secs(2), "the stop waited for the requests: {took:?}");
+    // Heartbeats (a second apart) of two requests, and a few more; a timer every 100 ms
+    // makes over a hundred.
+    assert!(wakeups <= 20, "{wakeups} wakeups in {took:?}");
+}

@@ -278,3 +278,91 @@ async fn a_rate_limited_task_name_does_not_hold_the_other_tasks_back() {
     assert!(apis <= 6, "at most one rate-limited start a second: {apis}");
     running.stop().await.unwrap();
 }
+
+/// Tasks a worker already held when its queue was paused wait with their leases renewed
+/// once per `progress_interval`, not at every look at whether the pause ended, and start
+/// on their first attempt once the queue is resumed.
+#[tokio::test]
+async fn held_tasks_of_a_paused_queue_renew_their_leases_once_per_interval() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    // The worker's replies come under a prefix of their own: the test hears when the
+    // worker has read the pause.
+    let worker_client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_WORKER")
+        .connect(server.url())
+        .await
+        .unwrap();
+    let mut worker_replies = js.client().subscribe("_WORKER.>").await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut seen = Seen::new();
+    let interval = Duration::from_secs(1);
+    let worker = Worker::builder(async_nats::jetstream::new(worker_client), "mail")
+        .concurrency(2)
+        .fetch_batch(6)
+        .ack_wait(Duration::from_secs(3))
+        .progress_interval(interval)
+        .handle("block", {
+            let gate = gate.clone();
+            move |_: Task| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    Ok::<_, HandlerError>(())
+                }
+            }
+        })
+        .handle("send", starts(seen.tx.clone()))
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    // Two tasks take both slots; four more wait in the worker, prefetched.
+    for _ in 0..2 {
+        client.dispatch(Task::new("block", ""), "mail").await.unwrap();
+    }
+    for i in 0..4 {
+        client.dispatch(Task::new("send", format!("held-{i}")), "mail").await.unwrap();
+    }
+    eventually(DEADLINE, "the worker to hold all six tasks", || async {
+        admin.queue("mail").await.unwrap().in_flight == 6
+    })
+    .await;
+    admin.pause("mail", None).await.unwrap();
+    let heard = tokio::time::timeout(DEADLINE, async {
+        while let Some(reply) = futures_util::StreamExt::next(&mut worker_replies).await {
+            if reply.payload.windows(13).any(|w| w == b"\"paused\":true") {
+                return;
+            }
+        }
+    });
+    heard.await.expect("the worker did not read the pause");
+
+    // The held tasks get the slots and wait for the resume; their acks are counted.
+    let mut acks = js.client().subscribe("$JS.ACK.>").await.unwrap();
+    gate.add_permits(2);
+    let window = Duration::from_secs(3);
+    let counting = tokio::time::Instant::now();
+    let mut renewals: BTreeMap<String, usize> = BTreeMap::new();
+    while let Ok(Some(ack)) =
+        tokio::time::timeout_at(counting + window, futures_util::StreamExt::next(&mut acks)).await
+    {
+        if &ack.payload[..] == b"+WPI" {
+            *renewals.entry(ack.subject.to_string()).or_default() += 1;
+        }
+    }
+    println!("lease renewals per held task over {window:?}: {:?}", renewals.values());
+    assert_eq!(seen.recv_within(Duration::ZERO).await, None, "a paused queue starts nothing");
+    let most = (window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize + 1;
+    assert!(
+        renewals.values().all(|&n| n <= most),
+        "at most {most} renewals per task in {window:?}: {renewals:?}"
+    );
+
+    admin.resume("mail").await.unwrap();
+    let got = seen.take(4, DEADLINE).await;
+    assert!(got.iter().all(|(_, attempt)| *attempt == 1), "no lease lapsed: {got:?}");
+    running.stop().await.unwrap();
+}

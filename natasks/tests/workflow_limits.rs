@@ -161,14 +161,22 @@ async fn a_step_delivered_again_after_its_end_is_recorded_is_not_run_again() {
         .await
         .unwrap();
     let running = spawn(worker);
+    let mut acks = js.client().subscribe("$JS.ACK.>").await.unwrap();
     let chain = Chain::new("again")
         .then(Task::json("first", &1u64).unwrap(), QUEUE)
         .then(Task::new("second", ""), QUEUE);
     let receipt = client.dispatch_workflow(chain).await.unwrap();
     let taken = shrunk.recv().await;
     assert!(taken.contains(".>"), "{taken}");
-    // Long enough for every try of the first delivery to fail.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every try of the first delivery fails: it hands the step back to come again.
+    let handed_back = tokio::time::timeout(DEADLINE, async {
+        while let Some(ack) = futures_util::StreamExt::next(&mut acks).await {
+            if ack.payload.starts_with(b"-NAK") {
+                return;
+            }
+        }
+    });
+    handed_back.await.expect("the first delivery was not handed back");
     markers(&js, Some(taken)).await;
     let last: u64 = client.wait(&receipt.steps[1], DEADLINE).await.expect("the next step ran");
     assert_eq!(last, 20);
@@ -200,6 +208,53 @@ async fn a_chain_running_longer_than_its_retention_completes() {
     let last: u64 = client.wait(&receipt.steps[2], DEADLINE).await.expect("the last step ran");
     assert_eq!(last, 3);
     running.stop().await.unwrap();
+}
+
+/// A step running longer than its workflow's retention keeps the plan alive through its
+/// lease renewals, so the next step is still dispatched; but it keeps the plan only once
+/// a third of the retention has passed, and does not read it at every renewal.
+#[tokio::test]
+async fn a_step_outliving_its_retention_keeps_the_plan_without_reading_it_at_every_renewal() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let slow = |Json(n): Json<u64>| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok::<_, HandlerError>(n + 1)
+    };
+    let quick = |Json(n): Json<u64>| async move { Ok::<_, HandlerError>(n * 10) };
+    let worker = Worker::builder(js.clone(), QUEUE)
+        .ack_wait(Duration::from_secs(1))
+        .progress_interval(Duration::from_millis(100))
+        .handle("slow", slow)
+        .handle("quick", quick)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    // Every JetStream API request naming a workflow's plan (`wf.<id>`) is a read of it.
+    let mut requests = js.client().subscribe("$JS.API.>").await.unwrap();
+    let retention = Duration::from_secs(2);
+    let chain = Chain::new("renewed")
+        .then(Task::json("slow", &0u64).unwrap().tracked_for(retention), QUEUE)
+        .then(Task::new("quick", "").tracked_for(retention), QUEUE);
+    let receipt = client.dispatch_workflow(chain).await.unwrap();
+    let last: u64 = client.wait(&receipt.steps[1], DEADLINE).await.expect("the next step ran");
+    assert_eq!(last, 10);
+    running.stop().await.unwrap();
+    let mut reads = 0;
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::ZERO, futures_util::StreamExt::next(&mut requests)).await
+    {
+        let names_plan = |text: &[u8]| text.windows(3).any(|w| w == b"wf.");
+        if names_plan(request.subject.as_bytes()) || names_plan(&request.payload) {
+            reads += 1;
+        }
+    }
+    // 30 renewals of the first step: one read as it starts and one per third of the
+    // retention (about 5), and a few as the steps end and start.
+    println!("plan reads during a 3 s step renewed every 100 ms: {reads}");
+    assert!(reads <= 12, "the plan was read {reads} times");
 }
 
 /// A step's task dispatched again by its handler is a plain task, not a second copy of

@@ -104,6 +104,7 @@ impl WorkerTracking {
             revision: 0,
             stale: false,
             step,
+            plan_kept_until: None,
         })
     }
 
@@ -171,6 +172,9 @@ pub(crate) struct Attempt<'a> {
     stale: bool,
     /// The workflow step the task is, if any.
     step: Option<StepRef>,
+    /// Until when the step's workflow plan needs no keeping (`None`: look at the next
+    /// renewal): renewals before then do not read the plan.
+    plan_kept_until: Option<std::time::Instant>,
 }
 
 /// Whether a tracked attempt may run.
@@ -292,10 +296,14 @@ impl Attempt<'_> {
     }
 
     /// A workflow's plan lives as long as the records of its steps.
-    async fn keep_plan(&self) {
-        if let Some(step) = &self.step {
-            crate::workflow::keep_plan(&self.tracking.tracker, &step.workflow).await;
+    async fn keep_plan(&mut self) {
+        let Some(step) = &self.step else { return };
+        let now = std::time::Instant::now();
+        if self.plan_kept_until.is_some_and(|until| now < until) {
+            return;
         }
+        let kept = crate::workflow::keep_plan(&self.tracking.tracker, &step.workflow).await;
+        self.plan_kept_until = kept.and_then(|kept| now.checked_add(kept));
     }
 
     /// The worker renewed the lease: the record shows the new end.

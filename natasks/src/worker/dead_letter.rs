@@ -50,9 +50,9 @@ pub(super) async fn settle(
     // wait for its acknowledgement longer than the ack wait.
     let (client, reply) = (&inner.client, delivery.reply);
     renew(client, reply).await;
-    let renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
+    let mut renewing = Lease { since: tokio::time::Instant::now(), abandon: lease.abandon };
     let period = inner.settings.progress_interval;
-    match renew_lease_until(client, reply, stored, period, &renewing).await {
+    match renew_lease_until(client, reply, stored, period, &mut renewing).await {
         Some(Ok(())) => {
             tracing::warn!(%reason, error, dlq = %inner.settings.dlq_queue, "task dead-lettered");
             span_event(inner, "task dead-lettered", error);

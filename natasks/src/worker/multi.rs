@@ -269,11 +269,20 @@ pub(super) async fn run(lanes: Arc<Lanes>, shutdown: CancellationToken) -> Resul
                     if pullers.iter().all(Puller::exhausted) {
                         break;
                     }
+                    // Woken by what the server sends, or when the requests have expired
+                    // even if their end was not heard.
+                    let expired = pullers.iter().filter_map(Puller::expiry_deadline).min();
+                    let expired = async {
+                        match expired {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         biased;
                         () = tokio::time::sleep_until(limit) => break,
                         tended = tend_any(&mut pullers, period) => if tended.is_err() { break },
-                        () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        () = expired => {}
                     }
                 }
                 hand_back_all(pullers, FLUSH_LIMIT).await;

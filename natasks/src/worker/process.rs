@@ -128,7 +128,7 @@ async fn process_parts(
     // Built in the call that wraps it, not bound first: see `traced`.
     let outcome = traced(
         async {
-            let lease = Lease { since: leased_at, abandon: &abandon };
+            let mut lease = Lease { since: leased_at, abandon: &abandon };
             let delivery = Received {
                 reply: &reply,
                 payload: &payload,
@@ -147,7 +147,7 @@ async fn process_parts(
                 recorded: None,
             };
             let decided =
-                decide(&inner, &delivery, task_name, route, &lease, &mut tracked, &mut slot);
+                decide(&inner, &delivery, task_name, route, &mut lease, &mut tracked, &mut slot);
             let (outcome, kind) = match decided.await {
                 Some(settle) => {
                     let settle = match tracked.attempt {
@@ -232,7 +232,8 @@ fn process_span(queue: &str, task: &str, attempt: u64, sequence: u64) -> tracing
 }
 
 /// The task's lease: when it began (delivery or last renewal), and the signal that
-/// shutdown gave up waiting for the task.
+/// shutdown gave up waiting for the task. Each renewal moves `since`, so that successive
+/// waits (a pause, a rate, the handler) renew it on one schedule.
 pub(super) struct Lease<'a> {
     pub(super) since: tokio::time::Instant,
     pub(super) abandon: &'a CancellationToken,
@@ -346,7 +347,7 @@ async fn decide(
     delivery: &Received<'_>,
     task_name: Option<&str>,
     route: Option<(&Arc<str>, &BoxHandler)>,
-    lease: &Lease<'_>,
+    lease: &mut Lease<'_>,
     tracked: &mut Tracked<'_>,
     slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<Settle> {
@@ -510,22 +511,21 @@ async fn wait_for_limits(
     inner: &WorkerInner,
     reply: &Subject,
     name: &str,
-    lease: &Lease<'_>,
+    lease: &mut Lease<'_>,
     slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<()> {
     loop {
-        if inner.limits.paused() {
-            let recheck = tokio::time::Instant::now() + PAUSE_RECHECK;
-            wait_aside(inner, reply, lease, slot, recheck).await?;
-            continue;
-        }
-        if !inner.limits.active() {
+        let at = if inner.limits.paused() {
+            tokio::time::Instant::now() + PAUSE_RECHECK
+        } else if !inner.limits.active() {
             return Some(());
-        }
-        match inner.limits.acquire(name).await {
-            Permit::Go => return Some(()),
-            Permit::WaitUntil(at) => wait_aside(inner, reply, lease, slot, at).await?,
-        }
+        } else {
+            match inner.limits.acquire(name).await {
+                Permit::Go => return Some(()),
+                Permit::WaitUntil(at) => at,
+            }
+        };
+        wait_aside(inner, reply, lease, slot, at).await?;
     }
 }
 
@@ -533,15 +533,15 @@ fn handler_panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::msg(format!("handler panicked: {}", panic_message(panic)))
 }
 
-/// Drives a handler that did not finish on its first poll, renewing its lease every
-/// `period` from when the lease began (not from when the handler started); `None` when
-/// shutdown abandons it.
+/// Drives a handler (or a wait) that did not finish on its first poll, renewing its lease
+/// every `period` from when the lease began or was last renewed (not from when the handler
+/// started); `None` when shutdown abandons it.
 pub(super) async fn renew_lease_until<F: Future>(
     client: &Client,
     reply: &Subject,
     mut work: Pin<&mut F>,
     period: Duration,
-    lease: &Lease<'_>,
+    lease: &mut Lease<'_>,
 ) -> Option<F::Output> {
     let progress = tokio::time::sleep_until(lease.since + period);
     tokio::pin!(progress);
@@ -551,7 +551,8 @@ pub(super) async fn renew_lease_until<F: Future>(
             result = work.as_mut() => return Some(result),
             () = lease.abandon.cancelled() => return None,
             () = &mut progress => {
-                progress.as_mut().reset(tokio::time::Instant::now() + period);
+                lease.since = tokio::time::Instant::now();
+                progress.as_mut().reset(lease.since + period);
                 renew(client, reply).await;
             }
         }
@@ -562,18 +563,17 @@ pub(super) async fn renew_lease_until<F: Future>(
 /// heard at once, a pause's end by its time only when it comes).
 const PAUSE_RECHECK: Duration = Duration::from_millis(200);
 
-/// Waits until `at` with the task's lease renewed. Meanwhile its slot goes to other tasks
-/// if the worker's waiting room has space (at most `concurrency` tasks wait without a
-/// slot), and is taken back after; `None` when the worker stops or gives up on the task.
+/// Waits until `at`, and then while the queue is paused, with the task's lease renewed.
+/// Meanwhile its slot goes to other tasks if the worker's waiting room has space (at most
+/// `concurrency` tasks wait without a slot), and is taken back after; `None` when the
+/// worker stops or gives up on the task.
 async fn wait_aside(
     inner: &WorkerInner,
     reply: &Subject,
-    lease: &Lease<'_>,
+    lease: &mut Lease<'_>,
     slot: &mut Option<OwnedSemaphorePermit>,
     at: tokio::time::Instant,
 ) -> Option<()> {
-    let period = inner.settings.progress_interval;
-    let client = &inner.client;
     let room = inner.waiting_room.clone().try_acquire_owned().ok();
     let lent = match (&room, slot.take()) {
         (Some(_), Some(permit)) => {
@@ -586,16 +586,26 @@ async fn wait_aside(
             None
         }
     };
-    let wait = std::pin::pin!(tokio::time::sleep_until(at));
-    tokio::select! {
+    // One wait, the slot lent and the lease renewed throughout: looking again whether a
+    // pause ended neither renews the lease nor takes the slot back.
+    let waited = std::pin::pin!(async {
+        tokio::time::sleep_until(at).await;
+        while inner.limits.paused() {
+            tokio::time::sleep(PAUSE_RECHECK).await;
+        }
+        match lent {
+            Some(semaphore) => Some(semaphore.acquire_owned().await),
+            None => None,
+        }
+    });
+    let period = inner.settings.progress_interval;
+    let taken_back = tokio::select! {
         biased;
         // Stopping: the task goes back now rather than wait out the drain.
         () = inner.stopping.cancelled() => return None,
-        waited = renew_lease_until(client, reply, wait, period, lease) => waited?,
-    }
-    if let Some(semaphore) = lent {
-        let back = std::pin::pin!(semaphore.acquire_owned());
-        let permit = renew_lease_until(client, reply, back, period, lease).await?;
+        waited = renew_lease_until(&inner.client, reply, waited, period, lease) => waited?,
+    };
+    if let Some(permit) = taken_back {
         *slot = Some(permit.expect("the slot semaphore is never closed"));
     }
     drop(room);
@@ -608,7 +618,7 @@ async fn drive_live<F: Future>(
     inner: &WorkerInner,
     reply: &Subject,
     mut work: Pin<&mut F>,
-    lease: &Lease<'_>,
+    lease: &mut Lease<'_>,
     reports: &mut watch::Receiver<Option<ProgressReport>>,
     mut tracked: Option<&mut Attempt<'_>>,
 ) -> Option<F::Output> {
@@ -624,7 +634,8 @@ async fn drive_live<F: Future>(
             Ok(()) = reports.changed() => reports.borrow_and_update().clone(),
             () = &mut renewal => None,
         };
-        renewal.as_mut().reset(tokio::time::Instant::now() + period);
+        lease.since = tokio::time::Instant::now();
+        renewal.as_mut().reset(lease.since + period);
         renew(&inner.client, reply).await;
         if let Some(attempt) = tracked.as_deref_mut() {
             match report {

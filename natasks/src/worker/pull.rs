@@ -248,10 +248,17 @@ impl Puller {
         silent
     }
 
+    /// At shutdown, when no new request is sent: when the open requests will all have
+    /// expired (with a margin for the server's notice on its way); `None` without any.
+    pub(super) fn expiry_deadline(&self) -> Option<Instant> {
+        (self.outstanding > 0)
+            .then(|| self.last_request + self.expires + Duration::from_millis(500))
+    }
+
     /// At shutdown, when no new request is sent: forgets the requests once they have all
-    /// expired (with a margin for the server's notice on its way).
+    /// expired (see [`expiry_deadline`](Self::expiry_deadline)).
     pub(super) fn forget_if_expired(&mut self) {
-        if Instant::now() >= self.last_request + self.expires + Duration::from_millis(500) {
+        if self.expiry_deadline().is_some_and(|at| Instant::now() >= at) {
             self.outstanding = 0;
         }
     }

@@ -168,24 +168,32 @@ pub(crate) async fn write(
 /// passed since the plan was last written: called as a step starts and as its lease is
 /// renewed, so that the plan lives as long as the records of its steps, however long the
 /// workflow runs. Best effort: a plan changed meanwhile was kept anew by that change.
-pub(crate) async fn touch(tracker: &Tracker, id: &str) {
+///
+/// Returns how long from now the plan needs no keeping (until a third of its retention
+/// has passed since it was last written), so that renewals until then need not read it;
+/// `None` when that is not known (it could not be read or kept): look again next time.
+pub(crate) async fn touch(tracker: &Tracker, id: &str) -> Option<Duration> {
     #[derive(Deserialize)]
     struct Retention {
         retention: u64,
     }
-    let Ok(store) = tracker.store().await else { return };
-    let Ok(Some((value, revision, written))) = store.get_raw_dated(&key(id)).await else {
-        return;
-    };
-    let Ok(Retention { retention }) = serde_json::from_slice(&value) else { return };
-    let age = OffsetDateTime::now_utc() - written;
-    if age < time::Duration::seconds(i64::try_from(retention / 3).unwrap_or(i64::MAX)) {
-        return;
+    let store = tracker.store().await.ok()?;
+    let (value, revision, written) = store.get_raw_dated(&key(id)).await.ok()??;
+    let Retention { retention } = serde_json::from_slice(&value).ok()?;
+    let third = Duration::from_secs(retention) / 3;
+    // A write stamped ahead of this clock counts as written now.
+    let age = Duration::try_from(OffsetDateTime::now_utc() - written).unwrap_or_default();
+    if age < third {
+        return Some(third - age);
     }
     let ttl = Duration::from_secs(retention.max(1));
-    if let Err(err) = store.put_raw(&key(id), value, ttl, Some(revision)).await {
-        if !crate::track::is_conflict(&err) {
-            tracing::debug!(workflow = id, error = %err, "could not keep the workflow's plan");
+    match store.put_raw(&key(id), value, ttl, Some(revision)).await {
+        Ok(_) => Some(third),
+        Err(err) => {
+            if !crate::track::is_conflict(&err) {
+                tracing::debug!(workflow = id, error = %err, "could not keep the workflow's plan");
+            }
+            None
         }
     }
 }
