@@ -6,6 +6,7 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::output::say;
 use crate::{conn, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -117,9 +118,9 @@ pub async fn run(g: &Global, args: BatchArgs) -> Result<()> {
         output::json(&json!({ "dispatched": tasks.len(), "tasks": tasks }));
     } else {
         for (receipt, (queue, task)) in receipts.iter().zip(&queues) {
-            println!("dispatched {task} to queue {queue} (id {})", receipt.id);
+            say!("dispatched {task} to queue {queue} (id {})", receipt.id);
         }
-        println!("{} tasks stored together", receipts.len());
+        say!("{} tasks stored together", receipts.len());
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -140,18 +141,18 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             "unique_key": args.unique,
         }));
     } else if receipt.duplicate && (args.unique.is_some() || args.throttle.is_some()) {
-        println!("already queued: task {} on queue {queue} holds the key", receipt.id);
+        say!("already queued: task {} on queue {queue} holds the key", receipt.id);
     } else {
         let tracked = if args.track { ", tracked" } else { "" };
         match due {
-            Some(at) => println!(
+            Some(at) => say!(
                 "scheduled {} on queue {queue} for {} (id {}{tracked})",
                 args.task,
                 output::time(at),
                 receipt.id
             ),
             None => {
-                println!("dispatched {} to queue {queue} (id {}{tracked})", args.task, receipt.id)
+                say!("dispatched {} to queue {queue} (id {}{tracked})", args.task, receipt.id)
             }
         }
     }

@@ -15,7 +15,8 @@ use natasks::admin::{Admin, BulkOutcome, Filter, Selection, TaskDetail, TaskStat
 use serde_json::json;
 
 use crate::filter::FilterArgs;
-use crate::{conn, output, Error, Global, Result};
+use crate::output::{self, say};
+use crate::{conn, Error, Global, Result};
 
 const DEFAULT_LIMIT: usize = 100;
 
@@ -100,7 +101,7 @@ pub async fn run(g: &Global, cmd: DlqCommand) -> Result<()> {
             if g.json {
                 output::json(&json!({ "queue": queue, "purged": purged }));
             } else {
-                println!("purged {purged} dead letter(s) from {}", dlq_name(g, &queue));
+                say!("purged {purged} dead letter(s) from {}", dlq_name(g, &queue));
             }
             Ok(())
         }
@@ -142,7 +143,7 @@ async fn list(
         return Ok(());
     }
     if page.items.is_empty() {
-        println!("no dead letters for queue {queue}");
+        say!("no dead letters for queue {queue}");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = page
@@ -165,9 +166,9 @@ async fn list(
             let total =
                 admin.queue(queue).await.map_err(|e| conn::admin_error(g, &e))?.dead_letters;
             let rest = total.saturating_sub(page.items.len() as u64);
-            println!("... {rest} more (see --limit)");
+            say!("... {rest} more (see --limit)");
         }
-        (Some(next), Some(_)) => println!("... more (see --after {next})"),
+        (Some(next), Some(_)) => say!("... more (see --after {next})"),
         (None, _) => {}
     }
     Ok(())
@@ -219,21 +220,19 @@ pub fn print_detail(g: &Global, detail: &TaskDetail) {
         }));
         return;
     }
-    println!("Sequence: {}", detail.summary.sequence);
-    println!("Subject:  {}", detail.subject);
-    println!("State:    {}", detail.summary.state);
-    println!("Time:     {}", output::time(detail.summary.stored_at));
-    println!("Headers:");
+    say!("Sequence: {}", detail.summary.sequence);
+    say!("Subject:  {}", detail.subject);
+    say!("State:    {}", detail.summary.state);
+    say!("Time:     {}", output::time(detail.summary.stored_at));
+    say!("Headers:");
     for (k, v) in &detail.headers {
-        println!("  {k}: {v}");
+        say!("  {k}: {v}");
     }
-    println!("Payload ({} bytes):", detail.payload.len());
+    say!("Payload ({} bytes):", detail.payload.len());
+    // The payload keeps its lines; its control characters are shown escaped.
     match payload_json {
-        Some(value) => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON values always serialize")
-        ),
-        None => println!("{payload_text}"),
+        Some(value) => output::json(&value),
+        None => println!("{}", output::block(&payload_text)),
     }
 }
 
@@ -252,7 +251,7 @@ async fn bulk(g: &Global, admin: &Admin, args: &BulkArgs, what: Bulk) -> Result<
         Bulk::Delete => ("deleted", "deleting"),
     };
     if !g.json {
-        println!(
+        say!(
             "{verb} {} dead letter(s) from {}{}",
             outcome.done,
             dlq_name(g, &args.queue),

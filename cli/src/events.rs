@@ -45,8 +45,11 @@ pub async fn run(g: &Global, args: EventsArgs) -> Result<()> {
         let Some(event) = event else {
             return Err(Error::msg("the connection to the server closed"));
         };
-        let line =
-            if g.json { serde_json::to_string(&event).unwrap_or_default() } else { line(&event) };
+        let line = if g.json {
+            serde_json::to_value(&event).map(|v| output::json_text(&v, false)).unwrap_or_default()
+        } else {
+            output::safe(&line(&event)).into_owned()
+        };
         let mut out = std::io::stdout().lock();
         // A closed stdout (`natasks events | head`) ends the tail quietly.
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {

@@ -207,7 +207,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", output::safe(&err.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -15,6 +15,7 @@ use natasks::admin::ScheduleKind;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, dispatch, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -138,7 +139,7 @@ async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
         return Ok(());
     }
     if all.is_empty() {
-        println!("no periodic schedules and no pending delayed tasks");
+        say!("no periodic schedules and no pending delayed tasks");
         return Ok(());
     }
     let now = OffsetDateTime::now_utc();
@@ -203,10 +204,7 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
             "task": args.task,
         }));
     } else {
-        println!(
-            "{outcome} periodic schedule {}: {} to queue {queue}, {every}",
-            args.id, args.task
-        );
+        say!("{outcome} periodic schedule {}: {} to queue {queue}, {every}", args.id, args.task);
     }
     Ok(())
 }
@@ -226,7 +224,7 @@ async fn remove(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "removed": true }));
     } else {
-        println!("removed periodic schedule {id}");
+        say!("removed periodic schedule {id}");
     }
     Ok(())
 }
@@ -237,7 +235,7 @@ async fn cancel(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "cancelled": true }));
     } else {
-        println!("cancelled schedule {id}");
+        say!("cancelled schedule {id}");
     }
     Ok(())
 }

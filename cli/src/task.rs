@@ -11,6 +11,7 @@ use natasks::track::{CancelOutcome, Status, TaskState, TaskStatus, TrackErrorKin
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Subcommand)]
@@ -112,14 +113,14 @@ async fn status(g: &Global, id: &str) -> Result<()> {
     }
     match &status {
         Status::Known(s) => print_status(s),
-        Status::Expired => println!(
+        Status::Expired => say!(
             "task {id}: expired (its record's retention ran out; the bucket remembers that for {})",
             output::age(natasks::track::EXPIRED_MEMORY)
         ),
-        Status::Unknown => println!(
+        Status::Unknown => say!(
             "task {id}: unknown (nothing recorded: never dispatched with tracking, not recorded yet, or expired long ago)"
         ),
-        _ => println!("task {id}: {status:?}"),
+        _ => say!("task {id}: {status:?}"),
     }
     Ok(())
 }
@@ -179,7 +180,7 @@ fn print_status(s: &TaskStatus) {
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in rows {
-        println!("{key:<width$}  {value}");
+        say!("{key:<width$}  {value}");
     }
 }
 
@@ -242,7 +243,7 @@ async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
     match got {
         Ok(value) => {
             if g.json {
-                println!("{value}");
+                println!("{}", output::json_text(&value, false));
             } else {
                 output::json(&value);
             }
@@ -320,7 +321,7 @@ async fn cancel(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "outcome": label, "was": was }));
     } else if ok {
-        println!("{message}");
+        say!("{message}");
     }
     if ok {
         Ok(())

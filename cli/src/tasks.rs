@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::dlq::{finish, print_detail, run_bulk, Bulk};
 use crate::filter::{parse_state, FilterArgs};
+use crate::output::say;
 use crate::search::{summary_json, summary_row};
 use crate::{conn, output, Global, Result};
 
@@ -68,13 +69,13 @@ pub async fn run(g: &Global, cmd: TasksCommand) -> Result<()> {
                 return Ok(());
             }
             if page.items.is_empty() {
-                println!("no {state} tasks on queue {queue}");
+                say!("no {state} tasks on queue {queue}");
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = page.items.iter().map(summary_row).collect();
             output::table(&["SEQ", "QUEUE", "STATE", "TASK", "STORED", "LAST ERROR"], &rows);
             if let Some(next) = page.next {
-                println!("... more (see --after {next})");
+                say!("... more (see --after {next})");
             }
             Ok(())
         }
@@ -94,7 +95,7 @@ pub async fn run(g: &Global, cmd: TasksCommand) -> Result<()> {
             let admin = conn::admin(g).await?;
             let outcome = run_bulk(g, &queue, state, &selection, Bulk::Delete, &admin).await?;
             if !g.json {
-                println!("deleted {} {state} task(s) from queue {queue}", outcome.done);
+                say!("deleted {} {state} task(s) from queue {queue}", outcome.done);
             }
             finish(&outcome, "deleting")
         }

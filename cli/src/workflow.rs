@@ -5,6 +5,7 @@ use clap::Subcommand;
 use natasks::workflow::{StepStatus, WorkflowErrorKind, WorkflowState, WorkflowStatus};
 use serde_json::{json, Value};
 
+use crate::output::say;
 use crate::{output, Error, Global, Result};
 
 #[derive(Debug, Subcommand)]
@@ -56,7 +57,7 @@ async fn status(g: &Global, id: &str) -> Result<()> {
         }
         other => other.as_str().to_owned(),
     };
-    println!(
+    say!(
         "workflow {} ({} {:?}, dispatched {}): {state}",
         status.id,
         status.kind.as_str(),
