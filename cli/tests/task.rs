@@ -2,14 +2,17 @@
 //! real nats-server, with a worker of the library in the test process.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use natasks::track::Status;
 use natasks::{HandlerError, Json, Progress, Worker};
 use natasks_test_support::NatsServer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::sync::Notify;
 
 mod common;
 use common::{natasks, DEADLINE};
@@ -30,18 +33,54 @@ async fn dispatch_tracked(url: &str, queue: &str, task: &str, payload: &str) -> 
     run["id"].as_str().expect("an id").to_owned()
 }
 
-/// A worker of `queue` adding the numbers of its payload, reporting progress half-way.
-async fn adder(js: jetstream::Context, queue: &str) -> Worker {
+/// Waits (with the tests' deadline) until `release` is notified: a handler that has
+/// reported progress holds its task running until the test has seen the report.
+async fn held(release: &Notify) -> Result<(), HandlerError> {
+    tokio::time::timeout(DEADLINE, release.notified())
+        .await
+        .map_err(|_| natasks::no_retry("the test never released the handler"))
+}
+
+/// A worker of `queue` adding the numbers of its payload: it reports `report(progress)`
+/// half-way, then holds the task until `release` is notified.
+async fn adder(
+    js: jetstream::Context,
+    queue: &str,
+    release: Arc<Notify>,
+    report: fn(&Progress),
+) -> Worker {
     Worker::builder(js, queue)
-        .handle("add", |Json(numbers): Json<Vec<u64>>, progress: Progress| async move {
-            progress.set(0.5);
-            // Long enough for the worker to record the report before the handler ends.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok::<_, HandlerError>(json!({ "total": numbers.iter().sum::<u64>() }))
+        .handle("add", move |Json(numbers): Json<Vec<u64>>, progress: Progress| {
+            let release = release.clone();
+            async move {
+                report(&progress);
+                held(&release).await?;
+                Ok::<_, HandlerError>(json!({ "total": numbers.iter().sum::<u64>() }))
+            }
         })
         .build()
         .await
         .expect("worker builds")
+}
+
+/// Polls the task's status with the library until `ready` holds, within the deadline.
+async fn status_until(
+    js: &jetstream::Context,
+    id: &str,
+    what: &str,
+    ready: impl Fn(&natasks::TaskStatus) -> bool,
+) {
+    let client = natasks::Client::new(js.clone()).await.expect("client");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Status::Known(status) = client.status(id).await.expect("status") {
+            if ready(&status) {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "task {id}: never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Runs a worker until the returned handle is shut down.
@@ -81,8 +120,18 @@ async fn tracked_task_status_result_and_cancel() {
     let not_yet = natasks(&url, &["task", "result", &id, "--json"]).await.failed("is pending");
     assert_eq!(not_yet.json()["state"], "pending");
 
-    // A worker processes it: the result is printed, the status says succeeded.
-    let worker = spawn(adder(js.clone(), "math").await);
+    // A worker takes it and reports progress; the status shows it while the task runs.
+    let release = Arc::new(Notify::new());
+    let worker = spawn(adder(js.clone(), "math", release.clone(), |p| p.set(0.5)).await);
+    status_until(&js, &id, "showed its progress", |s| s.progress.is_some()).await;
+    let running = natasks(&url, &["task", "status", &id, "--json"]).await.ok().json();
+    assert_eq!(running["state"], "running", "{running}");
+    assert_eq!(running["progress"], json!({ "fraction": 0.5 }));
+    let human = natasks(&url, &["task", "status", &id]).await.ok().stdout;
+    assert!(human.lines().any(|l| l.starts_with("progress") && l.ends_with("50%")), "{human}");
+
+    // Released, it ends: the result is printed, the status says succeeded.
+    release.notify_one();
     let result = natasks(&url, &["task", "result", &id, "--wait", "15s"]).await.ok();
     assert_eq!(result.json(), json!({ "total": 6 }));
     assert!(result.stdout.contains("\n  \"total\": 6\n"), "pretty: {result:?}");
@@ -194,19 +243,12 @@ async fn events_show_a_task_from_dispatch_to_success() {
     let js = server.jetstream().await;
     let mut json_tail = Tail::start(&url, &["math", "--json"]).await;
     let mut text_tail = Tail::start(&url, &[]).await;
-    let worker = Worker::builder(js, "math")
-        .handle("add", |Json(numbers): Json<Vec<u64>>, progress: Progress| async move {
-            progress.report(Some(0.5), &json!({ "rows": 1 }));
-            // Long enough for the worker to record the report before the handler ends.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            Ok::<_, HandlerError>(numbers.iter().sum::<u64>())
-        })
-        .build()
-        .await
-        .unwrap();
-    let worker = spawn(worker);
+    let release = Arc::new(Notify::new());
+    let report = |p: &Progress| p.report(Some(0.5), &json!({ "rows": 1 }));
+    let worker = spawn(adder(js, "math", release.clone(), report).await);
     let id = dispatch_tracked(&url, "math", "add", "[4,5]").await;
 
+    // The handler holds the task until its progress event has been seen.
     let mut kinds = Vec::new();
     while kinds.last().map(String::as_str) != Some("succeeded") {
         let line = json_tail.next_line().await;
@@ -216,6 +258,7 @@ async fn events_show_a_task_from_dispatch_to_success() {
         assert_eq!(event["task"], "add");
         if event["kind"] == "progress" {
             assert_eq!(event["progress"], json!({ "fraction": 0.5, "detail": { "rows": 1 } }));
+            release.notify_one();
         }
         kinds.push(event["kind"].as_str().unwrap().to_owned());
     }
