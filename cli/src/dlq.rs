@@ -10,11 +10,11 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::{ArgGroup, Args, Subcommand};
+use clap::{Args, Subcommand};
 use natasks::admin::{Admin, BulkOutcome, Filter, Selection, TaskDetail, TaskState};
 use serde_json::json;
 
-use crate::filter::FilterArgs;
+use crate::filter::Which;
 use crate::output::{self, say};
 use crate::{conn, Error, Global, Result};
 
@@ -54,31 +54,16 @@ pub enum DlqCommand {
 
 /// Which dead letters a bulk command acts on.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).multiple(true)
-    .args(["all", "seqs", "name", "header", "contains", "field", "error"])))]
+#[command(
+    mut_arg("all", |a| a.help("Every dead letter of the queue")),
+    mut_arg("seqs", |a| a.help("Sequences of the dead letters"))
+)]
 pub struct BulkArgs {
     /// The queue whose dead letters to act on.
     pub queue: String,
-    /// Every dead letter of the queue.
-    #[arg(long, conflicts_with_all = ["seqs", "name", "header", "contains", "field", "error"])]
-    pub all: bool,
-    /// Sequences of the dead letters.
-    #[arg(conflicts_with_all = ["name", "header", "contains", "field", "error"])]
-    pub seqs: Vec<u64>,
-    /// Only the dead letters matching these.
+    /// By sequence, every one, or those matching the filter flags.
     #[command(flatten)]
-    pub filter: FilterArgs,
-}
-
-impl BulkArgs {
-    /// The selection, checked before connecting.
-    pub fn selection(&self) -> Result<Selection> {
-        Ok(match self.seqs.as_slice() {
-            [] => Selection::Matching(self.filter.filter()?),
-            [seq] => Selection::One(*seq),
-            seqs => Selection::Many(seqs.to_vec()),
-        })
-    }
+    pub which: Which,
 }
 
 pub async fn run(g: &Global, cmd: DlqCommand) -> Result<()> {
@@ -244,7 +229,7 @@ pub enum Bulk {
 }
 
 async fn bulk(g: &Global, admin: &Admin, args: &BulkArgs, what: Bulk) -> Result<()> {
-    let selection = args.selection()?;
+    let selection = args.which.selection()?;
     let outcome = run_bulk(g, &args.queue, TaskState::Dead, &selection, what, admin).await?;
     let (verb, noun) = match what {
         Bulk::Requeue => ("requeued", "requeueing"),
