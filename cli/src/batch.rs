@@ -80,13 +80,7 @@ pub async fn run(g: &Global, args: BatchArgs) -> Result<()> {
         }
         queues.push((line.queue, line.task));
     }
-    let js = conn::connect(g).await?;
-    let client = natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))?;
+    let client = conn::client(g).await?;
     let count = batch.len();
     let receipts = match client.dispatch_batch(batch).await {
         Ok(receipts) => receipts,

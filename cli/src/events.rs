@@ -11,7 +11,7 @@ use natasks::track::{Event, EventKind};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::{output, task, Error, Global, Result};
+use crate::{conn, output, task, Error, Global, Result};
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
@@ -24,7 +24,7 @@ pub async fn run(g: &Global, args: EventsArgs) -> Result<()> {
         natasks::wire::validate_queue(queue)
             .map_err(|err| Error::msg(format!("invalid queue: {err}")))?;
     }
-    let client = task::client(g).await?;
+    let client = conn::client(g).await?;
     let mut events = client
         .events(args.queue.as_deref())
         .await

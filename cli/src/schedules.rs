@@ -8,8 +8,6 @@
 //! and turn on message schedules). Listing, removing and cancelling leave the stream's
 //! configuration alone, and a missing stream is reported, not created.
 
-use std::path::PathBuf;
-
 use clap::{Args, Subcommand};
 use natasks::admin::ScheduleKind;
 use serde_json::json;
@@ -74,15 +72,9 @@ pub struct AddArgs {
     /// The IANA time zone of a cron schedule, e.g. Europe/Berlin (default UTC).
     #[arg(long, value_name = "ZONE")]
     time_zone: Option<String>,
-    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
-    #[arg(long, conflicts_with = "payload_file")]
-    payload: Option<String>,
-    /// Read the JSON payload from a file (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    payload_file: Option<PathBuf>,
-    /// A header to add, as KEY=VALUE (repeatable).
-    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
-    headers: Vec<String>,
+    /// The payload and headers of the tasks.
+    #[command(flatten)]
+    content: dispatch::ContentArgs,
 }
 
 pub async fn run(g: &Global, args: SchedulesArgs) -> Result<()> {
@@ -103,7 +95,7 @@ fn periodic_schedules(g: &Global, js: &async_nats::jetstream::Context) -> natask
         .subject_prefix(g.subject_prefix.clone())
 }
 
-/// A client on the stream the global flags name (creating or updating the stream).
+/// Lists periodic schedules and pending delayed tasks, read without touching the stream.
 async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
     if let Some(queue) = queue {
         conn::valid_queue(queue)?;
@@ -179,11 +171,9 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
         Some(zone) => every.time_zone(zone.clone()),
         None => every,
     };
-    let payload = dispatch::payload(args.payload.as_deref(), args.payload_file.as_deref())?;
-    let task =
-        dispatch::with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
+    let task = args.content.task(&args.task)?;
 
-    let client = crate::task::client(g).await?;
+    let client = conn::client(g).await?;
     let declared = client
         .schedule(&args.id, every.clone(), task, &args.queue)
         .await

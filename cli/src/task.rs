@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use crate::output::say;
-use crate::{conn, output, Context as _, Error, Global, Result};
+use crate::{conn, output, Error, Global, Result};
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
@@ -81,17 +81,6 @@ pub fn check_id(id: &str) -> Result<()> {
     Err(Error::msg(format!("invalid task id {:?}: it {problem}", output::clip(id, 40))))
 }
 
-/// A client on the stream the global flags name.
-pub async fn client(g: &Global) -> Result<natasks::Client> {
-    let js = conn::connect(g).await?;
-    natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))
-}
-
 /// A lifecycle error as one line, with a hint for the kinds an operator can act on.
 fn track_error(err: &natasks::TrackError) -> Error {
     let hint = match err.kind() {
@@ -105,7 +94,7 @@ fn track_error(err: &natasks::TrackError) -> Error {
 }
 
 async fn status(g: &Global, id: &str) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let status = client.status(id).await.map_err(|err| track_error(&err))?;
     if g.json {
         output::json(&status_json(id, &status));
@@ -235,7 +224,7 @@ fn status_json(id: &str, status: &Status) -> Value {
 }
 
 async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let got = match wait {
         Some(timeout) => client.wait::<Value>(id, timeout).await,
         None => client.result::<Value>(id).await,
@@ -275,7 +264,7 @@ async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
 }
 
 async fn cancel(g: &Global, id: &str) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let outcome = client.cancel(id).await.map_err(|err| track_error(&err))?;
     let (label, was, message, ok) = match &outcome {
         CancelOutcome::Cancelled { was } => (

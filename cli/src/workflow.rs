@@ -38,7 +38,7 @@ pub async fn run(g: &Global, cmd: WorkflowCommand) -> Result<()> {
 }
 
 async fn status(g: &Global, id: &str) -> Result<()> {
-    let client = crate::task::client(g).await?;
+    let client = crate::conn::client(g).await?;
     let status = client.workflow_status(id).await.map_err(|err| {
         let hint = match err.kind() {
             WorkflowErrorKind::Unknown => " (never dispatched, or its records expired)",
