@@ -9,7 +9,7 @@ use natasks_test_support::NatsServer;
 use serde_json::Value;
 
 mod common;
-use common::{natasks, Run, DEADLINE};
+use common::{natasks, Run, Tail, DEADLINE};
 
 /// Clears the screen, rings the bell, and (as a C1 control) starts another sequence.
 const HOSTILE: &str = "boom\u{1b}[2J\u{7}\u{9b}31m";
@@ -49,13 +49,11 @@ async fn control_characters_from_the_stream_are_shown_escaped() {
     let server = NatsServer::start().await;
     let url = server.url();
     let js = server.jetstream().await;
-    natasks::Client::new(js.clone()).await.unwrap();
+    let client = natasks::Client::new(js.clone()).await.unwrap();
     let seq = hostile_dead_letter(&js).await;
     // A JSON payload whose string holds the same controls, pending on another queue.
     let json_payload = serde_json::to_vec(&serde_json::json!({ "note": HOSTILE })).unwrap();
-    let pending = natasks::Client::new(js.clone())
-        .await
-        .unwrap()
+    let pending = client
         .dispatch(Task::new("fine", json_payload), "p")
         .await
         .unwrap()
@@ -105,6 +103,8 @@ async fn a_tracked_task_error_with_controls_is_shown_escaped() {
     let server = NatsServer::start().await;
     let url = server.url();
     let js = server.jetstream().await;
+    let mut text_tail = Tail::start(&url, &["jobs"]).await;
+    let mut json_tail = Tail::start(&url, &["jobs", "--json"]).await;
     let worker = Worker::builder(js, "jobs")
         .handle("refuse", |_: Task| async { Err::<(), _>(natasks::no_retry(HOSTILE)) })
         .build()
@@ -123,6 +123,27 @@ async fn a_tracked_task_error_with_controls_is_shown_escaped() {
     let status = natasks(&url, &["task", "status", &id, "--json"]).await.ok();
     no_raw_controls(&status);
     assert_eq!(status.json()["last_error"], Value::from(HOSTILE));
+
+    // The live tail: the failure's line shows the error escaped; its JSON holds it exactly.
+    let failed = loop {
+        let line = text_tail.next_line().await;
+        if line.contains(" failed ") {
+            break line;
+        }
+    };
+    assert!(!failed.contains(['\u{1b}', '\u{7}', '\u{9b}']), "{failed:?}");
+    assert!(failed.contains("error=boom\\x1b[2J\\x07\\u{9b}31m"), "{failed:?}");
+    let failed = loop {
+        let line = json_tail.next_line().await;
+        let event: Value = serde_json::from_str(&line).expect("one JSON object per line");
+        if event["kind"] == "failed" {
+            assert!(!line.contains(['\u{1b}', '\u{7}', '\u{9b}']), "{line:?}");
+            break event;
+        }
+    };
+    assert_eq!(failed["error"], HOSTILE, "{failed}");
+    text_tail.stop().await;
+    json_tail.stop().await;
 
     handle.shutdown();
     tokio::time::timeout(DEADLINE, running).await.unwrap().unwrap().unwrap();

@@ -1,21 +1,17 @@
 //! `natasks task` and `natasks events`, and `dispatch --track`: the built binary against a
 //! real nats-server, with a worker of the library in the test process.
 
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use natasks::track::Status;
 use natasks::{HandlerError, Json, Progress, Worker};
 use natasks_test_support::NatsServer;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::Notify;
 
 mod common;
-use common::{natasks, DEADLINE};
+use common::{eventually, natasks, Tail, DEADLINE};
 
 /// Messages stored in the natasks stream.
 async fn stream_messages(js: &jetstream::Context) -> u64 {
@@ -63,26 +59,6 @@ async fn adder(
         .expect("worker builds")
 }
 
-/// Polls the task's status with the library until `ready` holds, within the deadline.
-async fn status_until(
-    js: &jetstream::Context,
-    id: &str,
-    what: &str,
-    ready: impl Fn(&natasks::TaskStatus) -> bool,
-) {
-    let client = natasks::Client::new(js.clone()).await.expect("client");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Status::Known(status) = client.status(id).await.expect("status") {
-            if ready(&status) {
-                return;
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline, "task {id}: never {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Runs a worker until the returned handle is shut down.
 fn spawn(worker: Worker) -> (natasks::ShutdownHandle, tokio::task::JoinHandle<()>) {
     let handle = worker.shutdown_handle();
@@ -123,7 +99,11 @@ async fn tracked_task_status_result_and_cancel() {
     // A worker takes it and reports progress; the status shows it while the task runs.
     let release = Arc::new(Notify::new());
     let worker = spawn(adder(js.clone(), "math", release.clone(), |p| p.set(0.5)).await);
-    status_until(&js, &id, "showed its progress", |s| s.progress.is_some()).await;
+    let client = natasks::Client::new(js.clone()).await.unwrap();
+    eventually("the running task's progress is recorded", || async {
+        matches!(client.status(&id).await, Ok(Status::Known(s)) if s.progress.is_some())
+    })
+    .await;
     let running = natasks(&url, &["task", "status", &id, "--json"]).await.ok().json();
     assert_eq!(running["state"], "running", "{running}");
     assert_eq!(running["progress"], json!({ "fraction": 0.5 }));
@@ -190,50 +170,6 @@ async fn failures_are_reported_with_the_last_error() {
     let human = natasks(&url, &["task", "status", &id]).await.ok().stdout;
     assert!(human.lines().any(|l| l.starts_with("last error") && l.ends_with("not today")));
     stop(worker).await;
-}
-
-/// A running `natasks events`: its stdout lines, read with a deadline.
-struct Tail {
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Tail {
-    /// Starts `natasks events <args>` and waits until it listens.
-    async fn start(url: &str, args: &[&str]) -> Tail {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-            .arg("events")
-            .args(args)
-            .env("NATS_URL", url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start natasks events");
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut stderr: Lines<BufReader<ChildStderr>> =
-            BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(DEADLINE, stderr.next_line())
-            .await
-            .expect("natasks events starts within the deadline")
-            .expect("read stderr");
-        let ready = ready.unwrap_or_default();
-        assert!(ready.starts_with("watching events of"), "{ready}");
-        Tail { child, stdout }
-    }
-
-    async fn next_line(&mut self) -> String {
-        tokio::time::timeout(DEADLINE, self.stdout.next_line())
-            .await
-            .expect("an event line within the deadline")
-            .expect("read stdout")
-            .expect("natasks events is still running")
-    }
-
-    async fn stop(mut self) {
-        self.child.kill().await.expect("kill natasks events");
-    }
 }
 
 #[tokio::test]
