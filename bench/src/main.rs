@@ -225,17 +225,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// An error and its sources on one line.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
 /// One workload's results over all rounds.
 struct Row {
     workload: String,
@@ -295,7 +284,11 @@ async fn run(options: Options) -> Result<(), BoxError> {
         for round in 1..=options.rounds {
             for &imp in &implementations {
                 let sample = run_one(&env, &options, workload, imp).await.map_err(|err| {
-                    format!("{workload} ({}) round {round}: {}", imp.name(), chain(&*err))
+                    format!(
+                        "{workload} ({}) round {round}: {}",
+                        imp.name(),
+                        natasks::one_line(&*err)
+                    )
                 })?;
                 let mut line = format!(
                     "round {round}/{} {workload} {}: {}/s",

@@ -6,6 +6,7 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::output::say;
 use crate::{conn, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -79,13 +80,7 @@ pub async fn run(g: &Global, args: BatchArgs) -> Result<()> {
         }
         queues.push((line.queue, line.task));
     }
-    let js = conn::connect(g).await?;
-    let client = natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))?;
+    let client = conn::client(g).await?;
     let count = batch.len();
     let receipts = match client.dispatch_batch(batch).await {
         Ok(receipts) => receipts,
@@ -117,9 +112,9 @@ pub async fn run(g: &Global, args: BatchArgs) -> Result<()> {
         output::json(&json!({ "dispatched": tasks.len(), "tasks": tasks }));
     } else {
         for (receipt, (queue, task)) in receipts.iter().zip(&queues) {
-            println!("dispatched {task} to queue {queue} (id {})", receipt.id);
+            say!("dispatched {task} to queue {queue} (id {})", receipt.id);
         }
-        println!("{} tasks stored together", receipts.len());
+        say!("{} tasks stored together", receipts.len());
     }
     Ok(())
 }

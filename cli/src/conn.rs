@@ -92,6 +92,18 @@ pub fn valid_queue(queue: &str) -> Result<&str> {
     natasks::wire::validate_queue(queue).map_err(|err| Error::msg(err.to_string()))
 }
 
+/// A client on the stream the global flags name (creating the stream, or adding what it
+/// lacks, as every client does).
+pub async fn client(g: &Global) -> Result<natasks::Client> {
+    let js = connect(g).await?;
+    natasks::Client::builder(js)
+        .stream_name(g.stream.clone())
+        .subject_prefix(g.subject_prefix.clone())
+        .build()
+        .await
+        .context(|| format!("cannot use stream {:?}", g.stream))
+}
+
 /// The admin API for the global flags' layout.
 pub async fn admin(g: &Global) -> Result<Admin> {
     let js = connect(g).await?;

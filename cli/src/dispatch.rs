@@ -8,6 +8,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -16,15 +17,9 @@ pub struct DispatchArgs {
     queue: String,
     /// The task name (selects the handler).
     task: String,
-    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
-    #[arg(long, conflicts_with = "payload_file")]
-    payload: Option<String>,
-    /// Read the JSON payload from a file (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    payload_file: Option<PathBuf>,
-    /// A header to add, as KEY=VALUE (repeatable).
-    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
-    headers: Vec<String>,
+    /// The payload and headers.
+    #[command(flatten)]
+    content: ContentArgs,
     /// Message id: JetStream drops a repeated dispatch with the same id within the stream's
     /// duplicate window.
     #[arg(long)]
@@ -69,8 +64,7 @@ pub struct DispatchArgs {
 
 pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
     // Check everything given on the command line before connecting.
-    let payload = payload(args.payload.as_deref(), args.payload_file.as_deref())?;
-    let mut task = with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
+    let mut task = args.content.task(&args.task)?;
     if let Some(id) = &args.message_id {
         if args.track {
             crate::task::check_id(id).map_err(|err| Error::msg(format!("--message-id: {err}")))?;
@@ -94,13 +88,7 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
         (None, None) => Due::Now,
     };
 
-    let js = conn::connect(g).await?;
-    let client = natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))?;
+    let client = conn::client(g).await?;
     let queue = natasks::wire::validate_queue(&args.queue).unwrap_or(&args.queue).to_owned();
     let what = || format!("cannot dispatch {:?} to queue {queue:?}", args.task);
     // The library checks the due time (the server cannot keep one after the year 2261).
@@ -140,18 +128,18 @@ pub async fn run(g: &Global, args: DispatchArgs) -> Result<()> {
             "unique_key": args.unique,
         }));
     } else if receipt.duplicate && (args.unique.is_some() || args.throttle.is_some()) {
-        println!("already queued: task {} on queue {queue} holds the key", receipt.id);
+        say!("already queued: task {} on queue {queue} holds the key", receipt.id);
     } else {
         let tracked = if args.track { ", tracked" } else { "" };
         match due {
-            Some(at) => println!(
+            Some(at) => say!(
                 "scheduled {} on queue {queue} for {} (id {}{tracked})",
                 args.task,
                 output::time(at),
                 receipt.id
             ),
             None => {
-                println!("dispatched {} to queue {queue} (id {}{tracked})", args.task, receipt.id)
+                say!("dispatched {} to queue {queue} (id {}{tracked})", args.task, receipt.id)
             }
         }
     }
@@ -203,8 +191,30 @@ enum Due {
     At(OffsetDateTime),
 }
 
+/// The payload and headers of a task, as `dispatch` and `schedules add` take them.
+#[derive(Debug, Args)]
+pub struct ContentArgs {
+    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Read the JSON payload from a file (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    payload_file: Option<PathBuf>,
+    /// A header to add, as KEY=VALUE (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
+    headers: Vec<String>,
+}
+
+impl ContentArgs {
+    /// The task `name` with this payload and these headers, checked before connecting.
+    pub fn task(&self, name: &str) -> Result<natasks::Task> {
+        let payload = payload(self.payload.as_deref(), self.payload_file.as_deref())?;
+        with_headers(natasks::Task::new(name.to_owned(), payload), &self.headers)
+    }
+}
+
 /// Adds `KEY=VALUE` headers given with `--header`.
-pub fn with_headers(mut task: natasks::Task, headers: &[String]) -> Result<natasks::Task> {
+fn with_headers(mut task: natasks::Task, headers: &[String]) -> Result<natasks::Task> {
     for header in headers {
         let Some((key, value)) = header.split_once('=') else {
             return Err(Error::msg(format!("invalid --header {header:?}: use KEY=VALUE")));
@@ -215,7 +225,7 @@ pub fn with_headers(mut task: natasks::Task, headers: &[String]) -> Result<natas
 }
 
 /// The JSON payload of `--payload` or `--payload-file`; empty without either.
-pub fn payload(payload: Option<&str>, payload_file: Option<&std::path::Path>) -> Result<Vec<u8>> {
+fn payload(payload: Option<&str>, payload_file: Option<&std::path::Path>) -> Result<Vec<u8>> {
     let (bytes, flag) = match (payload, payload_file) {
         (Some(text), _) => (text.as_bytes().to_vec(), "--payload".to_owned()),
         (None, Some(path)) if path.as_os_str() == "-" => {

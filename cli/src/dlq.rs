@@ -10,12 +10,13 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::{ArgGroup, Args, Subcommand};
+use clap::{Args, Subcommand};
 use natasks::admin::{Admin, BulkOutcome, Filter, Selection, TaskDetail, TaskState};
 use serde_json::json;
 
-use crate::filter::FilterArgs;
-use crate::{conn, output, Error, Global, Result};
+use crate::filter::Which;
+use crate::output::{self, say};
+use crate::{conn, Error, Global, Result};
 
 const DEFAULT_LIMIT: usize = 100;
 
@@ -53,31 +54,16 @@ pub enum DlqCommand {
 
 /// Which dead letters a bulk command acts on.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).multiple(true)
-    .args(["all", "seqs", "name", "header", "contains", "field", "error"])))]
+#[command(
+    mut_arg("all", |a| a.help("Every dead letter of the queue")),
+    mut_arg("seqs", |a| a.help("Sequences of the dead letters"))
+)]
 pub struct BulkArgs {
     /// The queue whose dead letters to act on.
     pub queue: String,
-    /// Every dead letter of the queue.
-    #[arg(long, conflicts_with_all = ["seqs", "name", "header", "contains", "field", "error"])]
-    pub all: bool,
-    /// Sequences of the dead letters.
-    #[arg(conflicts_with_all = ["name", "header", "contains", "field", "error"])]
-    pub seqs: Vec<u64>,
-    /// Only the dead letters matching these.
+    /// By sequence, every one, or those matching the filter flags.
     #[command(flatten)]
-    pub filter: FilterArgs,
-}
-
-impl BulkArgs {
-    /// The selection, checked before connecting.
-    pub fn selection(&self) -> Result<Selection> {
-        Ok(match self.seqs.as_slice() {
-            [] => Selection::Matching(self.filter.filter()?),
-            [seq] => Selection::One(*seq),
-            seqs => Selection::Many(seqs.to_vec()),
-        })
-    }
+    pub which: Which,
 }
 
 pub async fn run(g: &Global, cmd: DlqCommand) -> Result<()> {
@@ -100,7 +86,7 @@ pub async fn run(g: &Global, cmd: DlqCommand) -> Result<()> {
             if g.json {
                 output::json(&json!({ "queue": queue, "purged": purged }));
             } else {
-                println!("purged {purged} dead letter(s) from {}", dlq_name(g, &queue));
+                say!("purged {purged} dead letter(s) from {}", dlq_name(g, &queue));
             }
             Ok(())
         }
@@ -142,7 +128,7 @@ async fn list(
         return Ok(());
     }
     if page.items.is_empty() {
-        println!("no dead letters for queue {queue}");
+        say!("no dead letters for queue {queue}");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = page
@@ -165,9 +151,9 @@ async fn list(
             let total =
                 admin.queue(queue).await.map_err(|e| conn::admin_error(g, &e))?.dead_letters;
             let rest = total.saturating_sub(page.items.len() as u64);
-            println!("... {rest} more (see --limit)");
+            say!("... {rest} more (see --limit)");
         }
-        (Some(next), Some(_)) => println!("... more (see --after {next})"),
+        (Some(next), Some(_)) => say!("... more (see --after {next})"),
         (None, _) => {}
     }
     Ok(())
@@ -219,21 +205,19 @@ pub fn print_detail(g: &Global, detail: &TaskDetail) {
         }));
         return;
     }
-    println!("Sequence: {}", detail.summary.sequence);
-    println!("Subject:  {}", detail.subject);
-    println!("State:    {}", detail.summary.state);
-    println!("Time:     {}", output::time(detail.summary.stored_at));
-    println!("Headers:");
+    say!("Sequence: {}", detail.summary.sequence);
+    say!("Subject:  {}", detail.subject);
+    say!("State:    {}", detail.summary.state);
+    say!("Time:     {}", output::time(detail.summary.stored_at));
+    say!("Headers:");
     for (k, v) in &detail.headers {
-        println!("  {k}: {v}");
+        say!("  {k}: {v}");
     }
-    println!("Payload ({} bytes):", detail.payload.len());
+    say!("Payload ({} bytes):", detail.payload.len());
+    // The payload keeps its lines; its control characters are shown escaped.
     match payload_json {
-        Some(value) => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON values always serialize")
-        ),
-        None => println!("{payload_text}"),
+        Some(value) => output::json(&value),
+        None => println!("{}", output::block(&payload_text)),
     }
 }
 
@@ -245,14 +229,14 @@ pub enum Bulk {
 }
 
 async fn bulk(g: &Global, admin: &Admin, args: &BulkArgs, what: Bulk) -> Result<()> {
-    let selection = args.selection()?;
+    let selection = args.which.selection()?;
     let outcome = run_bulk(g, &args.queue, TaskState::Dead, &selection, what, admin).await?;
     let (verb, noun) = match what {
         Bulk::Requeue => ("requeued", "requeueing"),
         Bulk::Delete => ("deleted", "deleting"),
     };
     if !g.json {
-        println!(
+        say!(
             "{verb} {} dead letter(s) from {}{}",
             outcome.done,
             dlq_name(g, &args.queue),

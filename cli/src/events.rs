@@ -11,7 +11,7 @@ use natasks::track::{Event, EventKind};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::{output, task, Error, Global, Result};
+use crate::{conn, output, task, Error, Global, Result};
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
@@ -24,7 +24,7 @@ pub async fn run(g: &Global, args: EventsArgs) -> Result<()> {
         natasks::wire::validate_queue(queue)
             .map_err(|err| Error::msg(format!("invalid queue: {err}")))?;
     }
-    let client = task::client(g).await?;
+    let client = conn::client(g).await?;
     let mut events = client
         .events(args.queue.as_deref())
         .await
@@ -45,8 +45,11 @@ pub async fn run(g: &Global, args: EventsArgs) -> Result<()> {
         let Some(event) = event else {
             return Err(Error::msg("the connection to the server closed"));
         };
-        let line =
-            if g.json { serde_json::to_string(&event).unwrap_or_default() } else { line(&event) };
+        let line = if g.json {
+            serde_json::to_value(&event).map(|v| output::json_text(&v, false)).unwrap_or_default()
+        } else {
+            output::safe(&line(&event)).into_owned()
+        };
         let mut out = std::io::stdout().lock();
         // A closed stdout (`natasks events | head`) ends the tail quietly.
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {

@@ -1,8 +1,8 @@
 //! Filter flags shared by `search` and the bulk forms of `dlq requeue|delete` and
-//! `tasks delete`.
+//! `tasks delete`, and the selection of those bulk forms.
 
-use clap::Args;
-use natasks::admin::{Filter, TaskState};
+use clap::{ArgGroup, Args};
+use natasks::admin::{Filter, Selection, TaskState};
 
 use crate::{Error, Result};
 
@@ -57,6 +57,35 @@ impl FilterArgs {
         }
         filter.validate().map_err(|err| Error::msg(err.to_string()))?;
         Ok(filter)
+    }
+}
+
+/// Which tasks of a queue a bulk command acts on: by sequence, `--all`, or those matching
+/// the filter flags; one of them is required. A command words `--all` and the sequences for
+/// what it acts on with `mut_arg`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).multiple(true)
+    .args(["all", "seqs", "name", "header", "contains", "field", "error"])))]
+pub struct Which {
+    /// Every task of the queue the command acts on.
+    #[arg(long, conflicts_with_all = ["seqs", "name", "header", "contains", "field", "error"])]
+    pub all: bool,
+    /// Sequences of the tasks.
+    #[arg(conflicts_with_all = ["name", "header", "contains", "field", "error"])]
+    pub seqs: Vec<u64>,
+    /// Only the tasks matching these.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+impl Which {
+    /// The selection, checked before connecting.
+    pub fn selection(&self) -> Result<Selection> {
+        Ok(match self.seqs.as_slice() {
+            [] => Selection::Matching(self.filter.filter()?),
+            [seq] => Selection::One(*seq),
+            seqs => Selection::Many(seqs.to_vec()),
+        })
     }
 }
 

@@ -58,19 +58,10 @@ impl<T, E: std::error::Error> Context<T> for Result<T, E> {
     }
 }
 
-/// An error and its sources on one line, skipping sources already part of the message.
+/// [`natasks::one_line`], with control characters (a server's multi-line error text)
+/// turned into spaces: an error is one line on the terminal.
 pub fn one_line(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    natasks::one_line(err).replace(char::is_control, " ")
 }
 
 /// Operate natasks queues on NATS JetStream: queue depths, dispatch, dead letters, periodic
@@ -207,7 +198,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", output::safe(&err.to_string()));
             ExitCode::FAILURE
         }
     }

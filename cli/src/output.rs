@@ -1,5 +1,11 @@
-//! Tables, JSON, times, durations and progress reporting.
+//! Tables, JSON, times, durations and progress reporting, and terminal-safe text.
+//!
+//! Task names, headers, payloads and errors come from producers and handlers, and may hold
+//! terminal control sequences (ESC, BEL, C1 controls). Everything printed for a person goes
+//! through [`safe`] (by [`say!`], [`table`] and [`block`]); JSON goes through [`json_text`].
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
@@ -8,10 +14,62 @@ use time::OffsetDateTime;
 
 use crate::{Error, Result};
 
-/// Prints `rows` under `header` with columns padded to their widest cell.
+/// Whether a character must not reach a terminal as it is: control characters (C0 such as
+/// ESC and BEL, DEL, C1 such as CSI) and the bidirectional overrides that make text read
+/// other than it is stored.
+fn hidden(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` for a terminal: every control or bidirectional-override character shown as an
+/// escape (`\n`, `\t`, `\x1b`, `\u{9b}`), the rest (any script, emoji) unchanged. Not
+/// reversible (a backslash stays as it is): `--json` gives the exact text.
+pub fn safe(text: &str) -> Cow<'_, str> {
+    escape(text, |_| false)
+}
+
+/// Like [`safe`] for text of several lines: newlines and tabs are kept.
+pub fn block(text: &str) -> Cow<'_, str> {
+    escape(text, |c| c == '\n' || c == '\t')
+}
+
+fn escape(text: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !text.chars().any(|c| hidden(c) && !keep(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !hidden(c) || keep(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_ascii() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Prints one line on stdout with [`safe`]: `say!("task {name}")`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::output::safe(&format!($($arg)*)))
+    };
+}
+pub(crate) use say;
+
+/// Prints `rows` under `header` with columns padded to their widest cell, each cell
+/// [`safe`].
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| safe(cell).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -28,14 +86,37 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         println!("{}", out.trim_end());
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
 
-/// Prints a JSON value on stdout.
+/// Prints a JSON value on stdout, pretty, as [`json_text`].
 pub fn json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialize"));
+    println!("{}", json_text(value, true));
+}
+
+/// A JSON value as text that is safe on a terminal and still the same JSON: JSON escapes
+/// C0 controls (ESC, BEL) in strings itself; DEL, C1 controls and bidirectional overrides
+/// are written as `\u` escapes too (they can only stand in strings).
+pub fn json_text(value: &serde_json::Value, pretty: bool) -> String {
+    let text =
+        if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) }
+            .expect("JSON values always serialize");
+    // C0 controls stand only escaped in strings, or as the newlines of pretty output.
+    let unsafe_in_json = |c: char| hidden(c) && u32::from(c) >= 0x7f;
+    if !text.chars().any(unsafe_in_json) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_in_json(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// RFC 3339 UTC time, to the second.
@@ -184,6 +265,24 @@ mod tests {
         assert_eq!(age(Duration::from_secs(192)), "3m12s");
         assert_eq!(age(Duration::from_secs(7500)), "2h5m");
         assert_eq!(age(Duration::from_secs(97200)), "1d3h");
+    }
+
+    #[test]
+    fn escapes() {
+        assert!(matches!(safe("plain, grün, 東京 ✓"), Cow::Borrowed(_)));
+        assert_eq!(safe("a\u{1b}[2J\u{7}b"), "a\\x1b[2J\\x07b");
+        assert_eq!(safe("x\ny\tz\r\u{7f}\u{9b}\u{202e}"), "x\\ny\\tz\\r\\x7f\\u{9b}\\u{202e}");
+        assert_eq!(block("one\n\ttwo\u{1b}"), "one\n\ttwo\\x1b");
+    }
+
+    #[test]
+    fn json_stays_json() {
+        let value = serde_json::json!({ "s": "a\u{1b}\u{7f}\u{9b}\u{202e}b\n", "n": 1 });
+        for pretty in [true, false] {
+            let text = json_text(&value, pretty);
+            assert!(!text.chars().any(|c| hidden(c) && c != '\n'), "{text}");
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), value);
+        }
     }
 
     #[test]

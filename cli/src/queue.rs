@@ -6,6 +6,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, output, Error, Global, Result};
 
 /// Queue control.
@@ -123,20 +124,20 @@ pub async fn run(g: &Global, cmd: QueueCommand) -> Result<()> {
         return Ok(());
     }
     match change {
-        Change::Pause(_) => println!("queue {queue} paused {}", paused_text(info.paused_until)),
-        Change::Resume => println!("queue {queue} resumed"),
+        Change::Pause(_) => say!("queue {queue} paused {}", paused_text(info.paused_until)),
+        Change::Resume => say!("queue {queue} resumed"),
         Change::Limit(Some(limit)) => {
-            println!("queue {queue}: at most {limit} tasks in flight across every worker")
+            say!("queue {queue}: at most {limit} tasks in flight across every worker")
         }
-        Change::Limit(None) => println!(
+        Change::Limit(None) => say!(
             "queue {queue}: no operator limit; {} until a worker sets its own default when it starts",
             info.limit.map_or_else(|| "-".to_owned(), |l| l.to_string())
         ),
         Change::Rate(task, rate) => {
             let what = task.map_or_else(|| "every task".to_owned(), |t| format!("task {t}"));
             match rate {
-                Some(rate) => println!("queue {queue}, {what}: at most {rate}"),
-                None => println!("queue {queue}, {what}: no rate limit"),
+                Some(rate) => say!("queue {queue}, {what}: at most {rate}"),
+                None => say!("queue {queue}, {what}: no rate limit"),
             }
         }
     }

@@ -13,7 +13,7 @@
 use serde_json::json;
 
 use crate::conn::{admin, admin_error};
-use crate::output;
+use crate::output::{self, say};
 use crate::queue::{paused_text, rates_text};
 use crate::{Global, Result};
 
@@ -49,7 +49,7 @@ pub async fn run(g: &Global) -> Result<()> {
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no queues in stream {:?}", g.stream);
+        say!("no queues in stream {:?}", g.stream);
         return Ok(());
     }
     let table: Vec<Vec<String>> = rows

@@ -8,13 +8,12 @@
 //! and turn on message schedules). Listing, removing and cancelling leave the stream's
 //! configuration alone, and a missing stream is reported, not created.
 
-use std::path::PathBuf;
-
 use clap::{Args, Subcommand};
 use natasks::admin::ScheduleKind;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::output::say;
 use crate::{conn, dispatch, output, Context as _, Error, Global, Result};
 
 #[derive(Debug, Args)]
@@ -73,15 +72,9 @@ pub struct AddArgs {
     /// The IANA time zone of a cron schedule, e.g. Europe/Berlin (default UTC).
     #[arg(long, value_name = "ZONE")]
     time_zone: Option<String>,
-    /// The payload, as JSON. Without --payload or --payload-file the payload is empty.
-    #[arg(long, conflicts_with = "payload_file")]
-    payload: Option<String>,
-    /// Read the JSON payload from a file (`-` for stdin).
-    #[arg(long, value_name = "FILE")]
-    payload_file: Option<PathBuf>,
-    /// A header to add, as KEY=VALUE (repeatable).
-    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE")]
-    headers: Vec<String>,
+    /// The payload and headers of the tasks.
+    #[command(flatten)]
+    content: dispatch::ContentArgs,
 }
 
 pub async fn run(g: &Global, args: SchedulesArgs) -> Result<()> {
@@ -102,7 +95,7 @@ fn periodic_schedules(g: &Global, js: &async_nats::jetstream::Context) -> natask
         .subject_prefix(g.subject_prefix.clone())
 }
 
-/// A client on the stream the global flags name (creating or updating the stream).
+/// Lists periodic schedules and pending delayed tasks, read without touching the stream.
 async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
     if let Some(queue) = queue {
         conn::valid_queue(queue)?;
@@ -138,7 +131,7 @@ async fn list(g: &Global, queue: Option<&str>) -> Result<()> {
         return Ok(());
     }
     if all.is_empty() {
-        println!("no periodic schedules and no pending delayed tasks");
+        say!("no periodic schedules and no pending delayed tasks");
         return Ok(());
     }
     let now = OffsetDateTime::now_utc();
@@ -178,11 +171,9 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
         Some(zone) => every.time_zone(zone.clone()),
         None => every,
     };
-    let payload = dispatch::payload(args.payload.as_deref(), args.payload_file.as_deref())?;
-    let task =
-        dispatch::with_headers(natasks::Task::new(args.task.clone(), payload), &args.headers)?;
+    let task = args.content.task(&args.task)?;
 
-    let client = crate::task::client(g).await?;
+    let client = conn::client(g).await?;
     let declared = client
         .schedule(&args.id, every.clone(), task, &args.queue)
         .await
@@ -203,10 +194,7 @@ async fn add(g: &Global, args: AddArgs) -> Result<()> {
             "task": args.task,
         }));
     } else {
-        println!(
-            "{outcome} periodic schedule {}: {} to queue {queue}, {every}",
-            args.id, args.task
-        );
+        say!("{outcome} periodic schedule {}: {} to queue {queue}, {every}", args.id, args.task);
     }
     Ok(())
 }
@@ -226,7 +214,7 @@ async fn remove(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "removed": true }));
     } else {
-        println!("removed periodic schedule {id}");
+        say!("removed periodic schedule {id}");
     }
     Ok(())
 }
@@ -237,7 +225,7 @@ async fn cancel(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "cancelled": true }));
     } else {
-        println!("cancelled schedule {id}");
+        say!("cancelled schedule {id}");
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use natasks::admin::{SearchOptions, SearchProgress, TaskState, TaskSummary};
 use serde_json::json;
 
 use crate::filter::{parse_state, FilterArgs};
+use crate::output::say;
 use crate::{conn, output, Global, Result};
 
 /// Above this many messages to read, a search reports its progress on stderr.
@@ -62,14 +63,14 @@ pub async fn run(g: &Global, args: SearchArgs) -> Result<()> {
         return Ok(());
     }
     if result.items.is_empty() {
-        println!("no matching tasks ({} message(s) read)", result.scanned);
+        say!("no matching tasks ({} message(s) read)", result.scanned);
     } else {
         let rows: Vec<Vec<String>> = result.items.iter().map(summary_row).collect();
         output::table(&["SEQ", "QUEUE", "STATE", "TASK", "STORED", "LAST ERROR"], &rows);
-        println!("{} found, {} message(s) read", result.items.len(), result.scanned);
+        say!("{} found, {} message(s) read", result.items.len(), result.scanned);
     }
     if result.truncated {
-        println!("stopped early: more may match (see --limit, --max-scan)");
+        say!("stopped early: more may match (see --limit, --max-scan)");
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use natasks::track::{CancelOutcome, Status, TaskState, TaskStatus, TrackErrorKin
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::{conn, output, Context as _, Error, Global, Result};
+use crate::output::say;
+use crate::{conn, output, Error, Global, Result};
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
@@ -80,17 +81,6 @@ pub fn check_id(id: &str) -> Result<()> {
     Err(Error::msg(format!("invalid task id {:?}: it {problem}", output::clip(id, 40))))
 }
 
-/// A client on the stream the global flags name.
-pub async fn client(g: &Global) -> Result<natasks::Client> {
-    let js = conn::connect(g).await?;
-    natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| format!("cannot use stream {:?}", g.stream))
-}
-
 /// A lifecycle error as one line, with a hint for the kinds an operator can act on.
 fn track_error(err: &natasks::TrackError) -> Error {
     let hint = match err.kind() {
@@ -104,7 +94,7 @@ fn track_error(err: &natasks::TrackError) -> Error {
 }
 
 async fn status(g: &Global, id: &str) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let status = client.status(id).await.map_err(|err| track_error(&err))?;
     if g.json {
         output::json(&status_json(id, &status));
@@ -112,14 +102,14 @@ async fn status(g: &Global, id: &str) -> Result<()> {
     }
     match &status {
         Status::Known(s) => print_status(s),
-        Status::Expired => println!(
+        Status::Expired => say!(
             "task {id}: expired (its record's retention ran out; the bucket remembers that for {})",
             output::age(natasks::track::EXPIRED_MEMORY)
         ),
-        Status::Unknown => println!(
+        Status::Unknown => say!(
             "task {id}: unknown (nothing recorded: never dispatched with tracking, not recorded yet, or expired long ago)"
         ),
-        _ => println!("task {id}: {status:?}"),
+        _ => say!("task {id}: {status:?}"),
     }
     Ok(())
 }
@@ -179,7 +169,7 @@ fn print_status(s: &TaskStatus) {
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in rows {
-        println!("{key:<width$}  {value}");
+        say!("{key:<width$}  {value}");
     }
 }
 
@@ -234,7 +224,7 @@ fn status_json(id: &str, status: &Status) -> Value {
 }
 
 async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let got = match wait {
         Some(timeout) => client.wait::<Value>(id, timeout).await,
         None => client.result::<Value>(id).await,
@@ -242,7 +232,7 @@ async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
     match got {
         Ok(value) => {
             if g.json {
-                println!("{value}");
+                println!("{}", output::json_text(&value, false));
             } else {
                 output::json(&value);
             }
@@ -274,7 +264,7 @@ async fn result(g: &Global, id: &str, wait: Option<Duration>) -> Result<()> {
 }
 
 async fn cancel(g: &Global, id: &str) -> Result<()> {
-    let client = client(g).await?;
+    let client = conn::client(g).await?;
     let outcome = client.cancel(id).await.map_err(|err| track_error(&err))?;
     let (label, was, message, ok) = match &outcome {
         CancelOutcome::Cancelled { was } => (
@@ -320,7 +310,7 @@ async fn cancel(g: &Global, id: &str) -> Result<()> {
     if g.json {
         output::json(&json!({ "id": id, "outcome": label, "was": was }));
     } else if ok {
-        println!("{message}");
+        say!("{message}");
     }
     if ok {
         Ok(())

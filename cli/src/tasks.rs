@@ -1,12 +1,13 @@
 //! `natasks tasks`: a queue's tasks by state, one task in full, and deleting tasks, through
 //! `natasks::admin`. (`natasks task` follows one tracked task by its id.)
 
-use clap::{ArgGroup, Subcommand};
-use natasks::admin::{Selection, TaskState};
+use clap::Subcommand;
+use natasks::admin::TaskState;
 use serde_json::json;
 
 use crate::dlq::{finish, print_detail, run_bulk, Bulk};
-use crate::filter::{parse_state, FilterArgs};
+use crate::filter::{parse_state, Which};
+use crate::output::say;
 use crate::search::{summary_json, summary_row};
 use crate::{conn, output, Global, Result};
 
@@ -33,23 +34,16 @@ pub enum TasksCommand {
     },
     /// Delete a queue's tasks in one state: by sequence, --all, or those matching the
     /// filter flags. Scheduled tasks deleted never become due.
-    #[command(group(ArgGroup::new("which").required(true).multiple(true)
-        .args(["all", "seqs", "name", "header", "contains", "field", "error"])))]
+    #[command(mut_arg("all", |a| a.help("Every task of the queue in this state")))]
     Delete {
         /// The queue.
         queue: String,
         /// pending, in_flight, scheduled or dead.
         #[arg(long, value_parser = parse_state)]
         state: TaskState,
-        /// Every task of the queue in this state.
-        #[arg(long, conflicts_with_all = ["seqs", "name", "header", "contains", "field", "error"])]
-        all: bool,
-        /// Sequences of the tasks.
-        #[arg(conflicts_with_all = ["name", "header", "contains", "field", "error"])]
-        seqs: Vec<u64>,
-        /// Only the tasks matching these.
+        /// By sequence, every one, or those matching the filter flags.
         #[command(flatten)]
-        filter: FilterArgs,
+        which: Which,
     },
 }
 
@@ -68,13 +62,13 @@ pub async fn run(g: &Global, cmd: TasksCommand) -> Result<()> {
                 return Ok(());
             }
             if page.items.is_empty() {
-                println!("no {state} tasks on queue {queue}");
+                say!("no {state} tasks on queue {queue}");
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = page.items.iter().map(summary_row).collect();
             output::table(&["SEQ", "QUEUE", "STATE", "TASK", "STORED", "LAST ERROR"], &rows);
             if let Some(next) = page.next {
-                println!("... more (see --after {next})");
+                say!("... more (see --after {next})");
             }
             Ok(())
         }
@@ -84,17 +78,13 @@ pub async fn run(g: &Global, cmd: TasksCommand) -> Result<()> {
             print_detail(g, &detail);
             Ok(())
         }
-        TasksCommand::Delete { queue, state, all: _, seqs, filter } => {
+        TasksCommand::Delete { queue, state, which } => {
             conn::valid_queue(&queue)?;
-            let selection = match seqs.as_slice() {
-                [] => Selection::Matching(filter.filter()?),
-                [seq] => Selection::One(*seq),
-                seqs => Selection::Many(seqs.to_vec()),
-            };
+            let selection = which.selection()?;
             let admin = conn::admin(g).await?;
             let outcome = run_bulk(g, &queue, state, &selection, Bulk::Delete, &admin).await?;
             if !g.json {
-                println!("deleted {} {state} task(s) from queue {queue}", outcome.done);
+                say!("deleted {} {state} task(s) from queue {queue}", outcome.done);
             }
             finish(&outcome, "deleting")
         }

@@ -41,13 +41,7 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
         (None, None) => None,
     };
     let admin = conn::admin(g).await?;
-    let js = conn::connect(g).await?;
-    let client = natasks::Client::builder(js)
-        .stream_name(g.stream.clone())
-        .subject_prefix(g.subject_prefix.clone())
-        .build()
-        .await
-        .context(|| "cannot prepare the dispatch client".to_owned())?;
+    let client = conn::client(g).await?;
     let dashboard = Dashboard::new(admin, client)
         .read_only(args.read_only)
         .auth(auth)

@@ -5,6 +5,7 @@ use clap::Subcommand;
 use natasks::workflow::{StepStatus, WorkflowErrorKind, WorkflowState, WorkflowStatus};
 use serde_json::{json, Value};
 
+use crate::output::say;
 use crate::{output, Error, Global, Result};
 
 #[derive(Debug, Subcommand)]
@@ -37,7 +38,7 @@ pub async fn run(g: &Global, cmd: WorkflowCommand) -> Result<()> {
 }
 
 async fn status(g: &Global, id: &str) -> Result<()> {
-    let client = crate::task::client(g).await?;
+    let client = crate::conn::client(g).await?;
     let status = client.workflow_status(id).await.map_err(|err| {
         let hint = match err.kind() {
             WorkflowErrorKind::Unknown => " (never dispatched, or its records expired)",
@@ -56,7 +57,7 @@ async fn status(g: &Global, id: &str) -> Result<()> {
         }
         other => other.as_str().to_owned(),
     };
-    println!(
+    say!(
         "workflow {} ({} {:?}, dispatched {}): {state}",
         status.id,
         status.kind.as_str(),

@@ -2,7 +2,6 @@
 //! state it leaves in the stream.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,19 +12,7 @@ use natasks_test_support::NatsServer;
 use tokio::sync::mpsc;
 
 mod common;
-use common::{natasks, Run, DEADLINE};
-
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !condition().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::{eventually, natasks, Run, DEADLINE};
 
 /// Messages stored on `subject` in the natasks stream.
 async fn stored(js: &jetstream::Context, subject: &str) -> u64 {

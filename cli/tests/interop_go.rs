@@ -6,8 +6,6 @@
 //! written on nats.go from its published documentation (see `natasks/tests/interop_go.rs`
 //! and the README's interoperability section).
 
-use std::time::{Duration, Instant};
-
 use async_nats::jetstream;
 use base64::Engine as _;
 use futures_util::StreamExt as _;
@@ -18,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 mod common;
-use common::{natasks, DEADLINE};
+use common::{eventually, natasks, DEADLINE};
 
 /// Runs `natasks <args> --json` against `url`; returns its JSON output.
 async fn natasks_json(url: &str, args: &[&str]) -> Value {
@@ -32,18 +30,6 @@ async fn stored(js: &jetstream::Context, subject: &str) -> usize {
     let info = stream.info_with_subjects(subject).await.expect("stream info");
     let counts: Vec<(String, usize)> = info.filter_map(|r| async { r.ok() }).collect().await;
     counts.into_iter().find(|(s, _)| s == subject).map_or(0, |(_, n)| n)
-}
-
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !condition().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn go_worker(url: &str, queue: &str, args: &[&str]) -> GoProcess {

@@ -1,18 +1,17 @@
 //! `natasks task` and `natasks events`, and `dispatch --track`: the built binary against a
 //! real nats-server, with a worker of the library in the test process.
 
-use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_nats::jetstream;
+use natasks::track::Status;
 use natasks::{HandlerError, Json, Progress, Worker};
 use natasks_test_support::NatsServer;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::sync::Notify;
 
 mod common;
-use common::{natasks, DEADLINE};
+use common::{eventually, natasks, Tail, DEADLINE};
 
 /// Messages stored in the natasks stream.
 async fn stream_messages(js: &jetstream::Context) -> u64 {
@@ -30,14 +29,30 @@ async fn dispatch_tracked(url: &str, queue: &str, task: &str, payload: &str) -> 
     run["id"].as_str().expect("an id").to_owned()
 }
 
-/// A worker of `queue` adding the numbers of its payload, reporting progress half-way.
-async fn adder(js: jetstream::Context, queue: &str) -> Worker {
+/// Waits (with the tests' deadline) until `release` is notified: a handler that has
+/// reported progress holds its task running until the test has seen the report.
+async fn held(release: &Notify) -> Result<(), HandlerError> {
+    tokio::time::timeout(DEADLINE, release.notified())
+        .await
+        .map_err(|_| natasks::no_retry("the test never released the handler"))
+}
+
+/// A worker of `queue` adding the numbers of its payload: it reports `report(progress)`
+/// half-way, then holds the task until `release` is notified.
+async fn adder(
+    js: jetstream::Context,
+    queue: &str,
+    release: Arc<Notify>,
+    report: fn(&Progress),
+) -> Worker {
     Worker::builder(js, queue)
-        .handle("add", |Json(numbers): Json<Vec<u64>>, progress: Progress| async move {
-            progress.set(0.5);
-            // Long enough for the worker to record the report before the handler ends.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok::<_, HandlerError>(json!({ "total": numbers.iter().sum::<u64>() }))
+        .handle("add", move |Json(numbers): Json<Vec<u64>>, progress: Progress| {
+            let release = release.clone();
+            async move {
+                report(&progress);
+                held(&release).await?;
+                Ok::<_, HandlerError>(json!({ "total": numbers.iter().sum::<u64>() }))
+            }
         })
         .build()
         .await
@@ -81,8 +96,22 @@ async fn tracked_task_status_result_and_cancel() {
     let not_yet = natasks(&url, &["task", "result", &id, "--json"]).await.failed("is pending");
     assert_eq!(not_yet.json()["state"], "pending");
 
-    // A worker processes it: the result is printed, the status says succeeded.
-    let worker = spawn(adder(js.clone(), "math").await);
+    // A worker takes it and reports progress; the status shows it while the task runs.
+    let release = Arc::new(Notify::new());
+    let worker = spawn(adder(js.clone(), "math", release.clone(), |p| p.set(0.5)).await);
+    let client = natasks::Client::new(js.clone()).await.unwrap();
+    eventually("the running task's progress is recorded", || async {
+        matches!(client.status(&id).await, Ok(Status::Known(s)) if s.progress.is_some())
+    })
+    .await;
+    let running = natasks(&url, &["task", "status", &id, "--json"]).await.ok().json();
+    assert_eq!(running["state"], "running", "{running}");
+    assert_eq!(running["progress"], json!({ "fraction": 0.5 }));
+    let human = natasks(&url, &["task", "status", &id]).await.ok().stdout;
+    assert!(human.lines().any(|l| l.starts_with("progress") && l.ends_with("50%")), "{human}");
+
+    // Released, it ends: the result is printed, the status says succeeded.
+    release.notify_one();
     let result = natasks(&url, &["task", "result", &id, "--wait", "15s"]).await.ok();
     assert_eq!(result.json(), json!({ "total": 6 }));
     assert!(result.stdout.contains("\n  \"total\": 6\n"), "pretty: {result:?}");
@@ -143,50 +172,6 @@ async fn failures_are_reported_with_the_last_error() {
     stop(worker).await;
 }
 
-/// A running `natasks events`: its stdout lines, read with a deadline.
-struct Tail {
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Tail {
-    /// Starts `natasks events <args>` and waits until it listens.
-    async fn start(url: &str, args: &[&str]) -> Tail {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-            .arg("events")
-            .args(args)
-            .env("NATS_URL", url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start natasks events");
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut stderr: Lines<BufReader<ChildStderr>> =
-            BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(DEADLINE, stderr.next_line())
-            .await
-            .expect("natasks events starts within the deadline")
-            .expect("read stderr");
-        let ready = ready.unwrap_or_default();
-        assert!(ready.starts_with("watching events of"), "{ready}");
-        Tail { child, stdout }
-    }
-
-    async fn next_line(&mut self) -> String {
-        tokio::time::timeout(DEADLINE, self.stdout.next_line())
-            .await
-            .expect("an event line within the deadline")
-            .expect("read stdout")
-            .expect("natasks events is still running")
-    }
-
-    async fn stop(mut self) {
-        self.child.kill().await.expect("kill natasks events");
-    }
-}
-
 #[tokio::test]
 async fn events_show_a_task_from_dispatch_to_success() {
     let server = NatsServer::start().await;
@@ -194,19 +179,12 @@ async fn events_show_a_task_from_dispatch_to_success() {
     let js = server.jetstream().await;
     let mut json_tail = Tail::start(&url, &["math", "--json"]).await;
     let mut text_tail = Tail::start(&url, &[]).await;
-    let worker = Worker::builder(js, "math")
-        .handle("add", |Json(numbers): Json<Vec<u64>>, progress: Progress| async move {
-            progress.report(Some(0.5), &json!({ "rows": 1 }));
-            // Long enough for the worker to record the report before the handler ends.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            Ok::<_, HandlerError>(numbers.iter().sum::<u64>())
-        })
-        .build()
-        .await
-        .unwrap();
-    let worker = spawn(worker);
+    let release = Arc::new(Notify::new());
+    let report = |p: &Progress| p.report(Some(0.5), &json!({ "rows": 1 }));
+    let worker = spawn(adder(js, "math", release.clone(), report).await);
     let id = dispatch_tracked(&url, "math", "add", "[4,5]").await;
 
+    // The handler holds the task until its progress event has been seen.
     let mut kinds = Vec::new();
     while kinds.last().map(String::as_str) != Some("succeeded") {
         let line = json_tail.next_line().await;
@@ -216,6 +194,7 @@ async fn events_show_a_task_from_dispatch_to_success() {
         assert_eq!(event["task"], "add");
         if event["kind"] == "progress" {
             assert_eq!(event["progress"], json!({ "fraction": 0.5, "detail": { "rows": 1 } }));
+            release.notify_one();
         }
         kinds.push(event["kind"].as_str().unwrap().to_owned());
     }

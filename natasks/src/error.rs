@@ -364,6 +364,30 @@ impl HandlerError {
     }
 }
 
+/// An error and its [sources](std::error::Error::source) on one line, `error: cause: cause`,
+/// skipping a source whose text the line already holds.
+///
+/// natasks errors say what failed and leave the cause to `source()`; this is how a front
+/// end (a log line, a command line, a web page) shows both.
+///
+/// ```
+/// let err = std::io::Error::new(std::io::ErrorKind::Other, "disk full");
+/// assert_eq!(natasks::one_line(&err), "disk full");
+/// ```
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Wraps `err` so the worker acknowledges the task without retrying or dead-lettering it.
 pub fn no_retry(err: impl Into<BoxError>) -> HandlerError {
     HandlerError::no_retry(err)

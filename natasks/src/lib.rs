@@ -87,8 +87,9 @@ pub mod workflow;
 
 pub use client::{Batch, Client, ClientBuilder, Receipt};
 pub use error::{
-    no_retry, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError, InvalidName,
-    RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError, SetupErrorKind,
+    no_retry, one_line, BoxError, DispatchError, DispatchErrorKind, Failure, HandlerError,
+    InvalidName, RunError, RunErrorKind, ScheduleError, ScheduleErrorKind, SetupError,
+    SetupErrorKind,
 };
 pub use extract::{
     Attempt, Cancellation, Extension, FromTask, Json, Progress, ProgressReport, TaskId,

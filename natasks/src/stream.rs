@@ -296,6 +296,27 @@ pub(crate) fn atomic_support(version: &str) -> Support {
     version_support(version, (2, 12))
 }
 
+/// The error text of an operation that needs a stream feature the stream lacks. `needs`
+/// names both (`a batch needs atomic batches`), `since` the first server with the feature
+/// (`nats-server 2.12`). When the connected server has it, only the stream's flag is
+/// missing, which a client or worker allowed to update the stream sets; otherwise the
+/// server is too old.
+pub(crate) fn lacking(needs: &str, since: &str, version: &str, server_has_it: bool) -> String {
+    if server_has_it {
+        format!(
+            "{needs}, which the stream does not allow: a natasks client or worker allowed to \
+             update the stream (`$JS.API.STREAM.UPDATE.<stream>`) adds them when it starts"
+        )
+    } else {
+        format!("{needs} ({since} or newer); the connected server is {version}")
+    }
+}
+
+/// [`lacking`] for atomic batches.
+pub(crate) fn lacking_atomic(needs: &str, version: &str) -> String {
+    lacking(needs, "nats-server 2.12", version, atomic_support(version) == Support::Supported)
+}
+
 /// Per-message TTLs arrived in nats-server 2.11 (JetStream API level 1).
 pub(crate) fn ttl_support(version: &str) -> Support {
     version_support(version, (2, 11))

@@ -98,6 +98,16 @@ pub(crate) const UNIQUE_KEY_NAME: HeaderName = HeaderName::from_static(HEADER_UN
 /// [`NATS_MSG_ID`] as a header name: looked up for every received task.
 pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG_ID);
 
+/// The id a task was dispatched with: [`HEADER_ID`], else [`HEADER_MESSAGE_ID`] (where a
+/// delayed task keeps its message id), else [`NATS_MSG_ID`]. Its tracking record, its
+/// unique-key lock and its workflow step are all named by it.
+pub(crate) fn task_id(headers: &async_nats::HeaderMap) -> Option<&str> {
+    [ID_NAME, MESSAGE_ID_NAME, NATS_MSG_ID_NAME]
+        .into_iter()
+        .find_map(|name| headers.get(name))
+        .map(|value| value.as_str())
+}
+
 /// The subject token reserved for schedules; no queue may use it.
 pub const SCHEDULE_TOKEN: &str = "__natasks_schedule";
 
@@ -387,6 +397,18 @@ pub(crate) fn consumer_name(prefix: &str, queue: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_id_prefers_natasks_id_then_message_id_then_nats_msg_id() {
+        let mut headers = async_nats::HeaderMap::new();
+        assert_eq!(task_id(&headers), None);
+        headers.insert(NATS_MSG_ID, "nats");
+        assert_eq!(task_id(&headers), Some("nats"));
+        headers.insert(HEADER_MESSAGE_ID, "kept");
+        assert_eq!(task_id(&headers), Some("kept"));
+        headers.insert(HEADER_ID, "id");
+        assert_eq!(task_id(&headers), Some("id"));
+    }
 
     #[test]
     fn queue_names() {

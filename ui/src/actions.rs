@@ -294,7 +294,7 @@ async fn dispatch(ctx: &Ctx, queue: &str, fields: &Fields) -> Result<String, Fai
                 | DispatchErrorKind::InvalidDueTime => StatusCode::BAD_REQUEST,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            Err((status, format!("cannot dispatch: {}", crate::one_line(&err))))
+            Err((status, format!("cannot dispatch: {}", natasks::one_line(&err))))
         }
     }
 }
@@ -309,5 +309,5 @@ pub(crate) fn admin_failure(err: AdminError) -> Failure {
         AdminErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         _ => StatusCode::BAD_GATEWAY,
     };
-    (status, crate::one_line(&err))
+    (status, natasks::one_line(&err))
 }

@@ -39,18 +39,3 @@ mod security;
 pub use dashboard::{
     Auth, Dashboard, DashboardError, DashboardErrorKind, DEFAULT_REFRESH, MIN_SECRET_LEN,
 };
-
-/// An error and its sources on one line, skipping sources already part of the message.
-pub(crate) fn one_line(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}

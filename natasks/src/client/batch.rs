@@ -13,7 +13,6 @@ use crate::error::{DispatchError, DispatchErrorKind};
 use crate::guard::{Guard, GuardKind, OnConflict};
 use crate::observe::Dispatched;
 use crate::schedule::{self, DueTime};
-use crate::stream::Support;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
 use crate::wire;
@@ -143,17 +142,7 @@ impl Client {
         }
         if !publisher.atomic {
             let version = publisher.js.client().server_info().version;
-            let message = if crate::stream::atomic_support(&version) == Support::Supported {
-                "a batch needs atomic batches, which the stream does not allow: a natasks \
-                 client or worker allowed to update the stream \
-                 (`$JS.API.STREAM.UPDATE.<stream>`) adds them when it starts"
-                    .to_owned()
-            } else {
-                format!(
-                    "a batch needs atomic batches (nats-server 2.12 or newer); the connected \
-                     server is {version}"
-                )
-            };
+            let message = crate::stream::lacking_atomic("a batch needs atomic batches", &version);
             return Err(DispatchError::new(DispatchErrorKind::Unsupported, message));
         }
         let mut outgoing = Vec::with_capacity(messages);

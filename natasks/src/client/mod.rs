@@ -417,7 +417,7 @@ impl Publisher {
         let stream = self.js.get_stream_no_info(&self.stream.name).await.ok()?;
         let previous = stream.get_last_raw_message_by_subject(&message.subject).await.ok()?;
         previous.headers.get(crate::wire::HEADER_TRACK)?;
-        crate::guard::release::task_id(&previous.headers).map(str::to_owned)
+        crate::wire::task_id(&previous.headers).map(str::to_owned)
     }
 
     /// Publishes a tracked task between its `dispatched` event and its first record.

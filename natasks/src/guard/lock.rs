@@ -90,7 +90,7 @@ pub(crate) async fn task_alive(
             Err(err) => Err(err.into()),
         };
     };
-    let is_task = |headers: &HeaderMap| super::release::task_id(headers) == Some(&held.body.id);
+    let is_task = |headers: &HeaderMap| wire::task_id(headers) == Some(&held.body.id);
     match stream.get_last_raw_message_by_subject(schedule).await {
         Ok(message) if is_task(&message.headers) => return Ok(true),
         Ok(_) => {}

@@ -147,19 +147,9 @@ impl Guard {
         }
         let server_has_it =
             crate::stream::atomic_support(version) == crate::stream::Support::Supported;
-        let unsupported = |what: &str, needs: &str| {
-            let message = if server_has_it {
-                format!(
-                    "a {word} task needs {what}, which the stream lacks: a natasks client or \
-                     worker allowed to update the stream (`$JS.API.STREAM.UPDATE.<stream>`) \
-                     adds them when it starts"
-                )
-            } else {
-                format!(
-                    "a {word} task needs {what} ({needs} or newer); the connected server is \
-                     {version}"
-                )
-            };
+        let unsupported = |what: &str, since: &str| {
+            let needs = format!("a {word} task needs {what}");
+            let message = crate::stream::lacking(&needs, since, version, server_has_it);
             DispatchError::new(DispatchErrorKind::Unsupported, message)
         };
         let ttl = match self.kind {

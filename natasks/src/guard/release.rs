@@ -38,7 +38,7 @@ pub(crate) async fn settle(
         tracing::warn!(error = %err, "the ack of a unique task was not confirmed; its lock stays until the task is gone");
         return;
     }
-    let Some(id) = task_id(headers) else {
+    let Some(id) = wire::task_id(headers) else {
         return;
     };
     // A task a schedule produced names it; the lock of a delayed task names its schedule.
@@ -89,11 +89,4 @@ pub(crate) async fn release(
     lock::delete(js, &stream.name, held.sequence).await?;
     tracing::debug!(key, id, "unique task's lock released");
     Ok(())
-}
-
-/// The id the task was dispatched with, as its lock names it.
-pub(crate) fn task_id(headers: &HeaderMap) -> Option<&str> {
-    [wire::HEADER_ID, wire::HEADER_MESSAGE_ID, wire::NATS_MSG_ID]
-        .into_iter()
-        .find_map(|name| headers.get(name).map(|v| v.as_str()))
 }

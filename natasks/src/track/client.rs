@@ -357,7 +357,7 @@ async fn remove_waiting(
         let Ok(schedule) = stream.get_last_raw_message_by_subject(subject).await else {
             return;
         };
-        let owner = crate::guard::release::task_id(&schedule.headers);
+        let owner = wire::task_id(&schedule.headers);
         if owner.is_some_and(|owner| owner != id) {
             return;
         }

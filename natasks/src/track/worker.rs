@@ -80,11 +80,7 @@ impl WorkerTracking {
     ) -> Option<Attempt<'a>> {
         let retention = headers.get(wire::TRACK_NAME)?.as_str().trim().parse::<u64>().ok();
         let retention = retention.filter(|&s| s > 0).unwrap_or(self.retention.as_secs()).max(1);
-        let id = headers
-            .get(wire::ID_NAME)
-            .or_else(|| headers.get(wire::MESSAGE_ID_NAME))
-            .or_else(|| headers.get(wire::NATS_MSG_ID))
-            .map_or_else(|| format!("seq-{sequence}"), |v| v.as_str().to_owned());
+        let id = wire::task_id(headers).map_or_else(|| format!("seq-{sequence}"), str::to_owned);
         let scheduler = headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str().to_owned());
         let step = StepRef::from_headers(headers);
         Some(Attempt {

@@ -49,11 +49,7 @@ impl StepRef {
     /// The step a task is, if its headers name a workflow and a step.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
         let workflow = headers.get(HEADER_WORKFLOW)?.as_str().to_owned();
-        let id = [wire::HEADER_ID, wire::HEADER_MESSAGE_ID, wire::NATS_MSG_ID]
-            .into_iter()
-            .find_map(|name| headers.get(name))?
-            .as_str()
-            .to_owned();
+        let id = wire::task_id(headers)?.to_owned();
         let step = headers.get(HEADER_WORKFLOW_STEP)?.as_str();
         let role = if step == "callback" {
             Role::Callback

@@ -12,7 +12,6 @@ use super::{
 };
 use crate::batch::{self, publish_atomic, BatchPublishError, Outgoing};
 use crate::client::Client;
-use crate::stream::Support;
 use crate::task::Task;
 use crate::track::client::TrackedDispatch;
 use crate::track::{Event, EventKind, DEFAULT_RETENTION};
@@ -42,17 +41,10 @@ impl Client {
         let (plan, first) = self.plan(&id, workflow.into())?;
         if !self.atomic() {
             let version = self.stream().0.client().server_info().version;
-            let message = if crate::stream::atomic_support(&version) == Support::Supported {
-                "workflows need atomic batches and markers, which the stream does not allow: a \
-                 natasks client or worker allowed to update the stream \
-                 (`$JS.API.STREAM.UPDATE.<stream>`) adds them when it starts"
-                    .to_owned()
-            } else {
-                format!(
-                    "workflows need atomic batches (nats-server 2.12 or newer); the connected \
-                     server is {version}"
-                )
-            };
+            let message = crate::stream::lacking_atomic(
+                "workflows need atomic batches and markers",
+                &version,
+            );
             return Err(WorkflowError::new(WorkflowErrorKind::Unsupported, message));
         }
         let tracker = self.tracker();
