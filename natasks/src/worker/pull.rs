@@ -13,6 +13,7 @@
 //! the slots for it), and only then unsubscribes.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::BatchConfig;
@@ -20,9 +21,15 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, StatusCode, Subscriber};
 use futures_util::StreamExt;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::ack;
+
+/// When the server, last heard at `heard`, has been silent too long on open pull requests:
+/// two heartbeats missed, and a margin.
+fn silence_after(heard: Instant, heartbeat: Duration) -> Instant {
+    heard + heartbeat * 2 + Duration::from_millis(500)
+}
 
 /// Why pulling stopped; the caller recovers (reconnect, re-create the consumer) and pulls
 /// again.
@@ -77,6 +84,10 @@ pub(super) struct Puller {
     buffer: VecDeque<(Instant, async_nats::Message)>,
     /// When the server last said anything on the inbox (or the last request was sent).
     last_heard: Instant,
+    /// Fires no later than the silence deadline (see [`next`](Self::next)): armed once and
+    /// moved on only when it fires early, not at every message, so that a worker receiving
+    /// tasks one at a time does not register and cancel a timer for each.
+    silence: Pin<Box<Sleep>>,
     /// When the server last delivered a task, and whether the consumer still had tasks
     /// pending after it.
     last_delivered: Option<(Instant, bool)>,
@@ -96,13 +107,15 @@ impl Puller {
         let subscriber =
             client.subscribe(inbox.clone()).await.map_err(|e| PullError::Request(e.to_string()))?;
         let now = Instant::now();
+        let heartbeat = expires / 4;
         Ok(Self {
+            silence: Box::pin(tokio::time::sleep_until(silence_after(now, heartbeat))),
             consumer,
             client,
             inbox,
             subscriber,
             expires,
-            heartbeat: expires / 4,
+            heartbeat,
             prefetch,
             outstanding: 0,
             last_request: now,
@@ -144,13 +157,19 @@ impl Puller {
             if let Some((since, message)) = self.buffer.pop_front() {
                 return Ok(self.lease(message, since));
             }
-            let deadline = self.last_heard + self.heartbeat * 2 + Duration::from_millis(500);
             let message = tokio::select! {
                 biased;
                 message = self.subscriber.next() => message.ok_or(PullError::Closed)?,
-                () = tokio::time::sleep_until(deadline) => {
+                () = self.silence.as_mut() => {
+                    let deadline = silence_after(self.last_heard, self.heartbeat);
+                    if Instant::now() < deadline {
+                        // The server spoke since the timer was armed.
+                        self.silence.as_mut().reset(deadline);
+                        continue;
+                    }
                     // The requests are gone with the server's state; start over.
                     self.outstanding = 0;
+                    self.silence.as_mut().reset(silence_after(Instant::now(), self.heartbeat));
                     return Err(PullError::Silent);
                 }
             };
@@ -234,8 +253,7 @@ impl Puller {
     /// (no message, heartbeat or status): past it, they were lost (a server restart, a
     /// leader change) and must be asked again. `None` without open requests.
     pub(super) fn silence_deadline(&self) -> Option<Instant> {
-        (self.outstanding > 0)
-            .then(|| self.last_heard + self.heartbeat * 2 + Duration::from_millis(500))
+        (self.outstanding > 0).then(|| silence_after(self.last_heard, self.heartbeat))
     }
 
     /// Forgets requests the server went silent on, if it did; the next top-up asks again.
@@ -373,6 +391,10 @@ impl Puller {
         self.outstanding += batch;
         self.last_request = Instant::now();
         self.last_heard = self.last_request;
+        if self.silence.deadline() < self.last_heard {
+            // Armed before this wait (a silence already reported): from now on.
+            self.silence.as_mut().reset(silence_after(self.last_heard, self.heartbeat));
+        }
         Ok(())
     }
 

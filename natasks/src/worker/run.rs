@@ -71,6 +71,8 @@ pub(super) async fn run(
                 continue;
             }
         };
+        // Waited on for every task, so registered with the token once, not per task.
+        let mut stopping = std::pin::pin!(shutdown.cancelled());
         let exit = loop {
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
@@ -84,7 +86,7 @@ pub(super) async fn run(
             let free = slots.available_permits() + 1;
             let next = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break Exit::Shutdown,
+                () = stopping.as_mut() => break Exit::Shutdown,
                 next = puller.next(free) => next,
             };
             match next {
