@@ -19,8 +19,9 @@ use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{DeleteMessageError, DeleteMessageErrorKind, Stream};
 use async_nats::HeaderMap;
 
+use super::queues::Reading;
 use super::search::Filter;
-use super::tasks::Place;
+use super::tasks::{reading_delivered, Place};
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState};
 use crate::batch::{self, Outgoing};
 use crate::guard::release::{task_id, Stored};
@@ -114,27 +115,34 @@ impl<'a> Selected<'a> {
     async fn new(
         admin: &'a Admin,
         stream: &'a Stream,
+        reading: &Reading,
         queue: &'a str,
         state: TaskState,
         selection: &'a Selection,
     ) -> Result<Selected<'a>, AdminError> {
-        let delivered = admin.delivered(stream, queue).await?;
+        let delivered = reading_delivered(admin.consumers(stream, reading).await?, queue);
         let total = match selection {
             Selection::One(_) => 1,
             Selection::Many(seqs) => seqs.len() as u64,
             Selection::Matching(filter) => {
                 filter.validate()?;
                 match admin.range(queue, state, delivered, 1) {
-                    Some((subject, _, _)) => {
-                        let counts = super::queues::subject_counts(stream, &subject).await?;
+                    // A queue's or a dead-letter queue's subject: counted in the reading.
+                    Some((subject, _, _)) if reading.counts.contains_key(&subject) => {
+                        reading.counts[&subject]
+                    }
+                    Some((subject, _, _)) if state == TaskState::Scheduled => {
+                        let counts =
+                            super::queues::subject_counts(&admin.js, stream, &subject).await?;
                         counts.values().sum()
                     }
-                    None => 0,
+                    // A subject that holds nothing.
+                    _ => 0,
                 }
             }
         };
         let (cursor, last) = match selection {
-            Selection::Matching(_) => (1, read::last_sequence(stream).await?),
+            Selection::Matching(_) => (1, read::last_sequence(stream)),
             _ => (0, u64::MAX),
         };
         Ok(Self { admin, stream, queue, state, delivered, selection, cursor, total, last })
@@ -284,7 +292,8 @@ impl Admin {
             };
         }
         let stream = self.open_stream().await?;
-        self.ensure_known_queue(&stream, queue).await?;
+        let reading = self.read_queues(&stream).await?;
+        self.ensure_known_queue(&stream, &reading, queue).await?;
         let dlq = format!("{queue}{}", self.dlq_suffix);
         let response = stream
             .purge()
@@ -304,8 +313,9 @@ impl Admin {
     ) -> Result<BulkOutcome, AdminError> {
         let queue = super::queues::valid_queue(queue)?;
         let stream = self.open_stream().await?;
-        self.ensure_known_queue(&stream, queue).await?;
-        let mut selected = Selected::new(self, &stream, queue, state, selection).await?;
+        let reading = self.read_queues(&stream).await?;
+        self.ensure_known_queue(&stream, &reading, queue).await?;
+        let mut selected = Selected::new(self, &stream, &reading, queue, state, selection).await?;
         // Tracked tasks' records follow what is done to them (the bucket is opened only
         // when one is met).
         let tracker = Tracker::new(self.js.clone(), self.stream.clone());

@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::Stream;
 
+use super::queues::Reading;
 use super::tasks::Place;
 use super::tasks::{delayed_wildcard, valid_limit};
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState, TaskSummary};
@@ -235,14 +236,16 @@ impl Admin {
             None => None,
         };
         let stream = self.open_stream().await?;
+        let reading = self.read_queues(&stream).await?;
         if let Some(queue) = queue {
-            self.ensure_known_queue(&stream, queue).await?;
+            self.ensure_known_queue(&stream, &reading, queue).await?;
         }
         let states: &[TaskState] =
             if options.states.is_empty() { &TaskState::ALL } else { &options.states };
-        let subjects = self.search_subjects(&stream, queue, states).await?;
+        let subjects = self.search_subjects(&stream, &reading, queue, states).await?;
         let total = subjects.iter().map(|(_, count)| count).sum();
-        let delivered = self.delivered_all(&stream).await?;
+        let consumers = self.consumers(&stream, &reading).await?;
+        let delivered = |queue: &str| super::tasks::reading_delivered(consumers, queue);
         let mut at = SearchProgress { scanned: 0, total, matched: 0 };
         let mut items = Vec::new();
         let mut truncated = false;
@@ -295,6 +298,7 @@ impl Admin {
     async fn search_subjects(
         &self,
         stream: &Stream,
+        reading: &Reading,
         queue: Option<&str>,
         states: &[TaskState],
     ) -> Result<Vec<(String, u64)>, AdminError> {
@@ -306,25 +310,18 @@ impl Admin {
             Place::Dead(q) => dead && queue.is_none_or(|want| want == q),
             _ => false,
         };
-        let counts = super::queues::subject_counts(stream, &wire::queues_wildcard(prefix)).await?;
-        let mut subjects: Vec<(String, u64)> =
-            counts.into_iter().filter(|(subject, _)| wanted(subject)).collect();
+        let mut subjects: Vec<(String, u64)> = reading
+            .counts
+            .iter()
+            .filter(|(subject, _)| wanted(subject))
+            .map(|(subject, count)| (subject.clone(), *count))
+            .collect();
         if states.contains(&TaskState::Scheduled) {
             let filter = delayed_wildcard(prefix);
-            let counts = super::queues::subject_counts(stream, &filter).await?;
+            let counts = super::queues::subject_counts(&self.js, stream, &filter).await?;
             subjects.push((filter, counts.values().sum()));
         }
         Ok(subjects)
-    }
-
-    /// The last stream sequence each queue's worker consumer delivered, by queue.
-    async fn delivered_all(&self, stream: &Stream) -> Result<impl Fn(&str) -> u64, AdminError> {
-        let consumers = self.queue_consumers(stream).await?;
-        let delivered: std::collections::BTreeMap<String, u64> = consumers
-            .into_iter()
-            .map(|(queue, info)| (queue, info.delivered.stream_sequence))
-            .collect();
-        Ok(move |queue: &str| delivered.get(queue).copied().unwrap_or(0))
     }
 }
 
