@@ -92,14 +92,18 @@ pub fn valid_queue(queue: &str) -> Result<&str> {
     natasks::wire::validate_queue(queue).map_err(|err| Error::msg(err.to_string()))
 }
 
-/// The admin API for the global flags' layout.
+/// The admin API for the global flags' layout, on a connection of its own.
 pub async fn admin(g: &Global) -> Result<Admin> {
-    let js = connect(g).await?;
-    Ok(Admin::new(js)
+    Ok(admin_on(g, connect(g).await?))
+}
+
+/// The admin API for the global flags' layout, on the connection `js`.
+pub fn admin_on(g: &Global, js: jetstream::Context) -> Admin {
+    Admin::new(js)
         .stream_name(g.stream.clone())
         .subject_prefix(g.subject_prefix.clone())
         .consumer_prefix(g.consumer_prefix.clone())
-        .dlq_suffix(g.dlq_suffix.clone()))
+        .dlq_suffix(g.dlq_suffix.clone())
 }
 
 /// An admin error as one line, pointing at `--stream` when the stream is missing.

@@ -40,8 +40,9 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let admin = conn::admin(g).await?;
+    // One connection for reading, acting and dispatching.
     let js = conn::connect(g).await?;
+    let admin = conn::admin_on(g, js.clone());
     let client = natasks::Client::builder(js)
         .stream_name(g.stream.clone())
         .subject_prefix(g.subject_prefix.clone())
