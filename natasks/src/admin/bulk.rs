@@ -193,13 +193,14 @@ impl<'a> Selected<'a> {
         if from > until {
             return Ok(Vec::new());
         }
+        let matcher = filter.matcher();
         let mut out = Vec::new();
         let mut last = None;
         read::scan(&self.admin.js, self.stream, &subject, from, Some(until), |message| {
             last = Some(message.sequence);
             let summary = self.admin.summarize(&message, |_| self.delivered);
             if summary.is_some_and(|s| s.queue == self.queue && s.state == self.state)
-                && filter.matches(&message)
+                && matcher.matches(&message)
             {
                 out.push(Ok(message));
             }

@@ -110,8 +110,24 @@ impl Filter {
         Ok(())
     }
 
+    /// The filter ready to test many messages: what every test would compute alike (the
+    /// error text in lower case) is computed here, once.
+    pub(crate) fn matcher(&self) -> Matcher<'_> {
+        Matcher { filter: self, error: self.error_contains.as_deref().map(str::to_lowercase) }
+    }
+}
+
+/// A [`Filter`] testing messages ([`Filter::matcher`]).
+pub(crate) struct Matcher<'a> {
+    filter: &'a Filter,
+    /// The error text, lower case.
+    error: Option<String>,
+}
+
+impl Matcher<'_> {
     /// Whether the task stored as `message` matches.
     pub(crate) fn matches(&self, message: &StreamMessage) -> bool {
+        let filter = self.filter;
         let header = |name: &str| {
             message
                 .headers
@@ -119,7 +135,7 @@ impl Filter {
                 .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
                 .and_then(|(_, values)| values.first().map(|v| v.as_str()))
         };
-        if let Some(want) = &self.name {
+        if let Some(want) = &filter.name {
             let name = header(wire::HEADER_TASK).unwrap_or_default();
             let ok = match want.strip_suffix('*') {
                 Some(start) => name.starts_with(start),
@@ -129,23 +145,23 @@ impl Filter {
                 return false;
             }
         }
-        if let Some((name, value)) = &self.header {
+        if let Some((name, value)) = &filter.header {
             if header(name) != Some(value.as_str()) {
                 return false;
             }
         }
-        if let Some(text) = &self.error_contains {
+        if let Some(text) = &self.error {
             let error = header(wire::HEADER_LAST_ERROR).unwrap_or_default();
-            if !error.to_lowercase().contains(&text.to_lowercase()) {
+            if !error.to_lowercase().contains(text.as_str()) {
                 return false;
             }
         }
-        if let Some(text) = &self.payload_contains {
+        if let Some(text) = &filter.payload_contains {
             if !contains(&message.payload, text.as_bytes()) {
                 return false;
             }
         }
-        if let Some((path, value)) = &self.json_field {
+        if let Some((path, value)) = &filter.json_field {
             let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
                 return false;
             };
@@ -249,6 +265,7 @@ impl Admin {
         let mut at = SearchProgress { scanned: 0, total, matched: 0 };
         let mut items = Vec::new();
         let mut truncated = false;
+        let matcher = filter.matcher();
         for (subject, _) in &subjects {
             let mut each = |message: StreamMessage| {
                 if at.scanned == options.max_scan {
@@ -263,7 +280,7 @@ impl Admin {
                 let Some(summary) = summary else { return ControlFlow::Continue(()) };
                 let wanted = queue.is_none_or(|q| summary.queue == q)
                     && states.contains(&summary.state)
-                    && filter.matches(&message);
+                    && matcher.matches(&message);
                 if !wanted {
                     return ControlFlow::Continue(());
                 }
