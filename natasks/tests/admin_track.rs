@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use natasks::admin::{Admin, Selection, TaskState as AdminState};
-use natasks::{Client, HandlerError, Status, Task, TaskState, TrackErrorKind, Worker};
+use natasks::{
+    Cancellation, Client, HandlerError, Status, Task, TaskState, TrackErrorKind, Worker,
+};
 
 async fn state(client: &Client, id: &str) -> Option<TaskState> {
     match client.status(id).await.expect("status") {
@@ -89,4 +91,37 @@ async fn a_cancelled_delayed_task_is_recorded_as_cancelled() {
     assert_eq!(schedules.len(), 1, "{schedules:?}");
     admin.cancel_schedule(&schedules[0].id).await.unwrap();
     assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
+}
+
+#[tokio::test]
+async fn deleting_a_running_task_signals_its_handler_and_records_it_cancelled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let mut started = Seen::new();
+    let tx = started.tx.clone();
+    let worker = Worker::builder(js, "reports")
+        .handle("render", move |cancel: Cancellation| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                // Runs until cancelled (or the test's deadline).
+                let _ = tokio::time::timeout(DEADLINE, cancel.cancelled()).await;
+                Err::<(), _>(HandlerError::msg("stopped"))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let receipt = client.dispatch(Task::new("render", "x").tracked(), "reports").await.unwrap();
+    started.take(1, DEADLINE).await;
+    let sequence = receipt.sequence.unwrap();
+    let outcome =
+        admin.delete("reports", AdminState::InFlight, &Selection::One(sequence)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
+    let err = client.wait::<()>(&receipt.id, DEADLINE).await.unwrap_err();
+    assert_eq!(err.kind(), TrackErrorKind::Cancelled, "{err}");
+    running.stop().await.unwrap();
 }
