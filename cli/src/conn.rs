@@ -95,7 +95,11 @@ pub fn valid_queue(queue: &str) -> Result<&str> {
 /// A client on the stream the global flags name (creating the stream, or adding what it
 /// lacks, as every client does).
 pub async fn client(g: &Global) -> Result<natasks::Client> {
-    let js = connect(g).await?;
+    client_on(g, connect(g).await?).await
+}
+
+/// [`client`], on the connection `js`.
+pub async fn client_on(g: &Global, js: jetstream::Context) -> Result<natasks::Client> {
     natasks::Client::builder(js)
         .stream_name(g.stream.clone())
         .subject_prefix(g.subject_prefix.clone())
@@ -104,14 +108,18 @@ pub async fn client(g: &Global) -> Result<natasks::Client> {
         .context(|| format!("cannot use stream {:?}", g.stream))
 }
 
-/// The admin API for the global flags' layout.
+/// The admin API for the global flags' layout, on a connection of its own.
 pub async fn admin(g: &Global) -> Result<Admin> {
-    let js = connect(g).await?;
-    Ok(Admin::new(js)
+    Ok(admin_on(g, connect(g).await?))
+}
+
+/// The admin API for the global flags' layout, on the connection `js`.
+pub fn admin_on(g: &Global, js: jetstream::Context) -> Admin {
+    Admin::new(js)
         .stream_name(g.stream.clone())
         .subject_prefix(g.subject_prefix.clone())
         .consumer_prefix(g.consumer_prefix.clone())
-        .dlq_suffix(g.dlq_suffix.clone()))
+        .dlq_suffix(g.dlq_suffix.clone())
 }
 
 /// An admin error as one line, pointing at `--stream` when the stream is missing.

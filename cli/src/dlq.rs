@@ -148,8 +148,9 @@ async fn list(
     output::table(&["SEQ", "TASK", "ATTEMPTS", "REASON", "FAILED AT", "LAST ERROR"], &rows);
     match (page.next, after) {
         (Some(_), None) => {
-            let total =
-                admin.queue(queue).await.map_err(|e| conn::admin_error(g, &e))?.dead_letters;
+            // The dead letters only: counting delayed tasks would read every one.
+            let info = admin.queue_without_scheduled(queue).await;
+            let total = info.map_err(|e| conn::admin_error(g, &e))?.dead_letters;
             let rest = total.saturating_sub(page.items.len() as u64);
             say!("... {rest} more (see --limit)");
         }

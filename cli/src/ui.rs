@@ -40,8 +40,10 @@ pub async fn run(g: &Global, args: UiArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let admin = conn::admin(g).await?;
-    let client = conn::client(g).await?;
+    // One connection for reading, acting and dispatching.
+    let js = conn::connect(g).await?;
+    let admin = conn::admin_on(g, js.clone());
+    let client = conn::client_on(g, js).await?;
     let dashboard = Dashboard::new(admin, client)
         .read_only(args.read_only)
         .auth(auth)

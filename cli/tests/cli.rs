@@ -544,6 +544,29 @@ async fn dlq_purge_empties_the_dead_letter_queue_only() {
 }
 
 #[tokio::test]
+async fn dlq_list_counts_the_rest_without_reading_delayed_tasks() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    natasks_stream(&js).await;
+    for i in 0..3 {
+        dead_letter(&js, "emails", "emails.send", &format!("{i}")).await;
+    }
+    let client = natasks::Client::new(js.clone()).await.unwrap();
+    for i in 0..5 {
+        let task = Task::new("emails.remind", format!("{i}"));
+        client.dispatch_in(task, "emails", Duration::from_secs(3600)).await.unwrap();
+    }
+    let mut requests = natasks_test_support::api::ApiRequests::watch(&url).await;
+    let list = natasks(&url, &["dlq", "list", "emails", "--limit", "2"]).await.ok().stdout;
+    assert!(list.trim_end().ends_with("... 1 more (see --limit)"), "{list}");
+    let requests = requests.take().await;
+    let schedule_reads: Vec<_> =
+        requests.iter().filter(|r| r.body.contains("__natasks_schedule")).collect();
+    assert!(schedule_reads.is_empty(), "a dead-letter count reads no schedule: {schedule_reads:?}");
+}
+
+#[tokio::test]
 async fn errors_exit_1_with_one_line() {
     // Unreachable server: a port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -35,8 +35,10 @@ async fn get(port: u16, path: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn the_dashboard_is_served_on_loopback() {
-    let server = NatsServer::start().await;
+async fn the_dashboard_is_served_on_loopback_on_one_connection() {
+    // The server's monitoring port lists its connections.
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = NatsServer::builder().arg("-m").arg(monitor.to_string()).start().await;
     let js = server.jetstream().await;
     natasks::Client::new(js)
         .await
@@ -65,5 +67,15 @@ async fn the_dashboard_is_served_on_loopback() {
     };
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains(r#"data-queue="mail""#) && page.contains("read-only"), "{page}");
+    let connz = get(monitor, "/connz").await.expect("the monitoring port answers");
+    let body = connz.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let connz: serde_json::Value = serde_json::from_str(body).expect("connz is JSON");
+    let cli = connz["connections"]
+        .as_array()
+        .expect("connz lists connections")
+        .iter()
+        .filter(|c| c["name"] == "natasks-cli")
+        .count();
+    assert_eq!(cli, 1, "the dashboard's reads and dispatches share one connection: {connz}");
     child.kill().await.unwrap();
 }

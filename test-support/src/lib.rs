@@ -36,6 +36,7 @@ use async_nats::ConnectErrorKind;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+pub mod api;
 pub mod go;
 
 /// Version of the default server installed by `scripts/install-nats-server`.

@@ -850,3 +850,20 @@ async fn a_link_from_elsewhere_keeps_the_login_but_not_the_csrf_cookie() {
     let session = login.header("set-cookie").unwrap_or_default().to_owned();
     assert!(session.starts_with("natasks_auth=") && session.contains("SameSite=Lax"), "{session}");
 }
+
+#[tokio::test]
+async fn a_queue_page_reads_the_stream_subjects_and_consumers_once() {
+    use natasks_test_support::api::{count, ApiRequests};
+    let f = start(|d| d).await;
+    f.client.dispatch(Task::new("emails.send", "x"), "emails").await.unwrap();
+    consumer(&f, "emails").await;
+    let mut b = f.browser();
+    b.get("/").await.expect(200);
+    let mut requests = ApiRequests::watch(&f.server.url()).await;
+    b.get("/queues/emails").await.expect(200).contains("Pending (1)");
+    let seen = requests.take().await;
+    let names: Vec<&str> = seen.iter().map(|r| r.api.as_str()).collect();
+    // The stream once when opened, its subjects once, its consumers once.
+    assert_eq!(count(&seen, "STREAM.INFO.NATASKS"), 2, "{names:?}");
+    assert_eq!(count(&seen, "CONSUMER.LIST.") + count(&seen, "CONSUMER.NAMES."), 1, "{names:?}");
+}

@@ -19,10 +19,15 @@ use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{DeleteMessageError, DeleteMessageErrorKind, Stream};
 use async_nats::HeaderMap;
 
+use super::queues::Reading;
 use super::search::Filter;
+use super::tasks::{reading_delivered, Place};
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState};
 use crate::batch::{self, Outgoing};
+use crate::guard::release::Stored;
+use crate::track::Tracker;
 use crate::wire;
+use crate::wire::task_id;
 
 /// How long the marker of a requeued dead letter lives (a day): a rerun of an interrupted
 /// requeue within it stores no second copy.
@@ -111,27 +116,34 @@ impl<'a> Selected<'a> {
     async fn new(
         admin: &'a Admin,
         stream: &'a Stream,
+        reading: &Reading,
         queue: &'a str,
         state: TaskState,
         selection: &'a Selection,
     ) -> Result<Selected<'a>, AdminError> {
-        let delivered = admin.delivered(stream, queue).await?;
+        let delivered = reading_delivered(admin.consumers(stream, reading).await?, queue);
         let total = match selection {
             Selection::One(_) => 1,
             Selection::Many(seqs) => seqs.len() as u64,
             Selection::Matching(filter) => {
                 filter.validate()?;
                 match admin.range(queue, state, delivered, 1) {
-                    Some((subject, _, _)) => {
-                        let counts = super::queues::subject_counts(stream, &subject).await?;
+                    // A queue's or a dead-letter queue's subject: counted in the reading.
+                    Some((subject, _, _)) if reading.counts.contains_key(&subject) => {
+                        reading.counts[&subject]
+                    }
+                    Some((subject, _, _)) if state == TaskState::Scheduled => {
+                        let counts =
+                            super::queues::subject_counts(&admin.js, stream, &subject).await?;
                         counts.values().sum()
                     }
-                    None => 0,
+                    // A subject that holds nothing.
+                    _ => 0,
                 }
             }
         };
         let (cursor, last) = match selection {
-            Selection::Matching(_) => (1, read::last_sequence(stream).await?),
+            Selection::Matching(_) => (1, read::last_sequence(stream)),
             _ => (0, u64::MAX),
         };
         Ok(Self { admin, stream, queue, state, delivered, selection, cursor, total, last })
@@ -182,13 +194,14 @@ impl<'a> Selected<'a> {
         if from > until {
             return Ok(Vec::new());
         }
+        let matcher = filter.matcher();
         let mut out = Vec::new();
         let mut last = None;
         read::scan(&self.admin.js, self.stream, &subject, from, Some(until), |message| {
             last = Some(message.sequence);
             let summary = self.admin.summarize(&message, |_| self.delivered);
             if summary.is_some_and(|s| s.queue == self.queue && s.state == self.state)
-                && filter.matches(&message)
+                && matcher.matches(&message)
             {
                 out.push(Ok(message));
             }
@@ -219,7 +232,7 @@ impl<'a> Selected<'a> {
 
 impl Admin {
     /// Puts dead letters of `queue` back on the queue they failed on, without their failure
-    /// headers; a tracked task is tracked again. Safe to interrupt and to run again (see the
+    /// headers; a tracked task is tracked again, its record `pending` until it runs. Safe to interrupt and to run again (see the
     /// module docs). Returns the counts; see [`requeue_with`](Self::requeue_with) to follow
     /// progress and stop early.
     pub async fn requeue(
@@ -243,7 +256,9 @@ impl Admin {
 
     /// Deletes tasks of `queue` in `state`: pending or in-flight tasks (a worker running
     /// one finishes it, but its acknowledgement finds nothing), scheduled tasks (they never
-    /// become due) or dead letters. Returns the counts.
+    /// become due) or dead letters. A tracked task's record says `cancelled` (a running
+    /// one's handler sees its cancellation fire, as with [`Client::cancel`](crate::Client::cancel)).
+    /// Returns the counts.
     pub async fn delete(
         &self,
         queue: &str,
@@ -279,7 +294,8 @@ impl Admin {
             };
         }
         let stream = self.open_stream().await?;
-        self.ensure_known_queue(&stream, queue).await?;
+        let reading = self.read_queues(&stream).await?;
+        self.ensure_known_queue(&stream, &reading, queue).await?;
         let dlq = format!("{queue}{}", self.dlq_suffix);
         let response = stream
             .purge()
@@ -299,8 +315,12 @@ impl Admin {
     ) -> Result<BulkOutcome, AdminError> {
         let queue = super::queues::valid_queue(queue)?;
         let stream = self.open_stream().await?;
-        self.ensure_known_queue(&stream, queue).await?;
-        let mut selected = Selected::new(self, &stream, queue, state, selection).await?;
+        let reading = self.read_queues(&stream).await?;
+        self.ensure_known_queue(&stream, &reading, queue).await?;
+        let mut selected = Selected::new(self, &stream, &reading, queue, state, selection).await?;
+        // Tracked tasks' records follow what is done to them (the bucket is opened only
+        // when one is met).
+        let tracker = Tracker::new(self.js.clone(), self.stream.clone());
         let mut outcome = BulkOutcome::default();
         loop {
             let chunk = selected.chunk().await?;
@@ -317,9 +337,12 @@ impl Admin {
                 };
                 let seq = message.sequence;
                 let done = match action {
-                    Action::Requeue => self.move_back(&stream, queue, &message).await,
+                    Action::Requeue => self.move_back(&stream, &tracker, queue, &message).await,
                     Action::Delete => match stream.delete_message(seq).await {
-                        Ok(_) => Ok(Some((queue.to_owned(), false))),
+                        Ok(_) => {
+                            self.record_removed(&tracker, &message).await;
+                            Ok(Some((queue.to_owned(), false)))
+                        }
                         Err(err) if is_missing(&err) => Ok(None),
                         Err(err) => Err(format!("delete task {seq}: {err}")),
                     },
@@ -350,12 +373,29 @@ impl Admin {
         }
     }
 
-    /// Publishes the requeued copy of a dead letter, waits for the server's ack, then
-    /// deletes the dead letter. Returns the target queue and whether the server saw the copy
-    /// as a duplicate; `None` if the dead letter was deleted meanwhile before a copy.
+    /// A tracked task's message was deleted: its record says it was cancelled.
+    async fn record_removed(&self, tracker: &Tracker, message: &StreamMessage) {
+        // A dead letter carries its tracking aside: its record already says how it ended.
+        if message.headers.get(wire::HEADER_TRACK).is_none() {
+            return;
+        }
+        let Some(id) = task_id(&message.headers) else { return };
+        let stored = match self.place(&message.subject) {
+            Place::Delayed => Stored::Schedule(&message.subject),
+            _ => Stored::Sequence(message.sequence),
+        };
+        let scheduler = message.headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str());
+        crate::track::client::removed(tracker, id, stored, scheduler).await;
+    }
+
+    /// Publishes the requeued copy of a dead letter, waits for the server's ack, records a
+    /// tracked task as pending again, then deletes the dead letter. Returns the target
+    /// queue and whether the server saw the copy as a duplicate; `None` if the dead letter
+    /// was deleted meanwhile before a copy.
     async fn move_back(
         &self,
         stream: &Stream,
+        tracker: &Tracker,
         queue: &str,
         message: &StreamMessage,
     ) -> Result<Option<(String, bool)>, String> {
@@ -383,8 +423,9 @@ impl Admin {
         // duplicate instead of finding the marker.
         let id = (!marked).then(|| requeue_id(&self.stream.name, seq));
         let headers = requeued_headers(message, &target, id.as_deref());
+        let tracked = tracked_copy(&headers);
         let subject = wire::queue_subject(&self.stream.subject_prefix, &target);
-        let duplicate = if marked {
+        let (duplicate, copy_seq) = if marked {
             let mut mark = HeaderMap::new();
             mark.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             mark.insert(wire::NATS_TTL, REQUEUE_MARK_TTL.as_secs().to_string().as_str());
@@ -399,9 +440,9 @@ impl Admin {
             };
             let copy = Outgoing { subject, headers, payload: message.payload.clone() };
             match batch::publish_atomic(&self.js, vec![marker, copy]).await {
-                Ok(_) => false,
+                Ok(ack) => (false, ack.sequence(1)),
                 // The marker is there: an earlier run stored the copy.
-                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => true,
+                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => (true, 0),
                 Err(err @ batch::BatchPublishError::Timeout(_)) => {
                     return Err(format!(
                         "{}: the server did not confirm in time (safe to run again): {err}",
@@ -422,8 +463,13 @@ impl Admin {
                 }
                 _ => format!("{}: {err}", what()),
             })?;
-            ack.duplicate
+            (ack.duplicate, ack.sequence)
         };
+        // Recorded before the dead letter goes: a run that dies in between and is run
+        // again finds the copy stored and records nothing more.
+        if let (Some((id, task, retention)), false) = (&tracked, duplicate) {
+            crate::track::client::requeued(tracker, id, &target, task, *retention, copy_seq).await;
+        }
         match stream.delete_message(seq).await {
             Ok(_) => {}
             // Deleted meanwhile (by a concurrent requeue or purge): the copy is stored, done.
@@ -481,6 +527,15 @@ fn requeued_headers(message: &StreamMessage, target: &str, id: Option<&str>) -> 
         headers.insert(wire::NATS_MSG_ID, id);
     }
     headers
+}
+
+/// The task id, name and retention of a requeued copy that is tracked, from its headers
+/// (the ones a worker reads).
+fn tracked_copy(headers: &HeaderMap) -> Option<(String, String, std::time::Duration)> {
+    let retention = headers.get(wire::HEADER_TRACK)?.as_str().trim().parse().unwrap_or(0);
+    let id = task_id(headers)?.to_owned();
+    let task = headers.get(wire::HEADER_TASK).map_or("", |v| v.as_str()).to_owned();
+    Some((id, task, std::time::Duration::from_secs(retention)))
 }
 
 /// Whether the stream stores requeue markers: atomic batches, per-message TTLs (the marker

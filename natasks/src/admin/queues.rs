@@ -58,7 +58,7 @@ pub struct RateLimit {
 }
 
 impl QueueInfo {
-    fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             stored: 0,
@@ -108,36 +108,54 @@ impl Admin {
     /// those a worker consumes. Counting delayed tasks per queue reads each one's schedule
     /// message, so this costs a read per delayed task not yet due. A dead-letter queue has a row of its own only when a worker consumes it.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>, AdminError> {
-        self.overview(true).await
+        let stream = self.open_stream().await?;
+        let reading = self.read_queues(&stream).await?;
+        self.overview(&stream, &reading, true, None).await
     }
 
-    /// [`queues`](Self::queues); with `delayed` false, without reading the schedules (every
-    /// `scheduled` count is 0).
-    async fn overview(&self, delayed: bool) -> Result<Vec<QueueInfo>, AdminError> {
+    /// [`queue`](Self::queue) without counting the queue's delayed tasks (`scheduled` is
+    /// 0): it reads no schedule, where `queue` reads every delayed task not yet due.
+    pub async fn queue_without_scheduled(&self, queue: &str) -> Result<QueueInfo, AdminError> {
+        let queue = valid_queue(queue)?;
         let stream = self.open_stream().await?;
+        let reading = self.read_queues(&stream).await?;
+        let mut rows = self.overview(&stream, &reading, false, Some(queue)).await?;
+        Ok(rows.pop().unwrap_or_else(|| QueueInfo::new(queue)))
+    }
+
+    /// The rows of [`queues`](Self::queues) from `reading`, or only the row of `only`; with
+    /// `delayed` false, without reading the schedules (every `scheduled` count is 0).
+    pub(super) async fn overview(
+        &self,
+        stream: &Stream,
+        reading: &Reading,
+        delayed: bool,
+        only: Option<&str>,
+    ) -> Result<Vec<QueueInfo>, AdminError> {
         let prefix = format!("{}.", self.stream.subject_prefix);
-        let counts =
-            subject_counts(&stream, &wire::queues_wildcard(&self.stream.subject_prefix)).await?;
+        let wanted = |queue: &str| only.is_none_or(|only| only == queue);
         let mut rows: BTreeMap<String, QueueInfo> = BTreeMap::new();
-        for (subject, count) in &counts {
+        for (subject, count) in &reading.counts {
             let Some(queue) = subject.strip_prefix(&prefix) else { continue };
             match queue.strip_suffix(&self.dlq_suffix) {
-                Some(base) if !base.is_empty() => {
+                Some(base) if !base.is_empty() && wanted(base) => {
                     rows.entry(base.to_owned())
                         .or_insert_with(|| QueueInfo::new(base))
                         .dead_letters = *count
                 }
-                _ => {
+                Some(base) if !base.is_empty() => {}
+                _ if wanted(queue) => {
                     rows.entry(queue.to_owned()).or_insert_with(|| QueueInfo::new(queue)).stored =
                         *count
                 }
+                _ => {}
             }
         }
         let mut scheduled: BTreeMap<String, u64> = BTreeMap::new();
         if delayed {
             let filter = super::tasks::delayed_wildcard(&self.stream.subject_prefix);
-            super::read::scan(&self.js, &stream, &filter, 1, None, |message| {
-                if let Some(queue) = self.schedule_target(&message) {
+            super::read::scan(&self.js, stream, &filter, 1, None, |message| {
+                if let Some(queue) = self.schedule_target(&message).filter(|q| wanted(q)) {
                     *scheduled.entry(queue).or_default() += 1;
                 }
                 std::ops::ControlFlow::Continue(())
@@ -147,9 +165,11 @@ impl Admin {
         for (queue, count) in scheduled {
             rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue)).scheduled = count;
         }
-        for (queue, info) in self.queue_consumers(&stream).await? {
-            let row = rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(&queue));
-            row.adopt(&info);
+        for (queue, info) in self.consumers(stream, reading).await? {
+            if wanted(queue) {
+                let row = rows.entry(queue.clone()).or_insert_with(|| QueueInfo::new(queue));
+                row.adopt(info);
+            }
         }
         for row in rows.values_mut() {
             row.pending = row.stored.saturating_sub(row.in_flight);
@@ -310,8 +330,7 @@ impl Admin {
         if client.publish(subject, bytes::Bytes::new()).await.is_ok() {
             let _ = client.flush().await;
         }
-        let all = self.overview(false).await?;
-        Ok(all.into_iter().find(|q| q.name == queue).unwrap_or_else(|| QueueInfo::new(queue)))
+        self.queue_without_scheduled(queue).await
     }
 
     /// The task stream, once the settings are known to be usable: every operation opens it
@@ -367,6 +386,23 @@ impl Admin {
         }
     }
 
+    /// Reads what the stream holds on each queue subject; the consumers are read when first
+    /// asked for ([`consumers`](Self::consumers)).
+    pub(super) async fn read_queues(&self, stream: &Stream) -> Result<Reading, AdminError> {
+        let filter = wire::queues_wildcard(&self.stream.subject_prefix);
+        let counts = subject_counts(&self.js, stream, &filter).await?;
+        Ok(Reading { counts, consumers: tokio::sync::OnceCell::new() })
+    }
+
+    /// The queues' consumers of `reading`, listed on first use.
+    pub(super) async fn consumers<'r>(
+        &self,
+        stream: &Stream,
+        reading: &'r Reading,
+    ) -> Result<&'r BTreeMap<String, consumer::Info>, AdminError> {
+        reading.consumers.get_or_try_init(|| self.queue_consumers(stream)).await
+    }
+
     /// Consumers of the stream that work a single queue, by queue name. When several
     /// consumers filter on the same queue, the one with the workers' name wins.
     pub(super) async fn queue_consumers(
@@ -401,23 +437,71 @@ impl Admin {
     }
 }
 
+/// One reading of the messages stored per queue subject and of the queues' consumers: an
+/// operation answers every question about the queues from it, instead of asking the server
+/// again.
+pub(crate) struct Reading {
+    /// Messages stored per subject matching `<prefix>.*` (queues and dead-letter queues).
+    pub(super) counts: BTreeMap<String, u64>,
+    consumers: tokio::sync::OnceCell<BTreeMap<String, consumer::Info>>,
+}
+
 pub(super) fn valid_queue(queue: &str) -> Result<&str, AdminError> {
     wire::validate_queue(queue)
         .map_err(|err| AdminError::new(AdminErrorKind::InvalidInput, err.to_string()))
 }
 
-/// Messages stored per subject matching `filter`.
+/// Messages stored per subject matching `filter`, in as many requests as the server needs
+/// pages (one for up to 100,000 subjects): the client's pager asks once more after the
+/// last page.
 pub(super) async fn subject_counts(
+    js: &async_nats::jetstream::Context,
     stream: &Stream,
     filter: &str,
 ) -> Result<BTreeMap<String, u64>, AdminError> {
-    let name = stream.cached_info().config.name.clone();
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        total: u64,
+        #[serde(default)]
+        state: Option<State>,
+        #[serde(default)]
+        error: Option<ApiError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct State {
+        #[serde(default)]
+        subjects: Option<BTreeMap<String, u64>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(default)]
+        description: String,
+    }
+    let name = &stream.cached_info().config.name;
     let what = || format!("read the subjects of stream {name:?}");
-    let info =
-        stream.info_with_subjects(filter).await.map_err(|err| AdminError::broker(what(), err))?;
-    let pairs: Vec<(String, usize)> =
-        info.try_collect().await.map_err(|err| AdminError::broker(what(), err))?;
-    Ok(pairs.into_iter().map(|(subject, count)| (subject, count as u64)).collect())
+    let mut counts = BTreeMap::new();
+    loop {
+        let body = serde_json::json!({ "subjects_filter": filter, "offset": counts.len() });
+        let reply: Reply = js
+            .request(format!("STREAM.INFO.{name}"), &body)
+            .await
+            .map_err(|err| AdminError::broker(what(), err))?;
+        if let Some(err) = reply.error {
+            return Err(AdminError::new(
+                AdminErrorKind::Broker,
+                format!("{}: {} (error {})", what(), err.description, err.err_code),
+            ));
+        }
+        let page = reply.state.and_then(|state| state.subjects).unwrap_or_default();
+        let got = page.len();
+        counts.extend(page);
+        if got == 0 || counts.len() as u64 >= reply.total {
+            return Ok(counts);
+        }
+    }
 }
 
 fn unsupported_or_broker(

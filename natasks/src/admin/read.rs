@@ -176,7 +176,7 @@ pub(crate) async fn scan(
 ) -> Result<(), AdminError> {
     let last = match until {
         Some(until) => until,
-        None => last_sequence(stream).await?,
+        None => last_sequence(stream),
     };
     let mut cursor = from.max(1);
     let mut window = 1u64;
@@ -271,9 +271,8 @@ pub(crate) async fn scan_by_consumer(
     };
     let Ok(consumer) = stream.create_consumer(config).await else { return Ok(Some(1)) };
     let name = consumer.cached_info().name.clone();
-    let last = last_sequence(stream).await;
+    let last = last_sequence(stream);
     let read = async {
-        let last = last?;
         let what = || format!("read {filter} of stream {:?}", stream.cached_info().config.name);
         let mut seen = 0;
         loop {
@@ -326,15 +325,11 @@ pub(crate) async fn scan_by_consumer(
     read
 }
 
-/// The stream's last sequence, read now.
-pub(crate) async fn last_sequence(stream: &Stream) -> Result<u64, AdminError> {
-    let mut stream = stream.clone();
-    let name = stream.cached_info().config.name.clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|err| AdminError::broker(format!("read stream {name:?}"), err))?;
-    Ok(info.state.last_sequence)
+/// The stream's last sequence when it was opened: every operation opens the stream as it
+/// starts, so this is the last task stored before the operation began, without asking the
+/// server again.
+pub(crate) fn last_sequence(stream: &Stream) -> u64 {
+    stream.cached_info().state.last_sequence
 }
 
 /// Whether `subject` matches the subject filter `filter` (`*` one token, `>` the rest).

@@ -103,7 +103,8 @@ impl Admin {
 
     /// Cancels the delayed task or removes the periodic schedule with this id. Fails with
     /// [`AdminErrorKind::NotFound`] when there is none (a delayed task that is due has
-    /// become a pending task; a periodic schedule's dispatched tasks stay queued).
+    /// become a pending task; a periodic schedule's dispatched tasks stay queued). A tracked
+    /// delayed task's record says `cancelled`.
     pub async fn cancel_schedule(&self, id: &str) -> Result<(), AdminError> {
         if id.is_empty() || id.contains(['.', '*', '>']) || id.chars().any(char::is_whitespace) {
             return Err(AdminError::new(
@@ -113,12 +114,25 @@ impl Admin {
         }
         let stream = self.open_stream().await?;
         let subject = format!("{}.{}.{id}", self.stream.subject_prefix, wire::SCHEDULE_TOKEN);
+        // A tracked delayed task's record is marked once its schedule is gone: its id is
+        // read first (nothing is there for a periodic schedule's id).
+        let tracked = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) if message.headers.get(wire::HEADER_TRACK).is_some() => {
+                crate::wire::task_id(&message.headers).map(str::to_owned)
+            }
+            _ => None,
+        };
         let response = stream
             .purge()
             .filter(&subject)
             .await
             .map_err(|err| AdminError::broker(format!("cancel schedule {id:?}"), err))?;
         if response.purged > 0 {
+            if let Some(task) = tracked {
+                let tracker = crate::track::Tracker::new(self.js.clone(), self.stream.clone());
+                let stored = crate::guard::release::Stored::Schedule(&subject);
+                crate::track::client::removed(&tracker, &task, stored, None).await;
+            }
             return Ok(());
         }
         if wire::validate_schedule_id(id).is_ok() {

@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::Stream;
 
+use super::queues::Reading;
 use super::tasks::Place;
 use super::tasks::{delayed_wildcard, valid_limit};
 use super::{read, Admin, AdminError, AdminErrorKind, TaskState, TaskSummary};
@@ -109,8 +110,24 @@ impl Filter {
         Ok(())
     }
 
+    /// The filter ready to test many messages: what every test would compute alike (the
+    /// error text in lower case) is computed here, once.
+    pub(crate) fn matcher(&self) -> Matcher<'_> {
+        Matcher { filter: self, error: self.error_contains.as_deref().map(str::to_lowercase) }
+    }
+}
+
+/// A [`Filter`] testing messages ([`Filter::matcher`]).
+pub(crate) struct Matcher<'a> {
+    filter: &'a Filter,
+    /// The error text, lower case.
+    error: Option<String>,
+}
+
+impl Matcher<'_> {
     /// Whether the task stored as `message` matches.
     pub(crate) fn matches(&self, message: &StreamMessage) -> bool {
+        let filter = self.filter;
         let header = |name: &str| {
             message
                 .headers
@@ -118,7 +135,7 @@ impl Filter {
                 .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
                 .and_then(|(_, values)| values.first().map(|v| v.as_str()))
         };
-        if let Some(want) = &self.name {
+        if let Some(want) = &filter.name {
             let name = header(wire::HEADER_TASK).unwrap_or_default();
             let ok = match want.strip_suffix('*') {
                 Some(start) => name.starts_with(start),
@@ -128,23 +145,23 @@ impl Filter {
                 return false;
             }
         }
-        if let Some((name, value)) = &self.header {
+        if let Some((name, value)) = &filter.header {
             if header(name) != Some(value.as_str()) {
                 return false;
             }
         }
-        if let Some(text) = &self.error_contains {
+        if let Some(text) = &self.error {
             let error = header(wire::HEADER_LAST_ERROR).unwrap_or_default();
-            if !error.to_lowercase().contains(&text.to_lowercase()) {
+            if !error.to_lowercase().contains(text.as_str()) {
                 return false;
             }
         }
-        if let Some(text) = &self.payload_contains {
+        if let Some(text) = &filter.payload_contains {
             if !contains(&message.payload, text.as_bytes()) {
                 return false;
             }
         }
-        if let Some((path, value)) = &self.json_field {
+        if let Some((path, value)) = &filter.json_field {
             let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
                 return false;
             };
@@ -235,17 +252,20 @@ impl Admin {
             None => None,
         };
         let stream = self.open_stream().await?;
+        let reading = self.read_queues(&stream).await?;
         if let Some(queue) = queue {
-            self.ensure_known_queue(&stream, queue).await?;
+            self.ensure_known_queue(&stream, &reading, queue).await?;
         }
         let states: &[TaskState] =
             if options.states.is_empty() { &TaskState::ALL } else { &options.states };
-        let subjects = self.search_subjects(&stream, queue, states).await?;
+        let subjects = self.search_subjects(&stream, &reading, queue, states).await?;
         let total = subjects.iter().map(|(_, count)| count).sum();
-        let delivered = self.delivered_all(&stream).await?;
+        let consumers = self.consumers(&stream, &reading).await?;
+        let delivered = |queue: &str| super::tasks::reading_delivered(consumers, queue);
         let mut at = SearchProgress { scanned: 0, total, matched: 0 };
         let mut items = Vec::new();
         let mut truncated = false;
+        let matcher = filter.matcher();
         for (subject, _) in &subjects {
             let mut each = |message: StreamMessage| {
                 if at.scanned == options.max_scan {
@@ -260,7 +280,7 @@ impl Admin {
                 let Some(summary) = summary else { return ControlFlow::Continue(()) };
                 let wanted = queue.is_none_or(|q| summary.queue == q)
                     && states.contains(&summary.state)
-                    && filter.matches(&message);
+                    && matcher.matches(&message);
                 if !wanted {
                     return ControlFlow::Continue(());
                 }
@@ -295,6 +315,7 @@ impl Admin {
     async fn search_subjects(
         &self,
         stream: &Stream,
+        reading: &Reading,
         queue: Option<&str>,
         states: &[TaskState],
     ) -> Result<Vec<(String, u64)>, AdminError> {
@@ -306,25 +327,18 @@ impl Admin {
             Place::Dead(q) => dead && queue.is_none_or(|want| want == q),
             _ => false,
         };
-        let counts = super::queues::subject_counts(stream, &wire::queues_wildcard(prefix)).await?;
-        let mut subjects: Vec<(String, u64)> =
-            counts.into_iter().filter(|(subject, _)| wanted(subject)).collect();
+        let mut subjects: Vec<(String, u64)> = reading
+            .counts
+            .iter()
+            .filter(|(subject, _)| wanted(subject))
+            .map(|(subject, count)| (subject.clone(), *count))
+            .collect();
         if states.contains(&TaskState::Scheduled) {
             let filter = delayed_wildcard(prefix);
-            let counts = super::queues::subject_counts(stream, &filter).await?;
+            let counts = super::queues::subject_counts(&self.js, stream, &filter).await?;
             subjects.push((filter, counts.values().sum()));
         }
         Ok(subjects)
-    }
-
-    /// The last stream sequence each queue's worker consumer delivered, by queue.
-    async fn delivered_all(&self, stream: &Stream) -> Result<impl Fn(&str) -> u64, AdminError> {
-        let consumers = self.queue_consumers(stream).await?;
-        let delivered: std::collections::BTreeMap<String, u64> = consumers
-            .into_iter()
-            .map(|(queue, info)| (queue, info.delivered.stream_sequence))
-            .collect();
-        Ok(move |queue: &str| delivered.get(queue).copied().unwrap_or(0))
     }
 }
 

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::queues::Reading;
 use super::{read, Admin, AdminError, AdminErrorKind};
 use crate::wire;
 
@@ -205,8 +206,7 @@ impl Admin {
 
     /// The last stream sequence the worker consumer of `queue` delivered; 0 without one.
     pub(crate) async fn delivered(&self, stream: &Stream, queue: &str) -> Result<u64, AdminError> {
-        let consumers = self.queue_consumers(stream).await?;
-        Ok(consumers.get(queue).map_or(0, |info| info.delivered.stream_sequence))
+        Ok(reading_delivered(&self.queue_consumers(stream).await?, queue))
     }
 
     /// The tasks of `queue` in `state`, oldest first, at most `limit` (1 to 10,000), after
@@ -224,15 +224,48 @@ impl Admin {
         let queue = super::queues::valid_queue(queue)?;
         valid_limit(limit)?;
         let stream = self.open_stream().await?;
-        self.ensure_known_queue(&stream, queue).await?;
-        let delivered = self.delivered(&stream, queue).await?;
+        let reading = self.read_queues(&stream).await?;
+        self.tasks_in(&stream, &reading, queue, state, after, limit).await
+    }
+
+    /// [`queue`](Self::queue) and a page of its [`tasks`](Self::tasks), from one reading of
+    /// the stream's subjects and consumers: what a view of one queue shows.
+    pub async fn queue_tasks(
+        &self,
+        queue: &str,
+        state: TaskState,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(super::QueueInfo, Page<TaskSummary>), AdminError> {
+        let queue = super::queues::valid_queue(queue)?;
+        valid_limit(limit)?;
+        let stream = self.open_stream().await?;
+        let reading = self.read_queues(&stream).await?;
+        let page = self.tasks_in(&stream, &reading, queue, state, after, limit).await?;
+        let mut rows = self.overview(&stream, &reading, true, Some(queue)).await?;
+        let info = rows.pop().unwrap_or_else(|| super::QueueInfo::new(queue));
+        Ok((info, page))
+    }
+
+    /// [`tasks`](Self::tasks), from `reading`.
+    async fn tasks_in(
+        &self,
+        stream: &Stream,
+        reading: &Reading,
+        queue: &str,
+        state: TaskState,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<TaskSummary>, AdminError> {
+        self.ensure_known_queue(stream, reading, queue).await?;
+        let delivered = reading_delivered(self.consumers(stream, reading).await?, queue);
         let from = after.map_or(1, |after| after.saturating_add(1));
         let Some((filter, from, until)) = self.range(queue, state, delivered, from) else {
             return Ok(Page { items: Vec::new(), next: None });
         };
         let mut items = Vec::new();
         let mut more = false;
-        read::scan(&self.js, &stream, &filter, from, until, |message| {
+        read::scan(&self.js, stream, &filter, from, until, |message| {
             let Some(summary) = self.summarize(&message, |_| delivered) else {
                 return ControlFlow::Continue(());
             };
@@ -303,15 +336,16 @@ impl Admin {
     pub(crate) async fn ensure_known_queue(
         &self,
         stream: &Stream,
+        reading: &Reading,
         queue: &str,
     ) -> Result<(), AdminError> {
         let prefix = &self.stream.subject_prefix;
-        let counts = super::queues::subject_counts(stream, &wire::queues_wildcard(prefix)).await?;
-        let has = |q: &str| counts.get(&wire::queue_subject(prefix, q)).is_some_and(|n| *n > 0);
+        let has =
+            |q: &str| reading.counts.get(&wire::queue_subject(prefix, q)).is_some_and(|n| *n > 0);
         if has(queue) || has(&format!("{queue}{}", self.dlq_suffix)) {
             return Ok(());
         }
-        if self.queue_consumers(stream).await?.contains_key(queue) {
+        if self.consumers(stream, reading).await?.contains_key(queue) {
             return Ok(());
         }
         let mut targeted = false;
@@ -335,6 +369,15 @@ impl Admin {
             ),
         ))
     }
+}
+
+/// The last stream sequence the worker consumer of `queue` delivered, among `consumers`; 0
+/// without one.
+pub(crate) fn reading_delivered(
+    consumers: &std::collections::BTreeMap<String, async_nats::jetstream::consumer::Info>,
+    queue: &str,
+) -> u64 {
+    consumers.get(queue).map_or(0, |info| info.delivered.stream_sequence)
 }
 
 /// The subject filter of every delayed task (one token after the schedule token; periodic

@@ -236,7 +236,7 @@ impl Client {
     /// nothing and says so.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, TrackError> {
         validate_id(id)?;
-        cancel_record(self.tracker(), id, true).await
+        cancel_record(self.tracker(), id, true, |_| true).await
     }
 
     /// A live stream of the lifecycle events of tracked tasks in `queue` (`None`: every
@@ -265,18 +265,75 @@ impl Client {
 /// Records tracked debounced task `id` as cancelled: a later dispatch with its key replaced
 /// its schedule, so it never runs. Best effort, like every record a dispatch writes.
 pub(crate) async fn replaced(tracker: &Tracker, id: &str) {
-    match cancel_record(tracker, id, false).await {
+    match cancel_record(tracker, id, false, |_| true).await {
         Ok(outcome) => tracing::debug!(id, ?outcome, "replaced debounced task recorded"),
         Err(err) => tracing::debug!(id, error = %err, "could not record a replaced debounced task"),
     }
 }
 
-/// Records tracked task `id` as cancelled, and with `remove` removes it from its queue or
-/// its schedule.
+/// Records tracked task `id` as cancelled after an operator removed its message from the
+/// stream (an admin delete, a cancelled schedule): the task stored at `stored`, which a
+/// schedule on subject `scheduler` put there if it was delayed. A running task's handler is
+/// signalled, as by [`Client::cancel`]. The record of another task with the same id (an
+/// earlier one, or its requeued copy) is left as it is. Best effort: the message is gone
+/// whatever this does.
+pub(crate) async fn removed(
+    tracker: &Tracker,
+    id: &str,
+    stored: Stored<'_>,
+    scheduler: Option<&str>,
+) {
+    let ours = |record: &Record| match stored {
+        Stored::Sequence(sequence) => {
+            record.sequence == Some(sequence)
+                // A delayed task that came due is recorded as scheduled until a worker
+                // runs it.
+                || record.sequence.is_none()
+                    && record.state == Tag::Scheduled
+                    && scheduler.is_some_and(|s| record.schedule.as_deref() == Some(s))
+        }
+        Stored::Schedule(subject) => {
+            record.state == Tag::Scheduled && record.schedule.as_deref() == Some(subject)
+        }
+    };
+    match cancel_record(tracker, id, false, ours).await {
+        Ok(outcome) => tracing::debug!(id, ?outcome, "removed task recorded"),
+        Err(err) => {
+            tracing::warn!(id, error = %err, "could not record a removed task as cancelled")
+        }
+    }
+}
+
+/// Records that the dead letter of tracked task `id` was put back on `queue` as the task
+/// stored at `sequence`: `pending` again, unless a worker already recorded more of it.
+pub(crate) async fn requeued(
+    tracker: &Tracker,
+    id: &str,
+    queue: &str,
+    task: &str,
+    retention: Duration,
+    sequence: u64,
+) {
+    let dispatch = TrackedDispatch {
+        id: id.to_owned(),
+        queue: queue.to_owned(),
+        task: task.to_owned(),
+        retention: TrackedDispatch::retention(retention),
+        due: None,
+        schedule: None,
+        unique_key: None,
+    };
+    // The dead-lettered record is final and names another sequence: it is replaced.
+    dispatch.stored(tracker, sequence, false).await;
+}
+
+/// Records tracked task `id` as cancelled if `ours` says its record is about the task
+/// meant, and with `remove` removes it from its queue or its schedule.
 async fn cancel_record(
     tracker: &Tracker,
     id: &str,
     remove: bool,
+    ours: impl Fn(&Record) -> bool,
 ) -> Result<CancelOutcome, TrackError> {
     let store = tracker.store().await?;
     // Retried when a worker changes the record between our read and our write.
@@ -286,6 +343,9 @@ async fn cancel_record(
             Lookup::Expired { .. } => return Ok(CancelOutcome::Expired),
             Lookup::Unknown { .. } => return Ok(CancelOutcome::Unknown),
         };
+        if !ours(&record) {
+            return Ok(CancelOutcome::Unknown);
+        }
         if record.state == Tag::Cancelled {
             return Ok(CancelOutcome::AlreadyCancelled);
         }

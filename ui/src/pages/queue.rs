@@ -35,15 +35,9 @@ pub(crate) async fn page(
         }
     };
     let admin = &ctx.state.admin;
-    let info = match admin.queue(&queue).await {
-        Ok(info) => info,
-        Err(err) => {
-            let (status, why) = admin_failure(err);
-            return ctx.error_page(status, "Queue unavailable", &why);
-        }
-    };
-    let tasks = match admin.tasks(&queue, state, listing.after, PAGE_SIZE).await {
-        Ok(tasks) => tasks,
+    // The counts and the page from one reading of the stream.
+    let (info, tasks) = match admin.queue_tasks(&queue, state, listing.after, PAGE_SIZE).await {
+        Ok(both) => both,
         Err(err) => {
             let (status, why) = admin_failure(err);
             return ctx.error_page(status, "Queue unavailable", &why);

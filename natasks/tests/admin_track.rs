@@ -1,0 +1,127 @@
+//! What operator actions leave in the records of tracked tasks, against a real server: a
+//! requeued dead letter is pending again and then ends as its new run ends; a deleted task
+//! and a cancelled delayed task are recorded as cancelled.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use natasks::admin::{Admin, Selection, TaskState as AdminState};
+use natasks::{
+    Cancellation, Client, HandlerError, Status, Task, TaskState, TrackErrorKind, Worker,
+};
+
+async fn state(client: &Client, id: &str) -> Option<TaskState> {
+    match client.status(id).await.expect("status") {
+        Status::Known(status) => Some(status.state),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_requeued_dead_letter_is_pending_again_then_ends_as_its_new_run_ends() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    // The first worker fails every task for good: the task is dead-lettered.
+    let failing = Worker::builder(js.clone(), "orders")
+        .max_retries(0)
+        .handle("charge", |_: Task| async { Err::<(), _>(HandlerError::msg("card declined")) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(failing);
+    let receipt = client.dispatch(Task::new("charge", "o-1").tracked(), "orders").await.unwrap();
+    let err = client.wait::<()>(&receipt.id, DEADLINE).await.unwrap_err();
+    assert_eq!(err.kind(), TrackErrorKind::DeadLettered, "{err}");
+    running.stop().await.unwrap();
+
+    let dead = admin.tasks("orders", AdminState::Dead, None, 10).await.unwrap();
+    assert_eq!(dead.items.len(), 1, "{dead:?}");
+    let outcome = admin.requeue("orders", &Selection::One(dead.items[0].sequence)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
+    assert_eq!(
+        state(&client, &receipt.id).await,
+        Some(TaskState::Pending),
+        "a requeued task waits in its queue again"
+    );
+
+    // A worker that succeeds: the record follows the new run to its end.
+    let worker = Worker::builder(js, "orders")
+        .handle("charge", |_: Task| async { Ok::<(), HandlerError>(()) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    client.wait::<()>(&receipt.id, DEADLINE).await.expect("the requeued task succeeds");
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Succeeded));
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_pending_task_is_recorded_as_cancelled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let kept = client.dispatch(Task::new("render", "keep").tracked(), "reports").await.unwrap();
+    let gone = client.dispatch(Task::new("render", "drop").tracked(), "reports").await.unwrap();
+    let sequence = gone.sequence.expect("an immediate task has a sequence");
+    let outcome =
+        admin.delete("reports", AdminState::Pending, &Selection::One(sequence)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
+    assert_eq!(state(&client, &gone.id).await, Some(TaskState::Cancelled));
+    let err = client.result::<()>(&gone.id).await.unwrap_err();
+    assert_eq!(err.kind(), TrackErrorKind::Cancelled, "{err}");
+    assert_eq!(state(&client, &kept.id).await, Some(TaskState::Pending), "the other is left");
+}
+
+#[tokio::test]
+async fn a_cancelled_delayed_task_is_recorded_as_cancelled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let task = Task::new("remind", "u-7").tracked();
+    let receipt = client.dispatch_in(task, "emails", Duration::from_secs(3600)).await.unwrap();
+    assert!(matches!(state(&client, &receipt.id).await, Some(TaskState::Scheduled { .. })));
+    let schedules = admin.schedules(Some("emails")).await.unwrap();
+    assert_eq!(schedules.len(), 1, "{schedules:?}");
+    admin.cancel_schedule(&schedules[0].id).await.unwrap();
+    assert_eq!(state(&client, &receipt.id).await, Some(TaskState::Cancelled));
+}
+
+#[tokio::test]
+async fn deleting_a_running_task_signals_its_handler_and_records_it_cancelled() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let mut started = Seen::new();
+    let tx = started.tx.clone();
+    let worker = Worker::builder(js, "reports")
+        .handle("render", move |cancel: Cancellation| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                // Runs until cancelled (or the test's deadline).
+                let _ = tokio::time::timeout(DEADLINE, cancel.cancelled()).await;
+                Err::<(), _>(HandlerError::msg("stopped"))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let receipt = client.dispatch(Task::new("render", "x").tracked(), "reports").await.unwrap();
+    started.take(1, DEADLINE).await;
+    let sequence = receipt.sequence.unwrap();
+    let outcome =
+        admin.delete("reports", AdminState::InFlight, &Selection::One(sequence)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
+    let err = client.wait::<()>(&receipt.id, DEADLINE).await.unwrap_err();
+    assert_eq!(err.kind(), TrackErrorKind::Cancelled, "{err}");
+    running.stop().await.unwrap();
+}
