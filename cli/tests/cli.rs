@@ -453,7 +453,7 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     let js = server.jetstream().await;
     natasks_stream(&js).await;
     // Enough that the requeue is far from done when the interrupt lands.
-    const N: u64 = 1000;
+    const N: u64 = 300;
     for i in 0..N {
         dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
     }
