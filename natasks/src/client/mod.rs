@@ -217,8 +217,8 @@ impl Client {
     /// [`run`](Self::run) with middleware or the OpenTelemetry propagator.
     async fn run_layered(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
         #[cfg(feature = "opentelemetry")]
-        if self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()).is_some() {
-            return self.run_otel(dispatch).await;
+        if let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel()) {
+            return self.run_otel(otel, dispatch).await;
         }
         let span = dispatch_span(&dispatch);
         self.run_in(dispatch).instrument(span).await
@@ -226,12 +226,12 @@ impl Client {
 
     /// [`run`](Self::run) with the OpenTelemetry propagator: a producer span per dispatch.
     #[cfg(feature = "opentelemetry")]
-    async fn run_otel(&self, dispatch: Dispatch) -> Result<Receipt, DispatchError> {
+    async fn run_otel(
+        &self,
+        otel: &crate::otel::OtelPropagator,
+        dispatch: Dispatch,
+    ) -> Result<Receipt, DispatchError> {
         {
-            let Some(otel) = self.inner.publisher.propagator.as_deref().and_then(|p| p.as_otel())
-            else {
-                unreachable!("run_otel is called with an OpenTelemetry propagator")
-            };
             // The tracing span is a child of the OpenTelemetry span, should a
             // tracing-opentelemetry layer see it.
             let cx = otel.start_dispatch(&dispatch.queue, &dispatch.task, dispatch.due.is_some());
