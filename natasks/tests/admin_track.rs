@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use natasks::admin::{Admin, Selection, TaskState as AdminState};
+use natasks::workflow::{Group, GroupResults};
 use natasks::{
-    Cancellation, Client, HandlerError, Status, Task, TaskState, TrackErrorKind, Worker,
+    Cancellation, Client, HandlerError, Json, Status, Task, TaskState, TrackErrorKind, Worker,
 };
 
 async fn state(client: &Client, id: &str) -> Option<TaskState> {
@@ -76,6 +77,49 @@ async fn a_deleted_pending_task_is_recorded_as_cancelled() {
     let err = client.result::<()>(&gone.id).await.unwrap_err();
     assert_eq!(err.kind(), TrackErrorKind::Cancelled, "{err}");
     assert_eq!(state(&client, &kept.id).await, Some(TaskState::Pending), "the other is left");
+}
+
+/// A group member deleted while it waits in its queue still counts as ended, as when it
+/// is cancelled: the callback runs once the other member ends.
+#[tokio::test]
+async fn a_deleted_pending_workflow_step_still_lets_the_callback_run() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let group = Group::new("delete-one")
+        .add(Task::json("square", &2u64).unwrap(), "steps")
+        .add(Task::json("square", &3u64).unwrap(), "steps")
+        .then(Task::new("collect", ""), "steps");
+    let receipt = client.dispatch_workflow(group).await.unwrap();
+    // The first member is the one whose payload is 2.
+    let pending = admin.tasks("steps", AdminState::Pending, None, 10).await.unwrap();
+    let mut first = None;
+    for task in &pending.items {
+        if admin.task(task.sequence).await.unwrap().payload.as_ref() == b"2" {
+            first = Some(task.sequence);
+        }
+    }
+    let first = first.unwrap_or_else(|| panic!("the first member waits: {pending:?}"));
+    let outcome = admin.delete("steps", AdminState::Pending, &Selection::One(first)).await.unwrap();
+    assert_eq!(outcome.done, 1, "{outcome:?}");
+
+    let square = |Json(n): Json<u64>| async move { Ok::<_, HandlerError>(n * n) };
+    let collect = |Json(results): Json<GroupResults>| async move {
+        let states: Vec<String> = results.members.iter().map(|m| m.state.clone()).collect();
+        Ok::<_, HandlerError>(states)
+    };
+    let worker = Worker::builder(js.clone(), "steps")
+        .handle("square", square)
+        .handle("collect", collect)
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(worker);
+    let states: Vec<String> =
+        client.wait(receipt.steps.last().unwrap(), DEADLINE).await.expect("the callback ran");
+    assert_eq!(states, ["cancelled", "succeeded"]);
+    running.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -257,7 +257,8 @@ impl Admin {
     /// Deletes tasks of `queue` in `state`: pending or in-flight tasks (a worker running
     /// one finishes it, but its acknowledgement finds nothing), scheduled tasks (they never
     /// become due) or dead letters. A tracked task's record says `cancelled` (a running
-    /// one's handler sees its cancellation fire, as with [`Client::cancel`](crate::Client::cancel)).
+    /// one's handler sees its cancellation fire, as with [`Client::cancel`](crate::Client::cancel));
+    /// a workflow step deleted while it waits ends as cancelled and its workflow goes on.
     /// Returns the counts.
     pub async fn delete(
         &self,
@@ -385,7 +386,8 @@ impl Admin {
             _ => Stored::Sequence(message.sequence),
         };
         let scheduler = message.headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str());
-        crate::track::client::removed(tracker, id, stored, scheduler).await;
+        let step = crate::workflow::StepRef::from_headers(&message.headers);
+        crate::track::client::removed(tracker, id, stored, scheduler, step.as_ref()).await;
     }
 
     /// Publishes the requeued copy of a dead letter, waits for the server's ack, records a

@@ -131,7 +131,7 @@ impl Admin {
             if let Some(task) = tracked {
                 let tracker = crate::track::Tracker::new(self.js.clone(), self.stream.clone());
                 let stored = crate::guard::release::Stored::Schedule(&subject);
-                crate::track::client::removed(&tracker, &task, stored, None).await;
+                crate::track::client::removed(&tracker, &task, stored, None, None).await;
             }
             return Ok(());
         }
