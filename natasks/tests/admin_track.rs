@@ -61,6 +61,53 @@ async fn a_requeued_dead_letter_is_pending_again_then_ends_as_its_new_run_ends()
     running.stop().await.unwrap();
 }
 
+/// A requeue that stored its copy but died before it recorded the task pending (its
+/// record still says dead-lettered) is run again: the rerun finds the copy stored and
+/// records it then.
+#[tokio::test]
+async fn a_requeue_run_again_after_its_copy_was_stored_records_the_task_pending() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    let client = Client::new(js.clone()).await.unwrap();
+    let admin = Admin::new(js.clone());
+    let failing = Worker::builder(js.clone(), "orders")
+        .max_retries(0)
+        .handle("charge", |_: Task| async { Err::<(), _>(HandlerError::msg("card declined")) })
+        .build()
+        .await
+        .unwrap();
+    let running = spawn(failing);
+    let receipt = client.dispatch(Task::new("charge", "o-1").tracked(), "orders").await.unwrap();
+    let err = client.wait::<()>(&receipt.id, DEADLINE).await.unwrap_err();
+    assert_eq!(err.kind(), TrackErrorKind::DeadLettered, "{err}");
+    running.stop().await.unwrap();
+    let dead = admin.tasks("orders", AdminState::Dead, None, 10).await.unwrap();
+    assert_eq!(dead.items.len(), 1, "{dead:?}");
+    let dead = dead.items[0].sequence;
+
+    // Deletes refused: the first run stores the copy and stops before the dead letter
+    // goes. Its record is then put back as it was, as if the run had died before writing it.
+    let records = js.get_key_value("NATASKS_TASKS").await.unwrap();
+    let dead_lettered = records.get(&receipt.id).await.unwrap().expect("the record");
+    let mut config = js.get_stream("NATASKS").await.unwrap().info().await.unwrap().config.clone();
+    config.deny_delete = true;
+    js.update_stream(config).await.unwrap();
+    let first = admin.requeue("orders", &Selection::One(dead)).await.unwrap();
+    assert_eq!(first.failed.len(), 1, "the dead letter cannot be deleted: {first:?}");
+    records.put(&receipt.id, dead_lettered).await.unwrap();
+    assert!(matches!(state(&client, &receipt.id).await, Some(TaskState::DeadLettered { .. })));
+
+    // The rerun finds the copy stored (and still cannot delete the dead letter).
+    let again = admin.requeue("orders", &Selection::One(dead)).await.unwrap();
+    assert_eq!(again.failed.len(), 1, "{again:?}");
+    assert_eq!(stored(&js, "natasks.orders").await, 1, "one copy");
+    assert_eq!(
+        state(&client, &receipt.id).await,
+        Some(TaskState::Pending),
+        "the copy waits in its queue"
+    );
+}
+
 #[tokio::test]
 async fn a_deleted_pending_task_is_recorded_as_cancelled() {
     let server = NatsServer::start().await;
