@@ -66,6 +66,17 @@ async fn a_requeued_dead_letter_is_pending_again_then_ends_as_its_new_run_ends()
 /// records it then.
 #[tokio::test]
 async fn a_requeue_run_again_after_its_copy_was_stored_records_the_task_pending() {
+    requeue_run_again_records_the_task_pending(true).await;
+}
+
+/// As above, on a stream without requeue markers: the rerun's copy is a duplicate of the
+/// first by its message id.
+#[tokio::test]
+async fn a_requeue_run_again_without_markers_records_the_task_pending() {
+    requeue_run_again_records_the_task_pending(false).await;
+}
+
+async fn requeue_run_again_records_the_task_pending(markers: bool) {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
     let client = Client::new(js.clone()).await.unwrap();
@@ -91,9 +102,14 @@ async fn a_requeue_run_again_after_its_copy_was_stored_records_the_task_pending(
     let dead_lettered = records.get(&receipt.id).await.unwrap().expect("the record");
     let mut config = js.get_stream("NATASKS").await.unwrap().info().await.unwrap().config.clone();
     config.deny_delete = true;
+    if !markers {
+        config.subjects.retain(|s| s != "natasks.__natasks_mark.>");
+    }
     js.update_stream(config).await.unwrap();
     let first = admin.requeue("orders", &Selection::One(dead)).await.unwrap();
     assert_eq!(first.failed.len(), 1, "the dead letter cannot be deleted: {first:?}");
+    let marker = format!("natasks.__natasks_mark.requeue.{dead}");
+    assert_eq!(stored(&js, &marker).await, u64::from(markers), "a marker only with markers");
     records.put(&receipt.id, dead_lettered).await.unwrap();
     assert!(matches!(state(&client, &receipt.id).await, Some(TaskState::DeadLettered { .. })));
 
