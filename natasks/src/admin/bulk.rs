@@ -257,7 +257,8 @@ impl Admin {
     /// Deletes tasks of `queue` in `state`: pending or in-flight tasks (a worker running
     /// one finishes it, but its acknowledgement finds nothing), scheduled tasks (they never
     /// become due) or dead letters. A tracked task's record says `cancelled` (a running
-    /// one's handler sees its cancellation fire, as with [`Client::cancel`](crate::Client::cancel)).
+    /// one's handler sees its cancellation fire, as with [`Client::cancel`](crate::Client::cancel));
+    /// a workflow step deleted while it waits ends as cancelled and its workflow goes on.
     /// Returns the counts.
     pub async fn delete(
         &self,
@@ -385,7 +386,8 @@ impl Admin {
             _ => Stored::Sequence(message.sequence),
         };
         let scheduler = message.headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str());
-        crate::track::client::removed(tracker, id, stored, scheduler).await;
+        let step = crate::workflow::StepRef::from_headers(&message.headers);
+        crate::track::client::removed(tracker, id, stored, scheduler, step.as_ref()).await;
     }
 
     /// Publishes the requeued copy of a dead letter, waits for the server's ack, records a
@@ -425,24 +427,28 @@ impl Admin {
         let headers = requeued_headers(message, &target, id.as_deref());
         let tracked = tracked_copy(&headers);
         let subject = wire::queue_subject(&self.stream.subject_prefix, &target);
+        // The copy's sequence; `None` for a duplicate whose copy is no longer found.
         let (duplicate, copy_seq) = if marked {
             let mut mark = HeaderMap::new();
             mark.insert(wire::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             mark.insert(wire::NATS_TTL, REQUEUE_MARK_TTL.as_secs().to_string().as_str());
             let seq_token = seq.to_string();
+            let marker_subject =
+                wire::marker_subject(&self.stream.subject_prefix, &["requeue", seq_token.as_str()]);
             let marker = Outgoing {
-                subject: wire::marker_subject(
-                    &self.stream.subject_prefix,
-                    &["requeue", seq_token.as_str()],
-                ),
+                subject: marker_subject.clone(),
                 headers: mark,
                 payload: bytes::Bytes::new(),
             };
-            let copy = Outgoing { subject, headers, payload: message.payload.clone() };
+            let copy =
+                Outgoing { subject: subject.clone(), headers, payload: message.payload.clone() };
             match batch::publish_atomic(&self.js, vec![marker, copy]).await {
-                Ok(ack) => (false, ack.sequence(1)),
-                // The marker is there: an earlier run stored the copy.
-                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => (true, 0),
+                Ok(ack) => (false, Some(ack.sequence(1))),
+                // The marker is there: an earlier run stored the copy, right after it.
+                Err(err) if err.code() == Some(batch::WRONG_LAST_SEQUENCE) => {
+                    let id = tracked.as_ref().map(|(id, _, _)| id.as_str());
+                    (true, self.copy_after(stream, &marker_subject, &subject, id).await)
+                }
                 Err(err @ batch::BatchPublishError::Timeout(_)) => {
                     return Err(format!(
                         "{}: the server did not confirm in time (safe to run again): {err}",
@@ -463,11 +469,13 @@ impl Admin {
                 }
                 _ => format!("{}: {err}", what()),
             })?;
-            (ack.duplicate, ack.sequence)
+            // A duplicate's ack names the copy stored first.
+            (ack.duplicate, Some(ack.sequence))
         };
-        // Recorded before the dead letter goes: a run that dies in between and is run
-        // again finds the copy stored and records nothing more.
-        if let (Some((id, task, retention)), false) = (&tracked, duplicate) {
+        // Recorded before the dead letter goes. A run that died in between (or before it
+        // recorded) and is run again finds the copy stored and records it then; a record a
+        // worker wrote about the copy is left as it is.
+        if let (Some((id, task, retention)), Some(copy_seq)) = (&tracked, copy_seq) {
             crate::track::client::requeued(tracker, id, &target, task, *retention, copy_seq).await;
         }
         match stream.delete_message(seq).await {
@@ -482,6 +490,23 @@ impl Admin {
             }
         }
         Ok(Some((target, duplicate)))
+    }
+
+    /// The sequence of the copy an earlier requeue stored in one batch with the marker on
+    /// `marker`: the message right after the marker, if it is still there on `subject`
+    /// (with task id `id`, for a tracked task). `None` once a worker took it, or the marker
+    /// expired.
+    async fn copy_after(
+        &self,
+        stream: &Stream,
+        marker: &str,
+        subject: &str,
+        id: Option<&str>,
+    ) -> Option<u64> {
+        let marker = stream.get_last_raw_message_by_subject(marker).await.ok()?;
+        let copy = read::get(&self.js, stream, marker.sequence + 1).await.ok()??;
+        (copy.subject.as_str() == subject && id.is_none_or(|id| task_id(&copy.headers) == Some(id)))
+            .then_some(copy.sequence)
     }
 }
 

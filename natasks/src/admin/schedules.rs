@@ -6,6 +6,7 @@
 
 use std::ops::ControlFlow;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use time::OffsetDateTime;
 
 use super::tasks::{delayed_wildcard, due};
@@ -114,24 +115,34 @@ impl Admin {
         }
         let stream = self.open_stream().await?;
         let subject = format!("{}.{}.{id}", self.stream.subject_prefix, wire::SCHEDULE_TOKEN);
-        // A tracked delayed task's record is marked once its schedule is gone: its id is
-        // read first (nothing is there for a periodic schedule's id).
-        let tracked = match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) if message.headers.get(wire::HEADER_TRACK).is_some() => {
-                crate::wire::task_id(&message.headers).map(str::to_owned)
+        // The schedule read is removed by its sequence (with anything older on its
+        // subject), not the whole subject: a debounced task dispatched again meanwhile
+        // stores a newer schedule there, which is left for the next round instead of going
+        // unseen, and the record marked cancelled is that of the task whose schedule went.
+        // Nothing is there for a periodic schedule's id.
+        for _ in 0..3 {
+            let schedule = match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(schedule) => schedule,
+                Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => break,
+                Err(err) => {
+                    return Err(AdminError::broker(format!("read schedule {id:?}"), err));
+                }
+            };
+            let response = stream
+                .purge()
+                .filter(&subject)
+                .sequence(schedule.sequence + 1)
+                .await
+                .map_err(|err| AdminError::broker(format!("cancel schedule {id:?}"), err))?;
+            if response.purged == 0 {
+                // Gone meanwhile: it came due, or a newer one replaced it.
+                continue;
             }
-            _ => None,
-        };
-        let response = stream
-            .purge()
-            .filter(&subject)
-            .await
-            .map_err(|err| AdminError::broker(format!("cancel schedule {id:?}"), err))?;
-        if response.purged > 0 {
-            if let Some(task) = tracked {
+            let tracked = schedule.headers.get(wire::HEADER_TRACK).is_some();
+            if let Some(task) = wire::task_id(&schedule.headers).filter(|_| tracked) {
                 let tracker = crate::track::Tracker::new(self.js.clone(), self.stream.clone());
                 let stored = crate::guard::release::Stored::Schedule(&subject);
-                crate::track::client::removed(&tracker, &task, stored, None).await;
+                crate::track::client::removed(&tracker, task, stored, None, None).await;
             }
             return Ok(());
         }

@@ -236,7 +236,7 @@ impl Client {
     /// nothing and says so.
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, TrackError> {
         validate_id(id)?;
-        cancel_record(self.tracker(), id, true, |_| true).await
+        cancel_record(self.tracker(), id, Then::RemoveWaiting, |_| true).await
     }
 
     /// A live stream of the lifecycle events of tracked tasks in `queue` (`None`: every
@@ -265,7 +265,7 @@ impl Client {
 /// Records tracked debounced task `id` as cancelled: a later dispatch with its key replaced
 /// its schedule, so it never runs. Best effort, like every record a dispatch writes.
 pub(crate) async fn replaced(tracker: &Tracker, id: &str) {
-    match cancel_record(tracker, id, false, |_| true).await {
+    match cancel_record(tracker, id, Then::Nothing, |_| true).await {
         Ok(outcome) => tracing::debug!(id, ?outcome, "replaced debounced task recorded"),
         Err(err) => tracing::debug!(id, error = %err, "could not record a replaced debounced task"),
     }
@@ -274,14 +274,16 @@ pub(crate) async fn replaced(tracker: &Tracker, id: &str) {
 /// Records tracked task `id` as cancelled after an operator removed its message from the
 /// stream (an admin delete, a cancelled schedule): the task stored at `stored`, which a
 /// schedule on subject `scheduler` put there if it was delayed. A running task's handler is
-/// signalled, as by [`Client::cancel`]. The record of another task with the same id (an
-/// earlier one, or its requeued copy) is left as it is. Best effort: the message is gone
-/// whatever this does.
+/// signalled, as by [`Client::cancel`]. A task that was waiting and is workflow `step`
+/// ends that step as cancelled: no worker will see it, so what follows it is dispatched
+/// here. The record of another task with the same id (an earlier one, or its requeued
+/// copy) is left as it is. Best effort: the message is gone whatever this does.
 pub(crate) async fn removed(
     tracker: &Tracker,
     id: &str,
     stored: Stored<'_>,
     scheduler: Option<&str>,
+    step: Option<&crate::workflow::StepRef>,
 ) {
     let ours = |record: &Record| match stored {
         Stored::Sequence(sequence) => {
@@ -296,7 +298,8 @@ pub(crate) async fn removed(
             record.state == Tag::Scheduled && record.schedule.as_deref() == Some(subject)
         }
     };
-    match cancel_record(tracker, id, false, ours).await {
+    let then = step.map_or(Then::Nothing, Then::EndStep);
+    match cancel_record(tracker, id, then, ours).await {
         Ok(outcome) => tracing::debug!(id, ?outcome, "removed task recorded"),
         Err(err) => {
             tracing::warn!(id, error = %err, "could not record a removed task as cancelled")
@@ -327,12 +330,24 @@ pub(crate) async fn requeued(
     dispatch.stored(tracker, sequence, false).await;
 }
 
+/// What [`cancel_record`] does once a task's record says it was cancelled.
+#[derive(Clone, Copy)]
+enum Then<'a> {
+    /// Nothing more: the task's message is gone already, and it is no workflow step.
+    Nothing,
+    /// Removes the task from its queue or its schedule (ending its workflow step).
+    RemoveWaiting,
+    /// The task's message is gone already: ends this workflow step, unless the task was
+    /// running (its worker ends the step).
+    EndStep(&'a crate::workflow::StepRef),
+}
+
 /// Records tracked task `id` as cancelled if `ours` says its record is about the task
-/// meant, and with `remove` removes it from its queue or its schedule.
+/// meant, then does what `then` says.
 async fn cancel_record(
     tracker: &Tracker,
     id: &str,
-    remove: bool,
+    then: Then<'_>,
     ours: impl Fn(&Record) -> bool,
 ) -> Result<CancelOutcome, TrackError> {
     let store = tracker.store().await?;
@@ -369,8 +384,17 @@ async fn cancel_record(
         }
         // The workflow the task is a step of, found on the way.
         let mut workflow = None;
-        if remove {
-            remove_waiting(tracker, id, &record, &mut workflow).await;
+        match then {
+            Then::Nothing => {}
+            Then::RemoveWaiting => remove_waiting(tracker, id, &record, &mut workflow).await,
+            Then::EndStep(_) if record.state == Tag::Running => {}
+            Then::EndStep(step) => {
+                workflow = Some(step.workflow.clone());
+                let end = crate::workflow::StepEnd::Ended { state: "cancelled", error: None };
+                if let Err(err) = crate::workflow::advance_retrying(tracker, step, end).await {
+                    tracing::warn!(id, %err, "could not dispatch what follows a removed step");
+                }
+            }
         }
         // Every worker of the queue hears it; the one running the task signals it.
         let subject = wire::cancel_subject(&tracker.settings().subject_prefix, &record.queue);
