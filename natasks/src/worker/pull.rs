@@ -174,7 +174,8 @@ impl Puller {
                 }
             };
             if let Some(message) = self.receive(message)? {
-                return Ok(self.lease(message, Instant::now()));
+                // Received just now: `receive` read the clock.
+                return Ok(self.lease(message, self.last_heard));
             }
         }
     }
@@ -195,7 +196,7 @@ impl Puller {
             message = self.subscriber.next() => {
                 let message = message.ok_or(PullError::Closed)?;
                 if let Some(message) = self.receive(message)? {
-                    self.buffer.push_back((Instant::now(), message));
+                    self.buffer.push_back((self.last_heard, message));
                 }
             }
             () = renew => {
@@ -232,7 +233,7 @@ impl Puller {
             let message = tokio::time::timeout_at(deadline, self.subscriber.next()).await;
             match message {
                 Ok(Some(message)) => match self.receive(message) {
-                    Ok(Some(message)) => return Some(self.lease(message, Instant::now())),
+                    Ok(Some(message)) => return Some(self.lease(message, self.last_heard)),
                     Ok(None) => {}
                     Err(_) => return None,
                 },
@@ -298,7 +299,7 @@ impl Puller {
         while let Some(message) = self.subscriber.next().now_or_never() {
             let message = message.ok_or(PullError::Closed)?;
             if let Some(message) = self.receive(message)? {
-                self.buffer.push_back((Instant::now(), message));
+                self.buffer.push_back((self.last_heard, message));
             }
         }
         Ok(())
