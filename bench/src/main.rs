@@ -636,6 +636,9 @@ fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
     if let Ok(batch) = std::env::var("RAW_FETCH_BATCH") {
         line.push_str(&format!(" raw_fetch_batch={batch}"));
     }
+    if std::env::var("RAW_TASK_ID").is_ok_and(|v| v == "1") {
+        line.push_str(" raw_task_id=1");
+    }
     line.push_str(&extra_fields("natasks", &row.natasks));
     line.push_str(&extra_fields("raw", &row.raw));
     let mut lines = vec![line];

@@ -242,17 +242,18 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// One task by a raw JetStream publish.
+    /// One task by a raw JetStream publish (with `RAW_TASK_ID=1`, carrying a fresh
+    /// `Natasks-Id` as a natasks dispatch does, to tell the id's cost from the rest).
     async fn raw(&self, due: Option<SystemTime>) -> Res<()> {
         let payload = Bytes::from_static(PAYLOAD);
         match due {
             None => {
+                let mut headers = self.headers.clone();
+                if raw_task_id() {
+                    headers.insert(natasks::wire::HEADER_ID, nuid::next().as_str());
+                }
                 self.js
-                    .publish_with_headers(
-                        self.layout.subject.clone(),
-                        self.headers.clone(),
-                        payload,
-                    )
+                    .publish_with_headers(self.layout.subject.clone(), headers, payload)
                     .await?
                     .await?;
             }
@@ -286,6 +287,13 @@ impl Dispatcher {
             Impl::Apalis => Err("apalis dispatches only in its own process".into()),
         }
     }
+}
+
+/// Whether raw publishes carry a `Natasks-Id` (`RAW_TASK_ID=1`): a knob to tell what the
+/// id every natasks task carries costs the server and the worker from the rest.
+fn raw_task_id() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RAW_TASK_ID").is_ok_and(|v| v == "1"))
 }
 
 /// Awaits every publish of `results`, stopping at the first error.
