@@ -520,6 +520,111 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     assert_eq!(back, all, "a task was doubled or lost");
 }
 
+/// Sends `signal` (`-INT`, `-STOP`, ...) to process `pid`.
+fn send(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+    assert!(status.unwrap().success(), "kill {signal} {pid}");
+}
+
+#[tokio::test]
+async fn a_second_interrupt_stops_a_stuck_bulk_requeue_at_once_and_loses_nothing() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let js = server.jetstream().await;
+    natasks_stream(&js).await;
+    const N: u64 = 300;
+    for i in 0..N {
+        dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
+        .args(["dlq", "requeue", "bulk", "--all"])
+        .env("NATS_URL", &url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut stderr = tokio::io::BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    eventually("the requeue to start", || async { stored(&js, "natasks.bulk").await >= 1 }).await;
+
+    // The server stops answering: the task in hand cannot finish, so the first Ctrl-C alone
+    // would wait for it.
+    let server_pid = server.pid().expect("server runs");
+    send("-STOP", server_pid);
+    send("-INT", pid);
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("Ctrl-C again to stop now") {
+                return;
+            }
+        }
+        panic!("natasks ended without offering a second Ctrl-C");
+    })
+    .await
+    .expect("the first Ctrl-C is acknowledged within the deadline");
+    let second = Instant::now();
+    send("-INT", pid);
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait()).await;
+    send("-CONT", server_pid);
+    let status = status.expect("the second Ctrl-C stops natasks at once").unwrap();
+    let stderr = tokio::time::timeout(DEADLINE, reader).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.trim_end().ends_with("stopped; run the command again to continue"), "{stderr}");
+    assert!(second.elapsed() < Duration::from_secs(3));
+
+    // Nothing lost, nothing stored twice on one side; only the task in hand (its copy stored,
+    // its dead letter not yet deleted) may be on both, and a rerun settles it.
+    let payloads = |subject: &'static str| {
+        let js = js.clone();
+        async move {
+            let mut payloads: Vec<String> = messages_on(&js, subject)
+                .await
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                .collect();
+            payloads.sort();
+            payloads
+        }
+    };
+    let all: Vec<String> = {
+        let mut all: Vec<String> = (0..N).map(|i| format!(r#"{{"i":{i}}}"#)).collect();
+        all.sort();
+        all
+    };
+    let back = payloads("natasks.bulk").await;
+    let dead = payloads("natasks.bulk-dlq").await;
+    let mut everywhere = back.clone();
+    everywhere.extend(dead.iter().cloned());
+    everywhere.sort();
+    everywhere.dedup();
+    assert_eq!(everywhere, all, "a task was lost");
+    let mut unique = back.clone();
+    unique.dedup();
+    assert_eq!(unique, back, "the queue holds a task twice");
+    let on_both = back.iter().filter(|p| dead.binary_search(p).is_ok()).count();
+    assert!(on_both <= 1, "{on_both} tasks on both sides");
+    assert!(!back.is_empty() && !dead.is_empty(), "stopped mid-way: {back:?} {dead:?}");
+
+    let run = natasks(&url, &["dlq", "requeue", "bulk", "--all"]).await.ok();
+    assert!(run.stdout.starts_with("requeued "), "{run:?}");
+    assert_eq!(payloads("natasks.bulk").await, all, "a task was doubled or lost");
+    assert_eq!(stored(&js, "natasks.bulk-dlq").await, 0);
+}
+
 #[tokio::test]
 async fn dlq_purge_empties_the_dead_letter_queue_only() {
     let server = NatsServer::start().await;

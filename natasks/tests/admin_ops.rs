@@ -401,3 +401,18 @@ async fn a_requeue_never_targets_a_dead_letter_queue() {
     assert_eq!(stored(&js, "natasks.emails").await, 1);
     assert_eq!(stored(&js, "natasks.emails-dlq").await, 0);
 }
+
+#[tokio::test]
+async fn a_task_dispatched_with_a_message_id_lists_with_that_id() {
+    let server = NatsServer::start().await;
+    let (_js, client, admin) = setup(&server).await;
+    let task =
+        Task::json("orders.ship", &json!({"order": 42})).unwrap().with_message_id("order-42");
+    client.dispatch(task, "orders").await.unwrap();
+    let plain = Task::json("orders.ship", &json!({"order": 43})).unwrap();
+    let receipt = client.dispatch(plain, "orders").await.unwrap();
+
+    let pending = admin.tasks("orders", TaskState::Pending, None, 10).await.unwrap().items;
+    let ids: Vec<_> = pending.iter().map(|t| t.id.as_deref()).collect();
+    assert_eq!(ids, [Some("order-42"), Some(receipt.id.as_str())], "{pending:?}");
+}

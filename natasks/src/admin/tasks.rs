@@ -83,7 +83,8 @@ pub struct TaskSummary {
     pub state: TaskState,
     /// The task name (empty if the message has none).
     pub name: String,
-    /// The task id of a tracked task or one dispatched with an id.
+    /// The task id: its `Natasks-Id`, else the message id it was dispatched with (a
+    /// workflow step's id is one); `None` for a message with neither.
     pub id: Option<String>,
     /// When the message was stored (a dead letter: when it failed).
     pub stored_at: OffsetDateTime,
@@ -185,7 +186,7 @@ impl Admin {
             queue,
             state,
             name: header(wire::HEADER_TASK).unwrap_or_default(),
-            id: header(wire::HEADER_ID),
+            id: wire::task_id(&message.headers).map(str::to_owned),
             stored_at: message.time,
             due: (state == TaskState::Scheduled).then(|| due(message)).flatten(),
             attempts: header(wire::HEADER_ATTEMPTS).filter(|_| dead).and_then(|a| a.parse().ok()),

@@ -1,5 +1,6 @@
 //! Reading a workflow: the state of each step, and the callback's payload.
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -195,6 +196,9 @@ impl Client {
     /// A chain's state is that of its steps: running until the last step succeeds, failed
     /// at the first step that ended without success. A group's is its callback's (or, with
     /// none, its members'). Steps not dispatched yet are [`StepState::Waiting`].
+    /// The first tasks of a workflow whose dispatch timed out (see
+    /// [`WorkflowErrorKind::Timeout`]) are [`TaskState::Pending`] if the server stored them
+    /// and [`StepState::Waiting`] if it did not.
     pub async fn workflow_status(&self, id: &str) -> Result<WorkflowStatus, WorkflowError> {
         crate::track::validate_id(id)
             .map_err(|err| WorkflowError::new(WorkflowErrorKind::InvalidId, err.to_string()))?;
@@ -215,7 +219,20 @@ impl Client {
             .iter()
             .enumerate()
             .map(|(index, (role, step))| self.step_status(index, *role, step));
-        let steps: Vec<StepStatus> = futures_util::future::try_join_all(reads).await?;
+        let mut steps: Vec<StepStatus> = futures_util::future::try_join_all(reads).await?;
+        // The first tasks were stored in one batch with the start marker; a dispatch whose
+        // commit was not confirmed in time wrote no records for them. The marker says
+        // whether they are queued.
+        let first = match plan.kind {
+            Kind::Chain => 1,
+            Kind::Group => plan.steps.len(),
+        };
+        let unrecorded = |s: &StepStatus| s.state == StepState::Waiting;
+        if steps[..first].iter().any(unrecorded) && self.started(id).await? {
+            for step in steps[..first].iter_mut().filter(|s| unrecorded(s)) {
+                step.state = StepState::Task(TaskState::Pending);
+            }
+        }
         let state = overall(&plan, &steps);
         Ok(WorkflowStatus {
             id: id.to_owned(),
@@ -225,6 +242,25 @@ impl Client {
             created_at: plan.created,
             steps,
         })
+    }
+
+    /// Whether the start marker of workflow `id` is stored: its first tasks are.
+    async fn started(&self, id: &str) -> Result<bool, WorkflowError> {
+        let (js, settings) = self.stream();
+        let broker = |err: crate::BoxError| {
+            WorkflowError::with_source(
+                WorkflowErrorKind::Broker,
+                format!("read the start marker of workflow {id:?}"),
+                err,
+            )
+        };
+        let stream = js.get_stream_no_info(&settings.name).await.map_err(|e| broker(e.into()))?;
+        let subject = plan::marker(&settings.subject_prefix, id, "start", 0).subject;
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(err) => Err(broker(err.into())),
+        }
     }
 
     async fn step_status(
