@@ -72,7 +72,7 @@ fn fresh_id() -> String {
         // Randomized on first use, per thread.
         static IDS: std::cell::RefCell<nuid::NUID> = const { std::cell::RefCell::new(nuid::NUID::new()) };
     }
-    IDS.with(|ids| ids.borrow_mut().next().to_string())
+    IDS.with(|ids| ids.borrow_mut().next().as_str().to_owned())
 }
 
 impl Dispatch {
