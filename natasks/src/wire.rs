@@ -101,6 +101,19 @@ pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG
 /// The id a task was dispatched with: [`HEADER_ID`], else [`HEADER_MESSAGE_ID`] (where a
 /// delayed task keeps its message id), else [`NATS_MSG_ID`]. Its tracking record, its
 /// unique-key lock and its workflow step are all named by it.
+/// The first value of header `name`, as `HeaderMap::get` finds it, by comparing the names
+/// of the few headers a task carries instead of hashing: the worker looks up, for every
+/// delivery, several headers that are usually absent.
+pub(crate) fn header<'a>(
+    headers: &'a async_nats::HeaderMap,
+    name: &HeaderName,
+) -> Option<&'a async_nats::HeaderValue> {
+    if headers.len() > 8 {
+        return headers.get(name.clone());
+    }
+    headers.iter().find(|(each, _)| *each == name).and_then(|(_, values)| values.first())
+}
+
 pub(crate) fn task_id(headers: &async_nats::HeaderMap) -> Option<&str> {
     [ID_NAME, MESSAGE_ID_NAME, NATS_MSG_ID_NAME]
         .into_iter()
@@ -505,6 +518,21 @@ mod tests {
             let task = validate_task_name(name).map_err(|e| e.problem);
             assert_eq!(task, reference(false, name), "task name {name:?}");
         }
+    }
+
+    #[test]
+    fn header_finds_what_get_finds() {
+        let names = [TASK_NAME, QUEUE_NAME, ID_NAME, TRACK_NAME, MESSAGE_ID_NAME, NATS_MSG_ID_NAME];
+        let mut headers = async_nats::HeaderMap::new();
+        for round in 0..12 {
+            for name in &names {
+                assert_eq!(header(&headers, name), headers.get(name.clone()), "{name:?} {round}");
+            }
+            // Two values under one name, then names past the short-map limit.
+            headers.append(names[round % names.len()].clone(), format!("v{round}").as_str());
+            headers.append(format!("X-Extra-{round}").as_str(), "x");
+        }
+        assert!(headers.len() > 8);
     }
 
     #[test]

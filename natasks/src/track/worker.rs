@@ -78,7 +78,8 @@ impl WorkerTracking {
         attempt: u64,
         sequence: u64,
     ) -> Option<Attempt<'a>> {
-        let retention = headers.get(wire::TRACK_NAME)?.as_str().trim().parse::<u64>().ok();
+        let retention =
+            wire::header(headers, &wire::TRACK_NAME)?.as_str().trim().parse::<u64>().ok();
         let retention = retention.filter(|&s| s > 0).unwrap_or(self.retention.as_secs()).max(1);
         let id = wire::task_id(headers).map_or_else(|| format!("seq-{sequence}"), str::to_owned);
         let scheduler = headers.get(wire::NATS_SCHEDULER).map(|v| v.as_str().to_owned());

@@ -101,7 +101,7 @@ async fn process_parts(
         settle_with(client, reply, AckKind::Nak(None)).await;
         return;
     };
-    let task_name = headers.get(wire::TASK_NAME).map(|v| v.as_str());
+    let task_name = wire::header(&headers, &wire::TASK_NAME).map(|v| v.as_str());
     let observers = &inner.observers;
     let received = (!observers.is_empty()).then(Instant::now);
     let name = task_name.unwrap_or_default();
@@ -165,7 +165,7 @@ async fn process_parts(
                 None => (Outcome::HandedBack, AckKind::Nak(None)),
             };
             // The reply subject goes with the final ack instead of being copied for it.
-            match headers.get(wire::UNIQUE_KEY_NAME).filter(|_| ends(&kind)) {
+            match wire::header(&headers, &wire::UNIQUE_KEY_NAME).filter(|_| ends(&kind)) {
                 // Boxed: rare, and the processing future of every task stays small.
                 Some(key) => {
                     Box::pin(release_after(&inner, reply, kind, key.as_str(), &headers, sequence))
@@ -251,8 +251,7 @@ pub(super) struct Received<'a> {
 
 /// The id the task was dispatched with (kept in `Natasks-Message-Id` for delayed tasks).
 fn message_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(wire::MESSAGE_ID_NAME)
-        .or_else(|| headers.get(wire::NATS_MSG_ID_NAME))
+    wire::header(headers, &wire::MESSAGE_ID_NAME)
+        .or_else(|| wire::header(headers, &wire::NATS_MSG_ID_NAME))
         .map(|v| v.as_str())
 }
