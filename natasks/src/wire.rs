@@ -98,9 +98,6 @@ pub(crate) const UNIQUE_KEY_NAME: HeaderName = HeaderName::from_static(HEADER_UN
 /// [`NATS_MSG_ID`] as a header name: looked up for every received task.
 pub(crate) const NATS_MSG_ID_NAME: HeaderName = HeaderName::from_static(NATS_MSG_ID);
 
-/// The id a task was dispatched with: [`HEADER_ID`], else [`HEADER_MESSAGE_ID`] (where a
-/// delayed task keeps its message id), else [`NATS_MSG_ID`]. Its tracking record, its
-/// unique-key lock and its workflow step are all named by it.
 /// The first value of header `name`, as `HeaderMap::get` finds it, by comparing the names
 /// of the few headers a task carries instead of hashing: the worker looks up, for every
 /// delivery, several headers that are usually absent.
@@ -114,6 +111,9 @@ pub(crate) fn header<'a>(
     headers.iter().find(|(each, _)| *each == name).and_then(|(_, values)| values.first())
 }
 
+/// The id a task was dispatched with: [`HEADER_ID`], else [`HEADER_MESSAGE_ID`] (where a
+/// delayed task keeps its message id), else [`NATS_MSG_ID`]. Its tracking record, its
+/// unique-key lock and its workflow step are all named by it.
 pub(crate) fn task_id(headers: &async_nats::HeaderMap) -> Option<&str> {
     [ID_NAME, MESSAGE_ID_NAME, NATS_MSG_ID_NAME]
         .into_iter()
