@@ -232,6 +232,8 @@ struct Row {
     raw: Vec<Sample>,
     /// The apalis peer (process workloads with `--peer apalis`).
     apalis: Vec<Sample>,
+    /// Rounds the apalis peer failed (not counted in its figures).
+    apalis_failed: usize,
     /// Allocations per task of the natasks and raw workers (drain workloads, own runs).
     allocs: Option<(Allocs, Allocs)>,
 }
@@ -274,6 +276,7 @@ async fn run(options: Options) -> Result<(), BoxError> {
             natasks: Vec::new(),
             raw: Vec::new(),
             apalis: Vec::new(),
+            apalis_failed: 0,
             allocs: None,
         };
         let process = PROCESS_WORKLOADS.contains(&workload.as_str());
@@ -283,13 +286,28 @@ async fn run(options: Options) -> Result<(), BoxError> {
         }
         for round in 1..=options.rounds {
             for &imp in &implementations {
-                let sample = run_one(&env, &options, workload, imp).await.map_err(|err| {
-                    format!(
-                        "{workload} ({}) round {round}: {}",
-                        imp.name(),
-                        natasks::one_line(&*err)
-                    )
-                })?;
+                let sample = match run_one(&env, &options, workload, imp).await {
+                    Ok(sample) => sample,
+                    // A peer's failure is its own: reported, counted, and the run goes on
+                    // (apalis-nats ends its worker on a missed heartbeat now and then).
+                    Err(err) if imp == Impl::Apalis => {
+                        eprintln!(
+                            "round {round}/{} {workload} apalis: failed, round not counted: {}",
+                            options.rounds,
+                            natasks::one_line(&*err)
+                        );
+                        row.apalis_failed += 1;
+                        continue;
+                    }
+                    Err(err) => {
+                        return Err(format!(
+                            "{workload} ({}) round {round}: {}",
+                            imp.name(),
+                            natasks::one_line(&*err)
+                        )
+                        .into())
+                    }
+                };
                 let mut line = format!(
                     "round {round}/{} {workload} {}: {}/s",
                     options.rounds,
@@ -642,13 +660,14 @@ fn process_lines(row: &Row, natasks_per_s: f64, raw_per_s: f64) -> Vec<String> {
     line.push_str(&extra_fields("natasks", &row.natasks));
     line.push_str(&extra_fields("raw", &row.raw));
     let mut lines = vec![line];
-    if !row.apalis.is_empty() {
+    if !row.apalis.is_empty() || row.apalis_failed > 0 {
         lines.push(format!(
-            "peer=apalis workload={} per_s={:.0} cpu_us_per_task={:.2}{}",
+            "peer=apalis workload={} per_s={:.0} cpu_us_per_task={:.2}{} failed_rounds={}",
             row.workload,
             median(row.apalis.iter().map(|s| s.per_s)),
             cpu(&row.apalis),
-            extra_fields("apalis", &row.apalis)
+            extra_fields("apalis", &row.apalis),
+            row.apalis_failed
         ));
     }
     lines
@@ -688,26 +707,27 @@ fn print_process_table(rows: &[Row]) {
     };
     println!("  CPU = the worker process's threads (user+system), over the measured interval; raw = async-nats messages() + for_each_concurrent(N) in one task, pull batches of {batch}");
     print_system_costs(&rows);
-    if rows.iter().all(|r| r.apalis.is_empty()) {
+    if rows.iter().all(|r| r.apalis.is_empty() && r.apalis_failed == 0) {
         return;
     }
     println!();
     println!(
-        "{:<24} {:>10} {:>10} {:>10}   {:>11}   {:>13}",
-        "peer apalis", "tasks/s", "min", "max", "CPU µs/task", "vs natasks"
+        "{:<24} {:>10} {:>10} {:>10}   {:>11}   {:>13}   {:>6}",
+        "peer apalis", "tasks/s", "min", "max", "CPU µs/task", "vs natasks", "failed"
     );
-    println!("{}", "-".repeat(86));
-    for row in rows.iter().filter(|r| !r.apalis.is_empty()) {
+    println!("{}", "-".repeat(95));
+    for row in rows.iter().filter(|r| !r.apalis.is_empty() || r.apalis_failed > 0) {
         let (m, min, max) = spread(row.apalis.iter().map(|s| s.per_s));
         let natasks = median(row.natasks.iter().map(|s| s.per_s));
         println!(
-            "{:<24} {:>10} {:>10} {:>10}   {:>11.2}   {:>12.3}x",
+            "{:<24} {:>10} {:>10} {:>10}   {:>11.2}   {:>12.3}x   {:>6}",
             row.workload,
             thousands(m),
             thousands(min),
             thousands(max),
             cpu(&row.apalis),
-            ratio(m, natasks)
+            ratio(m, natasks),
+            row.apalis_failed
         );
     }
     println!("  apalis 1.0 with apalis-nats 0.1 (async-nats 0.50), its own process: typed handler, .concurrency(N), reading the same stream and subject through its Config,");
