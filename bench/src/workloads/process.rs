@@ -20,7 +20,8 @@
 //!
 //! The worker protocol is described in `child.rs`.
 //!
-//! Knob for breaking the cost down: `RAW_FETCH_BATCH=n` gives the raw worker pull batches of
+//! Knobs for breaking the cost down: `RAW_TASK_ID=1` gives the raw publishes the
+//! `Natasks-Id` a natasks dispatch carries; `RAW_FETCH_BATCH=n` gives the raw worker pull batches of
 //! `n` instead of the natasks worker's `fetch_batch` (natasks asks only for as many tasks
 //! as it has free slots, whatever its `fetch_batch`; the raw worker keeps a full batch
 //! coming).
