@@ -223,10 +223,12 @@ impl Client {
         // The first tasks were stored in one batch with the start marker; a dispatch whose
         // commit was not confirmed in time wrote no records for them. The marker says
         // whether they are queued.
+        // (A plan read from the bucket may hold fewer steps than its kind implies.)
         let first = match plan.kind {
             Kind::Chain => 1,
             Kind::Group => plan.steps.len(),
-        };
+        }
+        .min(steps.len());
         let unrecorded = |s: &StepStatus| s.state == StepState::Waiting;
         if steps[..first].iter().any(unrecorded) && self.started(id).await? {
             for step in steps[..first].iter_mut().filter(|s| unrecorded(s)) {
