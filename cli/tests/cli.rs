@@ -448,27 +448,12 @@ async fn requeue_after_a_crash_between_publish_and_delete_stores_one_copy() {
 
 #[tokio::test]
 async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
-    let server = NatsServer::start().await;
+    let (server, js) = bulk_dead_letters().await;
     let url = server.url();
-    let js = server.jetstream().await;
-    natasks_stream(&js).await;
-    // Enough that the requeue is far from done when the interrupt lands.
-    const N: u64 = 300;
-    for i in 0..N {
-        dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
-    }
 
     // Interrupt a bulk requeue as soon as it has started: every task is either still dead or
     // back, once.
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(["dlq", "requeue", "bulk", "--all"])
-        .env("NATS_URL", &url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let child = requeue_all_bulk(&url);
     let pid = child.id().unwrap();
     eventually("the requeue to start", || async { stored(&js, "natasks.bulk").await >= 1 }).await;
     let kill =
@@ -520,6 +505,34 @@ async fn bulk_requeue_reports_progress_and_interrupt_loses_nothing() {
     assert_eq!(back, all, "a task was doubled or lost");
 }
 
+/// Dead letters in the interrupt tests: enough that a requeue is far from done when the
+/// interrupt lands.
+const N: u64 = 300;
+
+/// A server whose queue `bulk` has [`N`] dead letters, payloads `{"i":0}`, `{"i":1}`, ...
+async fn bulk_dead_letters() -> (NatsServer, async_nats::jetstream::Context) {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    natasks_stream(&js).await;
+    for i in 0..N {
+        dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
+    }
+    (server, js)
+}
+
+/// `natasks dlq requeue bulk --all` against `url`, its output piped.
+fn requeue_all_bulk(url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
+        .args(["dlq", "requeue", "bulk", "--all"])
+        .env("NATS_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// Sends `signal` (`-INT`, `-STOP`, ...) to process `pid`.
 fn send(signal: &str, pid: u32) {
     let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
@@ -528,23 +541,9 @@ fn send(signal: &str, pid: u32) {
 
 #[tokio::test]
 async fn a_second_interrupt_stops_a_stuck_bulk_requeue_at_once_and_loses_nothing() {
-    let server = NatsServer::start().await;
+    let (server, js) = bulk_dead_letters().await;
     let url = server.url();
-    let js = server.jetstream().await;
-    natasks_stream(&js).await;
-    const N: u64 = 300;
-    for i in 0..N {
-        dead_letter(&js, "bulk", "bulk.job", &format!(r#"{{"i":{i}}}"#)).await;
-    }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(["dlq", "requeue", "bulk", "--all"])
-        .env("NATS_URL", &url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = requeue_all_bulk(&url);
     let pid = child.id().unwrap();
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
     let stderr = child.stderr.take().unwrap();
