@@ -2,7 +2,6 @@
 //! state it leaves in the stream.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::StreamMessage};
@@ -522,15 +521,7 @@ async fn bulk_dead_letters() -> (NatsServer, async_nats::jetstream::Context) {
 
 /// `natasks dlq requeue bulk --all` against `url`, its output piped.
 fn requeue_all_bulk(url: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_natasks"))
-        .args(["dlq", "requeue", "bulk", "--all"])
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    common::spawn(url, &["dlq", "requeue", "bulk", "--all"])
 }
 
 /// Sends `signal` (`-INT`, `-STOP`, ...) to process `pid`.

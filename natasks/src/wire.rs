@@ -116,8 +116,8 @@ pub(crate) fn header<'a>(
 /// unique-key lock and its workflow step are all named by it.
 pub(crate) fn task_id(headers: &async_nats::HeaderMap) -> Option<&str> {
     [ID_NAME, MESSAGE_ID_NAME, NATS_MSG_ID_NAME]
-        .into_iter()
-        .find_map(|name| headers.get(name))
+        .iter()
+        .find_map(|name| header(headers, name))
         .map(|value| value.as_str())
 }
 

@@ -69,11 +69,6 @@ impl TrackedDispatch {
         event.publish(tracker).await;
     }
 
-    /// After the server stored it: the `pending` (or `scheduled`) record, unless a worker
-    /// already recorded more. The record of an earlier task with the same id (a message id
-    /// used again after the duplicate window) is replaced once that task has ended. A
-    /// failure is logged: the task is stored, and a dispatch error would make the caller
-    /// store it again.
     /// Records that step `self` of workflow `workflow` can never be stored (its message
     /// does not fit the server): failed, with `error`, so that its status and its
     /// workflow's say why; and announces it.
@@ -93,6 +88,11 @@ impl TrackedDispatch {
         event.publish(tracker).await;
     }
 
+    /// After the server stored it: the `pending` (or `scheduled`) record, unless a worker
+    /// already recorded more. The record of an earlier task with the same id (a message id
+    /// used again after the duplicate window) is replaced once that task has ended. A
+    /// failure is logged: the task is stored, and a dispatch error would make the caller
+    /// store it again.
     pub(crate) async fn stored(&self, tracker: &Tracker, sequence: u64, duplicate: bool) {
         if duplicate {
             return;

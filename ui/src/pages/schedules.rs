@@ -1,6 +1,5 @@
 //! Schedules: delayed tasks not yet due and periodic schedules, with their cancel buttons.
 
-use axum::http::StatusCode;
 use axum::response::Response;
 use maud::html;
 use natasks::admin::{AdminErrorKind, ScheduleKind};
@@ -15,11 +14,7 @@ pub(crate) async fn page(ctx: Ctx) -> Response {
         Err(err) if err.kind() == AdminErrorKind::UnknownStream => Vec::new(),
         Err(err) => {
             let (status, why) = admin_failure(err);
-            return ctx.error_page(
-                status.max(StatusCode::BAD_REQUEST),
-                "Schedules unavailable",
-                &why,
-            );
+            return ctx.error_page(status, "Schedules unavailable", &why);
         }
     };
     let body = html! {
